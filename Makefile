@@ -1,0 +1,36 @@
+# Set-up and entry points. Everything runs inside .venv, created on first use from setup.cfg.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: test test-slow demo bench install clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU wheel of this version is what the machines carry.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+demo: $(STAMP)
+	$(VENV)/bin/rect-vlm demo
+
+bench: $(STAMP)
+	$(PY) bench/encoder.py
+	$(PY) bench/preprocess.py
+	$(PY) bench/loader.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,892 @@
+"""ReCT-VLM 3D CT encoders: vision encoder, feature extractor, contrastive dual encoder, volume classifier.
+
+Tensor layout throughout: `pixel_values (batch, channels, depth, height, width)` in the processor's canonical
+orientation (depth = inferior→superior, height = anterior→posterior, width = patient right→left).
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_rect import ReCTConfig, ReCTVisionConfig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReCTVisionModelOutput(ModelOutput):
+    r"""
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, 1 + num_patches, hidden_size)`):
+            Final-layer tokens after the last LayerNorm; index 0 is CLS, the rest are patch tokens ordered
+            (depth, height, width) over the patch grid.
+        pooler_output (`torch.FloatTensor` of shape `(batch, hidden_size)`): global feature (the CLS token).
+        region_features (`torch.FloatTensor` of shape `(batch, num_regions, hidden_size)`, *optional*):
+            one feature per anatomy region; zero where the region is absent. `None` without `anatomy_mask`.
+        region_present (`torch.BoolTensor` of shape `(batch, num_regions)`, *optional*):
+            whether region r (id r + 1) covers at least one patch token. `None` without `anatomy_mask`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): embeddings plus the output of every layer, each
+            `(batch, 1 + num_patches, hidden_size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*): per layer, the attention probabilities. Joint attention:
+            `(batch, heads, 1 + N, 1 + N)`. Divided attention: the within-slab attention
+            `(batch * grid_depth, heads, 1 + grid_height * grid_width, 1 + grid_height * grid_width)`.
+        depth_attentions (`tuple(torch.FloatTensor)`, *optional*): divided attention only, per layer the
+            along-z attention `(batch * grid_height * grid_width, heads, grid_depth, grid_depth)`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    region_features: torch.FloatTensor | None = None
+    region_present: torch.BoolTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    depth_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ReCTFeatureExtractionOutput(ModelOutput):
+    r"""
+    Args:
+        image_embeds (`torch.FloatTensor` of shape `(batch, projection_dim)`): L2-normalised global embedding.
+        region_embeds (`torch.FloatTensor` of shape `(batch, num_regions, projection_dim)`, *optional*):
+            L2-normalised region embeddings; zero rows where `region_present` is False.
+        region_present (`torch.BoolTensor` of shape `(batch, num_regions)`, *optional*).
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, 1 + num_patches, hidden_size)`).
+        hidden_states, attentions: as in [`ReCTVisionModelOutput`].
+    """
+
+    image_embeds: torch.FloatTensor | None = None
+    region_embeds: torch.FloatTensor | None = None
+    region_present: torch.BoolTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ReCTOutput(ModelOutput):
+    r"""
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): symmetric InfoNCE over the batch plus
+            `region_alignment_weight` × the region alignment loss (when `region_mentions` is given).
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch, text_batch)`): scaled cosine similarities.
+        logits_per_text (`torch.FloatTensor` of shape `(text_batch, image_batch)`): the transpose.
+        text_embeds (`torch.FloatTensor` of shape `(batch, projection_dim)`): L2-normalised text embeddings.
+        image_embeds (`torch.FloatTensor` of shape `(batch, projection_dim)`): L2-normalised image embeddings.
+        region_embeds (`torch.FloatTensor` of shape `(batch, num_regions, projection_dim)`, *optional*).
+        region_present (`torch.BoolTensor` of shape `(batch, num_regions)`, *optional*).
+        region_logits (`torch.FloatTensor` of shape `(batch, num_regions)`, *optional*): logit that the paired
+            report mentions region r; meaningful only where `region_present`.
+        contrastive_loss (`torch.FloatTensor` of shape `()`, *optional*): the global InfoNCE term alone.
+        region_loss (`torch.FloatTensor` of shape `()`, *optional*): the region term alone (0 when no region is
+            present in the batch).
+        vision_model_output ([`ReCTVisionModelOutput`]), text_model_output: the towers' raw outputs.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    region_embeds: torch.FloatTensor | None = None
+    region_present: torch.BoolTensor | None = None
+    region_logits: torch.FloatTensor | None = None
+    contrastive_loss: torch.FloatTensor | None = None
+    region_loss: torch.FloatTensor | None = None
+    vision_model_output: ReCTVisionModelOutput | None = None
+    text_model_output: ModelOutput | None = None
+
+    def to_tuple(self):
+        return tuple(
+            v.to_tuple() if k in ("vision_model_output", "text_model_output") else v for k, v in self.items()
+        )
+
+
+@dataclass
+class ReCTVolumeClassifierOutput(ModelOutput):
+    r"""
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): BCE-with-logits over all labels (multi-label), or
+            cross-entropy / MSE for the other `problem_type`s.
+        logits (`torch.FloatTensor` of shape `(batch, num_labels)`).
+        pooler_output (`torch.FloatTensor` of shape `(batch, hidden_size)`): the vision CLS feature.
+        hidden_states, attentions: as in [`ReCTVisionModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """query/key/value `(batch, heads, length, head_dim)`; additive `attention_mask` broadcastable to the scores."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class ReCTAttention(nn.Module):
+    """Multi-head attention through transformers' attention interface (eager, SDPA, …).
+
+    Self-attention when `key_value_states` is None, cross-attention otherwise.
+    """
+
+    def __init__(self, config: ReCTVisionConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_probs_dropout_prob
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states `(batch, q_len, hidden)`, key_value_states `(batch, kv_len, hidden)`."""
+        kv = hidden_states if key_value_states is None else key_value_states
+        batch, q_len, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        key = self.k_proj(kv).view(batch, kv.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        value = self.v_proj(kv).view(batch, kv.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+        attention_interface: Callable = eager_attention_forward
+        if self.config._attn_implementation not in (None, "eager") and not output_attentions:
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        attn_output = self.o_proj(attn_output.reshape(batch, q_len, -1))
+        return attn_output, (attn_weights if output_attentions else None)
+
+
+class ReCTMLP(nn.Module):
+    def __init__(self, config: ReCTVisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class ReCTPatchEmbeddings(nn.Module):
+    """Conv3d patch embedding plus CLS token and learnable position embeddings.
+
+    Position embeddings are laid out for `config.volume_size`; another volume size gets them trilinearly
+    interpolated over the patch grid.
+    """
+
+    def __init__(self, config: ReCTVisionConfig):
+        super().__init__()
+        self.patch_size = tuple(config.patch_size)
+        self.grid = config.patch_grid
+        num_patches = self.grid[0] * self.grid[1] * self.grid[2]
+        self.projection = nn.Conv3d(
+            config.in_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + num_patches, config.hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def interpolate_pos_encoding(self, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Position embeddings `(1, 1 + prod(grid), hidden)` for a patch grid (depth, height, width)."""
+        if tuple(grid) == self.grid:
+            return self.position_embeddings
+        cls_pos = self.position_embeddings[:, :1]
+        patch_pos = self.position_embeddings[:, 1:]
+        hidden = patch_pos.shape[-1]
+        patch_pos = patch_pos.reshape(1, *self.grid, hidden).permute(0, 4, 1, 2, 3)
+        patch_pos = F.interpolate(patch_pos.float(), size=tuple(grid), mode="trilinear", align_corners=False)
+        patch_pos = patch_pos.to(cls_pos.dtype).permute(0, 2, 3, 4, 1).reshape(1, -1, hidden)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """pixel_values `(batch, channels, depth, height, width)` → tokens `(batch, 1 + N, hidden)` and the grid."""
+        if pixel_values.ndim != 5:
+            raise ValueError(
+                f"`pixel_values` must be (batch, channels, depth, height, width), got shape {tuple(pixel_values.shape)}"
+            )
+        if pixel_values.shape[1] != self.projection.in_channels:
+            raise ValueError(
+                f"`pixel_values` has {pixel_values.shape[1]} channels but the config expects "
+                f"`in_channels`={self.projection.in_channels} (one per HU window)"
+            )
+        spatial = tuple(pixel_values.shape[2:])
+        if any(s % p for s, p in zip(spatial, self.patch_size)):
+            raise ValueError(
+                f"`pixel_values` spatial size {spatial} must be divisible by `patch_size` {self.patch_size}"
+            )
+        # (B, C, D, H, W) → (B, hidden, d, h, w) with d = D / pd etc.; tokens ordered (d, h, w).
+        embeddings = self.projection(pixel_values.to(self.projection.weight.dtype))
+        grid = tuple(embeddings.shape[2:])
+        embeddings = embeddings.flatten(2).transpose(1, 2)
+        cls = self.cls_token.expand(embeddings.shape[0], -1, -1)
+        embeddings = torch.cat([cls, embeddings], dim=1) + self.interpolate_pos_encoding(grid)
+        return self.dropout(embeddings), grid
+
+
+class ReCTLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer layer.
+
+    `"joint"`: full self-attention over all 1 + N tokens. `"divided"` (slice-aware, as TimeSformer's divided
+    space–time attention with z as time): each patch token first attends along z to the tokens at the same
+    (height, width) position in every slab, then within its axial slab of `h × w` tokens; the CLS token joins
+    every slab (one copy per slab, averaged afterwards). Per layer this costs
+    O(N·d + N·h·w) instead of O(N²) attention scores.
+    """
+
+    def __init__(self, config: ReCTVisionConfig):
+        super().__init__()
+        self.attention_type = config.attention_type
+        if self.attention_type == "divided":
+            self.depth_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.depth_attention = ReCTAttention(config)
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = ReCTAttention(config)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = ReCTMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, hidden_states: torch.Tensor, grid: tuple[int, int, int], output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        depth_weights = None
+        if self.attention_type == "joint":
+            attn_out, attn_weights = self.attention(self.layernorm_before(hidden_states), output_attentions=output_attentions)
+            hidden_states = hidden_states + self.dropout(attn_out)
+        else:
+            batch, _, hidden = hidden_states.shape
+            d, h, w = grid
+            cls, tokens = hidden_states[:, :1], hidden_states[:, 1:]
+            # Along z: sequences of length d, one per (height, width) position.
+            columns = tokens.reshape(batch, d, h * w, hidden).transpose(1, 2).reshape(batch * h * w, d, hidden)
+            depth_out, depth_weights = self.depth_attention(
+                self.depth_layernorm(columns), output_attentions=output_attentions
+            )
+            depth_out = depth_out.reshape(batch, h * w, d, hidden).transpose(1, 2).reshape(batch, d * h * w, hidden)
+            tokens = tokens + self.dropout(depth_out)
+            # Within each axial slab: sequences of 1 + h*w tokens, CLS copied into every slab.
+            slabs = torch.cat([cls.repeat_interleave(d, dim=0), tokens.reshape(batch * d, h * w, hidden)], dim=1)
+            slab_out, attn_weights = self.attention(self.layernorm_before(slabs), output_attentions=output_attentions)
+            cls_out = slab_out[:, 0].reshape(batch, d, hidden).mean(dim=1, keepdim=True)
+            slab_out = slab_out[:, 1:].reshape(batch, d * h * w, hidden)
+            hidden_states = torch.cat([cls, tokens], dim=1) + self.dropout(torch.cat([cls_out, slab_out], dim=1))
+        hidden_states = hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        return hidden_states, attn_weights, depth_weights
+
+
+class ReCTRegionAttention(nn.Module):
+    """Segmentation-guided region-aware attention.
+
+    One learned query per anatomy region cross-attends only to the patch tokens that lie in that region. A region
+    that covers no token is absent: its attention row is left unmasked (so no all-masked softmax, never NaN) and
+    its feature is zeroed afterwards.
+    """
+
+    def __init__(self, config: ReCTVisionConfig):
+        super().__init__()
+        self.num_regions = config.num_regions
+        self.patch_size = tuple(config.patch_size)
+        self.min_fraction = config.region_patch_fraction
+        self.region_queries = nn.Parameter(torch.zeros(config.num_regions, config.hidden_size))
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = ReCTAttention(config)
+
+    def region_membership(self, anatomy_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Downsample region ids to the patch grid by voxel fraction (never by interpolating ids).
+
+        Args:
+            anatomy_mask: `(batch, 1, depth, height, width)` or `(batch, depth, height, width)` integer ids 0..R.
+
+        Returns:
+            membership `(batch, R, N)` bool (token n belongs to region r) and present `(batch, R)` bool.
+        """
+        if anatomy_mask.ndim == 5:
+            if anatomy_mask.shape[1] != 1:
+                raise ValueError(f"`anatomy_mask` must have 1 channel, got shape {tuple(anatomy_mask.shape)}")
+            anatomy_mask = anatomy_mask[:, 0]
+        if anatomy_mask.is_floating_point():
+            raise ValueError(f"`anatomy_mask` must hold integer region ids, got dtype {anatomy_mask.dtype}")
+        batch, depth, height, width = anatomy_mask.shape
+        pd, ph, pw = self.patch_size
+        d, h, w = depth // pd, height // ph, width // pw
+        ids = anatomy_mask.long()
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi > self.num_regions:
+            raise ValueError(
+                f"`anatomy_mask` ids must be in 0..{self.num_regions} (`num_regions`), found range {lo}..{hi}"
+            )
+        # (B, d, pd, h, ph, w, pw) → (B * N, voxels per patch); count ids per token with one bincount.
+        ids = ids.reshape(batch, d, pd, h, ph, w, pw).permute(0, 1, 3, 5, 2, 4, 6).reshape(batch * d * h * w, -1)
+        classes = self.num_regions + 1
+        offsets = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1) * classes
+        counts = torch.bincount((ids + offsets).flatten(), minlength=ids.shape[0] * classes)
+        fraction = counts.reshape(batch, d * h * w, classes)[..., 1:].float() / ids.shape[1]
+        membership = (fraction >= self.min_fraction).transpose(1, 2)
+        return membership, membership.any(dim=-1)
+
+    def forward(self, tokens: torch.Tensor, anatomy_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens `(batch, N, hidden)` patch tokens → region features `(batch, R, hidden)`, present `(batch, R)`."""
+        membership, present = self.region_membership(anatomy_mask)
+        if membership.shape[-1] != tokens.shape[1]:
+            raise ValueError(
+                f"`anatomy_mask` covers {membership.shape[-1]} patch tokens but `pixel_values` has {tokens.shape[1]}; "
+                "the mask must have the volume's (depth, height, width)"
+            )
+        allowed = membership | ~present.unsqueeze(-1)
+        additive = torch.zeros(allowed.shape, dtype=tokens.dtype, device=tokens.device)
+        additive = additive.masked_fill(~allowed, torch.finfo(tokens.dtype).min).unsqueeze(1)
+        queries = self.region_queries.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        features, _ = self.attention(queries, key_value_states=tokens, attention_mask=additive)
+        features = self.layernorm(features) * present.unsqueeze(-1).to(features.dtype)
+        return features, present
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pre-trained base
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ReCTPreTrainedModel(PreTrainedModel):
+    config_class = ReCTConfig
+    base_model_prefix = "rect"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ReCTLayer", "ReCTRegionAttention"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    # Auto classes written into the saved `config.json` `auto_map`, beyond AutoConfig/AutoModel.
+    _extra_auto_classes: tuple[str, ...] = ()
+    _auto_class = "AutoModel"
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = getattr(self.config, "initializer_range", None)
+        if std is None:
+            std = self.config.vision_config.initializer_range
+        if isinstance(module, ReCTPatchEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+        elif isinstance(module, ReCTRegionAttention):
+            init.trunc_normal_(module.region_queries, mean=0.0, std=std)
+        elif isinstance(module, ReCTContrastiveHead):
+            init.constant_(module.logit_scale, module.logit_scale_init)
+            init.constant_(module.region_logit_scale, module.region_logit_scale_init)
+            init.zeros_(module.region_logit_bias)
+
+    def auto_map(self) -> dict[str, str]:
+        """The `auto_map` a folder saved from this class needs: every Auto class resolves to this class."""
+        model_ref = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+        config_ref = f"{type(self.config).__module__.split('.')[-1]}.{type(self.config).__name__}"
+        entries = {"AutoConfig": config_ref, "AutoModel": model_ref}
+        entries.update({auto_class: model_ref for auto_class in self._extra_auto_classes})
+        return entries
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # A config object shared between models (or reloaded from another class's folder) may carry a stale
+        # auto_map; rebuild it for exactly this class so AutoModel returns what was saved.
+        self.config.auto_map = self.auto_map()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision encoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ReCTVisionModel(ReCTPreTrainedModel):
+    """3D CT vision encoder: Conv3d patches → slice-aware (or joint) transformer → global, local and region features."""
+
+    config_class = ReCTVisionConfig
+    base_model_prefix = "vision_model"
+    input_modalities = ("image",)
+
+    def __init__(self, config: ReCTVisionConfig):
+        super().__init__(config)
+        self.embeddings = ReCTPatchEmbeddings(config)
+        self.layers = nn.ModuleList([ReCTLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.region_attention = ReCTRegionAttention(config) if config.num_regions > 0 else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.projection
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        anatomy_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ReCTVisionModelOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, depth, height, width)`): processed CT;
+                every spatial size must be divisible by `patch_size`.
+            anatomy_mask (`torch.LongTensor` of shape `(batch, 1, depth, height, width)`, *optional*): region ids
+                0..`num_regions` on the same grid as `pixel_values`; enables `region_features`.
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if anatomy_mask is not None and tuple(anatomy_mask.shape[-3:]) != tuple(pixel_values.shape[-3:]):
+            raise ValueError(
+                f"`anatomy_mask` spatial shape {tuple(anatomy_mask.shape[-3:])} must equal `pixel_values` spatial "
+                f"shape {tuple(pixel_values.shape[-3:])}"
+            )
+
+        hidden_states, grid = self.embeddings(pixel_values)
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attn = () if output_attentions else None
+        all_depth_attn = () if output_attentions and self.config.attention_type == "divided" else None
+        for layer in self.layers:
+            hidden_states, attn, depth_attn = layer(hidden_states, grid, output_attentions=output_attentions)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            if output_attentions:
+                all_attn += (attn,)
+                if all_depth_attn is not None:
+                    all_depth_attn += (depth_attn,)
+        last_hidden_state = self.layernorm(hidden_states)
+        pooled = last_hidden_state[:, 0]
+
+        region_features = region_present = None
+        if anatomy_mask is not None:
+            if self.region_attention is None:
+                raise ValueError("`anatomy_mask` was given but the config has `num_regions=0`")
+            region_features, region_present = self.region_attention(last_hidden_state[:, 1:], anatomy_mask)
+
+        output = ReCTVisionModelOutput(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooled,
+            region_features=region_features,
+            region_present=region_present,
+            hidden_states=all_hidden,
+            attentions=all_attn,
+            depth_attentions=all_depth_attn,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class ReCTProjectionHead(nn.Module):
+    """Linear projections of the global and region features into the shared embedding space."""
+
+    def __init__(self, hidden_size: int, projection_dim: int):
+        super().__init__()
+        self.visual_projection = nn.Linear(hidden_size, projection_dim, bias=False)
+        self.region_projection = nn.Linear(hidden_size, projection_dim, bias=False)
+
+    def forward(self, vision_outputs: ReCTVisionModelOutput) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """→ L2-normalised image embeds `(batch, P)` and region embeds `(batch, R, P)` (zero rows where absent)."""
+        image_embeds = F.normalize(self.visual_projection(vision_outputs.pooler_output), dim=-1)
+        region_embeds = None
+        if vision_outputs.region_features is not None:
+            region_embeds = F.normalize(self.region_projection(vision_outputs.region_features), dim=-1)
+            region_embeds = region_embeds * vision_outputs.region_present.unsqueeze(-1).to(region_embeds.dtype)
+        return image_embeds, region_embeds
+
+
+class ReCTForFeatureExtraction(ReCTPreTrainedModel):
+    """Vision encoder + projections → L2-normalised global and region embeddings (for retrieval and reuse)."""
+
+    config_class = ReCTVisionConfig
+    base_model_prefix = "vision_model"
+    input_modalities = ("image",)
+
+    def __init__(self, config: ReCTVisionConfig):
+        super().__init__(config)
+        self.vision_model = ReCTVisionModel(config)
+        self.projection = ReCTProjectionHead(config.hidden_size, config.projection_dim)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        anatomy_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ReCTFeatureExtractionOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, depth, height, width)`).
+            anatomy_mask (`torch.LongTensor` of shape `(batch, 1, depth, height, width)`, *optional*).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        vision = self.vision_model(
+            pixel_values, anatomy_mask, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        image_embeds, region_embeds = self.projection(vision)
+        output = ReCTFeatureExtractionOutput(
+            image_embeds=image_embeds,
+            region_embeds=region_embeds,
+            region_present=vision.region_present,
+            last_hidden_state=vision.last_hidden_state,
+            hidden_states=vision.hidden_states,
+            attentions=vision.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contrastive dual encoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ReCTContrastiveHead(nn.Module):
+    """Learnable temperatures: the global InfoNCE scale (init log(1/0.07)) and the region-alignment scale and bias
+    (init scale 10, bias 0: BCE starts near log 2 whatever the mention prevalence)."""
+
+    region_logit_scale_init = math.log(10.0)
+
+    def __init__(self, logit_scale_init: float):
+        super().__init__()
+        self.logit_scale_init = logit_scale_init
+        self.logit_scale = nn.Parameter(torch.tensor(logit_scale_init))
+        self.region_logit_scale = nn.Parameter(torch.tensor(self.region_logit_scale_init))
+        self.region_logit_bias = nn.Parameter(torch.tensor(0.0))
+
+    def scale(self, parameter: torch.Tensor) -> torch.Tensor:
+        # CLIP's clamp: a temperature below 1/100 makes the softmax numerically brittle.
+        return parameter.clamp(max=4.6052).exp()
+
+
+def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE: the i-th text matches the i-th image. logits `(batch, batch)`."""
+    targets = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
+    return (F.cross_entropy(logits_per_text, targets) + F.cross_entropy(logits_per_text.t(), targets)) / 2
+
+
+def region_alignment_loss(
+    region_logits: torch.Tensor, region_mentions: torch.Tensor, region_present: torch.Tensor
+) -> torch.Tensor:
+    """BCE between region–report logits `(batch, R)` and mentions `(batch, R)`, averaged over present regions only.
+
+    Absent regions contribute nothing; a batch with no present region gives an exact zero (with a gradient path),
+    never NaN.
+    """
+    weights = region_present.to(region_logits.dtype)
+    per_region = F.binary_cross_entropy_with_logits(
+        region_logits, region_mentions.to(region_logits.dtype), reduction="none"
+    )
+    return (per_region * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+class ReCTModel(ReCTPreTrainedModel):
+    """CLIP-style dual encoder: 3D CT vision tower + any BERT-like text tower, with region–report alignment."""
+
+    config_class = ReCTConfig
+
+    def __init__(self, config: ReCTConfig):
+        super().__init__(config)
+        self.vision_model = ReCTVisionModel(config.vision_config)
+        self.text_model = AutoModel.from_config(config.text_config)
+        self.projection = ReCTProjectionHead(config.vision_config.hidden_size, config.projection_dim)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        self.contrastive_head = ReCTContrastiveHead(config.logit_scale_init_value)
+        self.post_init()
+
+    def _pool_text(self, text_outputs, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        pooling = self.config.text_pooling
+        if pooling == "pooler":
+            if getattr(text_outputs, "pooler_output", None) is None:
+                raise ValueError(
+                    f"`text_pooling='pooler'` but the text model {type(self.text_model).__name__} returns no "
+                    "pooler_output; use 'cls' or 'mean'"
+                )
+            return text_outputs.pooler_output
+        tokens = text_outputs.last_hidden_state
+        if pooling == "cls":
+            return tokens[:, 0]
+        if attention_mask is None:
+            return tokens.mean(dim=1)
+        weights = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ModelOutput]:
+        """→ projected (not normalised) text features `(batch, P)` and the text tower's output."""
+        text_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            text_kwargs["token_type_ids"] = token_type_ids
+        text_outputs = self.text_model(**text_kwargs, return_dict=True)
+        return self.text_projection(self._pool_text(text_outputs, attention_mask)), text_outputs
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Projected text features `(batch, projection_dim)`, before L2 normalisation (as CLIP)."""
+        return self.encode_text(input_ids, attention_mask, token_type_ids)[0]
+
+    def get_image_features(self, pixel_values: torch.Tensor, anatomy_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected global image features `(batch, projection_dim)`, before L2 normalisation (as CLIP)."""
+        vision = self.vision_model(pixel_values, anatomy_mask, return_dict=True)
+        return self.projection.visual_projection(vision.pooler_output)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        anatomy_mask: torch.Tensor | None = None,
+        region_mentions: torch.Tensor | None = None,
+        return_loss: bool = True,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ReCTOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): tokenised reports, paired row by row with
+                the volumes.
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, depth, height, width)`).
+            anatomy_mask (`torch.LongTensor` of shape `(batch, 1, depth, height, width)`, *optional*).
+            region_mentions (`torch.Tensor` of shape `(batch, num_regions)`, *optional*): 1 where the report
+                mentions region r (id r + 1); adds the region alignment loss (needs `anatomy_mask`).
+            return_loss (`bool`, defaults to `True`): compute `loss` (needs batch ≥ 2 for a meaningful InfoNCE).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if input_ids is None or pixel_values is None:
+            raise ValueError("ReCTModel.forward needs both `input_ids` and `pixel_values`")
+        if region_mentions is not None and anatomy_mask is None:
+            raise ValueError("`region_mentions` needs `anatomy_mask`: region features come from the anatomy mask")
+        vision = self.vision_model(
+            pixel_values, anatomy_mask, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        image_embeds, region_embeds = self.projection(vision)
+        text_features, text_outputs = self.encode_text(input_ids, attention_mask, token_type_ids)
+        text_embeds = F.normalize(text_features, dim=-1)
+
+        head = self.contrastive_head
+        logits_per_text = head.scale(head.logit_scale) * text_embeds @ image_embeds.t()
+        region_logits = None
+        if region_embeds is not None:
+            similarity = torch.einsum("brp,bp->br", region_embeds, text_embeds)
+            region_logits = head.scale(head.region_logit_scale) * similarity + head.region_logit_bias
+
+        loss = global_loss = region_loss = None
+        if return_loss:
+            global_loss = contrastive_loss(logits_per_text)
+            loss = global_loss
+            if region_mentions is not None:
+                if tuple(region_mentions.shape) != tuple(region_logits.shape):
+                    raise ValueError(
+                        f"`region_mentions` must be (batch, num_regions) = {tuple(region_logits.shape)}, "
+                        f"got {tuple(region_mentions.shape)}"
+                    )
+                region_loss = region_alignment_loss(region_logits, region_mentions, vision.region_present)
+                loss = loss + self.config.region_alignment_weight * region_loss
+
+        output = ReCTOutput(
+            loss=loss,
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            region_embeds=region_embeds,
+            region_present=vision.region_present,
+            region_logits=region_logits,
+            contrastive_loss=global_loss,
+            region_loss=region_loss,
+            vision_model_output=vision,
+            text_model_output=text_outputs,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Classification head
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ReCTForVolumeClassification(ReCTPreTrainedModel):
+    """Multi-label abnormality classifier (18 CT-RATE labels by default) on the 3D vision encoder.
+
+    The head reads the CLS feature concatenated with the mean patch token. The text tower of the wrapped
+    [`ReCTModel`] gives a text-prompted zero-shot head, [`~ReCTForVolumeClassification.zero_shot_logits`].
+    """
+
+    config_class = ReCTConfig
+    _auto_class = "AutoModelForImageClassification"
+    _extra_auto_classes = ("AutoModelForImageClassification",)
+
+    def __init__(self, config: ReCTConfig):
+        super().__init__(config)
+        self.rect = ReCTModel(config)
+        hidden = config.vision_config.hidden_size
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(2 * hidden, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        anatomy_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ReCTVolumeClassifierOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, depth, height, width)`).
+            anatomy_mask (`torch.LongTensor` of shape `(batch, 1, depth, height, width)`, *optional*).
+            labels (`torch.Tensor`, *optional*): `(batch, num_labels)` 0/1 for multi-label (BCE, weighted by
+                `config.pos_weight` when set), `(batch,)` class ids for single-label, `(batch,)`/`(batch, 1)` floats
+                for regression.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        vision = self.rect.vision_model(
+            pixel_values, anatomy_mask, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        tokens = vision.last_hidden_state
+        features = torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)
+        logits = self.classifier(self.dropout(features))
+
+        loss = None
+        if labels is not None:
+            loss = self.classification_loss(logits, labels)
+        output = ReCTVolumeClassifierOutput(
+            loss=loss,
+            logits=logits,
+            pooler_output=vision.pooler_output,
+            hidden_states=vision.hidden_states,
+            attentions=vision.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        problem = self.config.problem_type
+        if problem == "multi_label_classification":
+            if tuple(labels.shape) != tuple(logits.shape):
+                raise ValueError(
+                    f"multi-label `labels` must be (batch, num_labels) = {tuple(logits.shape)}, got {tuple(labels.shape)}"
+                )
+            pos_weight = getattr(self.config, "pos_weight", None)
+            if pos_weight is not None:
+                if len(pos_weight) != logits.shape[-1]:
+                    raise ValueError(
+                        f"`config.pos_weight` has {len(pos_weight)} entries, expected num_labels={logits.shape[-1]}"
+                    )
+                pos_weight = torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
+            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), pos_weight=pos_weight)
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits, labels.long().view(-1))
+        if problem == "regression":
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(logits.shape[0], -1).squeeze(-1))
+        raise ValueError(f"unsupported `problem_type` {problem!r}")
+
+    def zero_shot_logits(
+        self,
+        pixel_values: torch.Tensor,
+        prompts: dict,
+        anatomy_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""Text-prompted zero-shot scores.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, depth, height, width)`).
+            prompts (`dict` / `BatchEncoding`): tokenised prompts (`input_ids`, `attention_mask`, optionally
+                `token_type_ids`), shape `(num_prompts, seq_len)`, e.g. from `ReCTProcessor(text=[...])`. Give a
+                positive and a negative prompt per finding and compare their scores.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch, num_prompts)`: scaled cosine similarity of each volume to each
+            prompt (the same scale as `logits_per_image`).
+        """
+        if isinstance(prompts, (str, list, tuple)):
+            raise TypeError(
+                "`prompts` must be tokenised (a dict with `input_ids` and `attention_mask`); tokenise the prompt "
+                "strings with the ReCTProcessor or the text tokenizer first"
+            )
+        if "input_ids" not in prompts:
+            raise ValueError(f"`prompts` must contain `input_ids`, got keys {sorted(prompts)}")
+        model = self.rect
+        image_embeds = F.normalize(model.get_image_features(pixel_values, anatomy_mask), dim=-1)
+        text_embeds = F.normalize(
+            model.get_text_features(prompts["input_ids"], prompts.get("attention_mask"), prompts.get("token_type_ids")),
+            dim=-1,
+        )
+        return model.contrastive_head.scale(model.contrastive_head.logit_scale) * image_embeds @ text_embeds.t()
+
+
+__all__ = [
+    "ReCTPreTrainedModel",
+    "ReCTVisionModel",
+    "ReCTForFeatureExtraction",
+    "ReCTModel",
+    "ReCTForVolumeClassification",
+    "ReCTVisionModelOutput",
+    "ReCTFeatureExtractionOutput",
+    "ReCTOutput",
+    "ReCTVolumeClassifierOutput",
+]

