@@ -12,3 +12,25 @@ from .modeling_rect import (
     ReCTVisionModelOutput,
     ReCTVolumeClassifierOutput,
 )
+from .image_processing_rect import ReCTImageProcessor, load_volume
+from .processing_rect import ReCTProcessor
+from .auto_registration import register_auto_classes
+
+__all__ = [
+    "CT_RATE_ABNORMALITIES",
+    "ReCTConfig",
+    "ReCTVisionConfig",
+    "ReCTPreTrainedModel",
+    "ReCTVisionModel",
+    "ReCTForFeatureExtraction",
+    "ReCTModel",
+    "ReCTForVolumeClassification",
+    "ReCTVisionModelOutput",
+    "ReCTFeatureExtractionOutput",
+    "ReCTOutput",
+    "ReCTVolumeClassifierOutput",
+    "ReCTImageProcessor",
+    "ReCTProcessor",
+    "load_volume",
+    "register_auto_classes",
+]

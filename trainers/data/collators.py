@@ -1,0 +1,151 @@
+"""Batch collators, one per task, producing exactly the keyword arguments the ReCT models take.
+
+Volumes of one batch must share a shape (the image processor makes them so); masks stay uint8 (the models accept
+any integer ids) to keep seed-size batches small; text is padded by the tokenizer, with attention masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# SAM's convention for padded prompt points: label -10 marks "no point here".
+POINT_PAD_LABEL = -10
+
+
+def stack_field(examples: list[dict[str, Any]], key: str, optional: bool = False) -> torch.Tensor | None:
+    """Stack `key` across examples; all or none of them must have it (a mixed batch is a data bug, not a pad)."""
+    present = [example.get(key) is not None for example in examples]
+    if not any(present):
+        if optional:
+            return None
+        raise KeyError(f"collator: no example has `{key}`")
+    if not all(present):
+        raise ValueError(f"collator: `{key}` is present in {sum(present)} of {len(examples)} examples; all or none")
+    values = [torch.as_tensor(example[key]) for example in examples]
+    shapes = {tuple(v.shape) for v in values}
+    if len(shapes) > 1:
+        raise ValueError(f"collator: `{key}` shapes differ within the batch: {sorted(shapes)}")
+    return torch.stack(values)
+
+
+def volume_fields(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    batch = {"pixel_values": stack_field(examples, "pixel_values")}
+    mask = stack_field(examples, "anatomy_mask", optional=True)
+    if mask is not None:
+        batch["anatomy_mask"] = mask
+    return batch
+
+
+@dataclass
+class ClassificationCollator:
+    """→ `pixel_values`, optional `anatomy_mask`, `labels (batch, num_labels)` float for multi-label BCE."""
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = volume_fields(examples)
+        labels = stack_field(examples, "labels", optional=True)
+        if labels is not None:
+            batch["labels"] = labels.float()
+        return batch
+
+
+@dataclass
+class ContrastiveCollator:
+    """→ `pixel_values`, optional `anatomy_mask`, tokenised `input_ids` / `attention_mask` (/ `token_type_ids`) of
+    the paired reports, and `region_mentions (batch, num_regions)` when the examples carry them."""
+
+    tokenizer: Any
+    max_length: int = 256
+    text_key: str = "text"
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = volume_fields(examples)
+        texts = [example[self.text_key] for example in examples]
+        batch.update(
+            self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        )
+        mentions = stack_field(examples, "region_mentions", optional=True)
+        if mentions is not None:
+            batch["region_mentions"] = mentions.float()
+        return batch
+
+
+@dataclass
+class LocalizationCollator:
+    """→ `pixel_values`, `labels` (the lesion mask, `(batch, 1, D, H, W)`), optional tokenised text prompts,
+    `input_points (batch, P, 3)` + `input_labels (batch, P)` padded to the batch's largest P with label -10 (SAM's
+    pad), and `input_boxes (batch, 6)` as (z0, y0, x0, z1, y1, x1)."""
+
+    tokenizer: Any = None
+    max_length: int = 64
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = volume_fields(examples)
+        batch["labels"] = stack_field(examples, "lesion_mask")
+        if any(example.get("prompt") is not None for example in examples):
+            if self.tokenizer is None:
+                raise ValueError("LocalizationCollator: text prompts need a tokenizer")
+            prompts = [example.get("prompt") or "" for example in examples]
+            text = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            batch["input_ids"], batch["attention_mask"] = text["input_ids"], text["attention_mask"]
+        if any(example.get("input_points") is not None for example in examples):
+            count = max(len(example.get("input_points") or []) for example in examples)
+            points = torch.zeros(len(examples), count, 3)
+            labels = torch.full((len(examples), count), POINT_PAD_LABEL, dtype=torch.long)
+            for i, example in enumerate(examples):
+                example_points = torch.as_tensor(example.get("input_points") or torch.zeros(0, 3), dtype=torch.float)
+                n = example_points.shape[0]
+                if n:
+                    points[i, :n] = example_points
+                    labels[i, :n] = torch.as_tensor(example["input_labels"], dtype=torch.long)
+            batch["input_points"], batch["input_labels"] = points, labels
+        boxes = stack_field(examples, "input_boxes", optional=True)
+        if boxes is not None:
+            if boxes.shape[-1] != 6:
+                raise ValueError(f"`input_boxes` must be (z0, y0, x0, z1, y1, x1), got shape {tuple(boxes.shape)}")
+            batch["input_boxes"] = boxes.float()
+        return batch
+
+
+@dataclass
+class GenerationCollator:
+    """Report generation: `prompt` + `report` → `input_ids`, `attention_mask`, and `labels` in which the prompt and
+    the padding are -100 (only report tokens are learned); plus `pixel_values` and `prior_pixel_values` (the current
+    scan stands in where an example has no prior, Libra's rule). Padding follows `tokenizer.padding_side`."""
+
+    tokenizer: Any
+    max_length: int = 1024
+    ignore_index: int = -100
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = volume_fields(examples)
+        if any(example.get("prior_pixel_values") is not None for example in examples):
+            batch["prior_pixel_values"] = torch.stack(
+                [torch.as_tensor(e.get("prior_pixel_values", e["pixel_values"])) for e in examples]
+            )
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        sequences, label_rows = [], []
+        for example in examples:
+            prompt = self.tokenizer(example["prompt"], add_special_tokens=True)["input_ids"]
+            report = self.tokenizer(example["report"], add_special_tokens=False)["input_ids"] + eos
+            ids = (prompt + report)[: self.max_length]
+            labels = ([self.ignore_index] * len(prompt) + report)[: self.max_length]
+            sequences.append(ids)
+            label_rows.append(labels)
+        length = max(len(s) for s in sequences)
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), length), self.ignore_index, dtype=torch.long)
+        attention = torch.zeros((len(examples), length), dtype=torch.long)
+        for i, (ids, lab) in enumerate(zip(sequences, label_rows)):
+            span = slice(length - len(ids), length) if left else slice(0, len(ids))
+            input_ids[i, span] = torch.tensor(ids)
+            labels[i, span] = torch.tensor(lab)
+            attention[i, span] = 1
+        batch.update({"input_ids": input_ids, "attention_mask": attention, "labels": labels})
+        return batch
