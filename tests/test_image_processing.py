@@ -1,0 +1,736 @@
+"""ReCTImageProcessor: reading (NIfTI, DICOM, arrays), canonical LPS orientation, resampling, windowing, masks,
+mapping predictions back to the original grid, settings round trip, and every bad-input error."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+import torch.nn.functional as F
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+import hf_models.image_processing_rect as rect
+from hf_models.image_processing_rect import NAMED_WINDOWS, ReCTImageProcessor, load_volume
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def save_nifti(path, data, affine, **header):
+    image = nib.Nifti1Image(data, affine)
+    for key, value in header.items():
+        image.header[key] = value
+    nib.save(image, str(path))
+    return str(path)
+
+
+def dice(a, b):
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def window(hu, center, width):
+    return np.clip((np.asarray(hu, dtype=np.float64) - (center - width / 2)) / width, 0, 1)
+
+
+def canonical_phantom(shape=(10, 12, 14), seed=0):
+    """A (D, H, W) = (S, P, L) phantom with a cube at superior / anterior / patient-left and a bar, plus labels."""
+    rng = np.random.default_rng(seed)
+    d, h, w = shape
+    hu = rng.integers(-200, 200, size=shape).astype(np.int16)
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[d - 4:, :4, w - 5:] = 1  # superior, anterior, left corner
+    labels[2:4, h // 2, 1:w - 2] = 2  # a bar
+    hu[labels == 1] = 900
+    hu[labels == 2] = -900
+    return hu, labels
+
+
+def canonical_affine(shape, spacing=(2.5, 0.7, 0.7), origin=(10.0, -20.0, 30.0)):
+    """RAS affine of a (D, H, W) = (S, P, L) array: D → +z, H → -y, W → -x."""
+    affine = np.eye(4)
+    affine[:3, 0] = [0, 0, spacing[0]]
+    affine[:3, 1] = [0, -spacing[1], 0]
+    affine[:3, 2] = [-spacing[2], 0, 0]
+    affine[:3, 3] = origin
+    return affine
+
+
+def as_layout(array, affine, layout):
+    """The same physical volume stored RAS-style (x→R, y→A, z→S), LPS-style (x→L, y→P, z→S) or permuted."""
+    # canonical index (d, h, w); LPS layout index (i, j, k) = (w, h, d)
+    lps = array.transpose(2, 1, 0)
+    lps_affine = affine[:, [2, 1, 0, 3]]
+    if layout == "lps":
+        return np.ascontiguousarray(lps), lps_affine
+    if layout == "ras":  # flip x and y: voxel i → n - 1 - i
+        nx, ny = lps.shape[:2]
+        flip = np.eye(4)
+        flip[0, 0], flip[0, 3], flip[1, 1], flip[1, 3] = -1, nx - 1, -1, ny - 1
+        return np.ascontiguousarray(lps[::-1, ::-1, :]), lps_affine @ flip
+    if layout == "permuted":  # array axes (z, x, y) of the LPS layout, i.e. a sagittal-first storage
+        return np.ascontiguousarray(lps.transpose(2, 0, 1)), lps_affine[:, [2, 0, 1, 3]]
+    raise AssertionError(layout)
+
+
+def dicom_series(folder, n=5, spacing=2.5, modalities=None, series_uids=None, slope=None, intercept=None,
+                 skip=(), order=None):
+    """Write `n` copies of pydicom's CT_small.dcm as one series with positions stepping along +z (LPS)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    series_uid = generate_uid()
+    base = [float(v) for v in template.ImagePositionPatient]
+    indices = [i for i in range(n) if i not in skip]
+    for file_index, i in enumerate(order(indices) if order else indices):
+        ds = copy.deepcopy(template)
+        ds.ImagePositionPatient = [base[0], base[1], base[2] + i * spacing]
+        ds.InstanceNumber = i + 1
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesInstanceUID = series_uids[i] if series_uids else series_uid
+        if modalities:
+            ds.Modality = modalities[i]
+        if slope is not None:
+            ds.RescaleSlope = slope
+        if intercept is not None:
+            ds.RescaleIntercept = intercept
+        ds.save_as(str(folder / f"slice_{file_index:03d}.dcm"))
+    return folder, template
+
+
+# --------------------------------------------------------------------------------------------------------------
+# resampling is F.interpolate, orientation is LPS
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.float64])
+@pytest.mark.parametrize("in_shape,out_shape", [
+    ((13, 17, 11), (7, 17, 20)), ((9, 8, 7), (9, 8, 7)), ((30, 5, 11), (4, 9, 11))
+])
+def test_image_resampling_equals_trilinear_interpolate(in_shape, out_shape, dtype):
+    # identity affine = RAS voxel axes; the canonical (S, P, L) array is the transposed array flipped in H and W
+    rng = np.random.default_rng(0)
+    hu = rng.normal(0, 300, size=in_shape).astype(dtype)
+    processor = ReCTImageProcessor(volume_size=list(out_shape[::-1]), windows=[[0, 8000]])
+    out = processor(hu)["pixel_values"][0, 0]
+    assert out.dtype == torch.float32
+    canonical = torch.from_numpy(np.ascontiguousarray(hu.astype(np.float32).transpose(2, 1, 0)[:, ::-1, ::-1]))
+    expected = F.interpolate(canonical[None, None], size=tuple(out_shape[::-1]), mode="trilinear", align_corners=False)
+    torch.testing.assert_close(out, (expected[0, 0] + 4000) / 8000, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float64, np.int32])
+def test_masks_use_nearest_neighbour_only(dtype):
+    rng = np.random.default_rng(1)
+    volume = rng.normal(0, 100, size=(13, 11, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, size=(13, 11, 7)).astype(dtype)
+    processor = ReCTImageProcessor(volume_size=[5, 8, 9])
+    out = processor(volume, anatomy_mask=labels, lesion_mask=(labels == 3))
+    mask = out["anatomy_mask"]
+    assert mask.dtype == torch.int64 and tuple(mask.shape) == (1, 1, 5, 8, 9)
+    canonical = torch.from_numpy(np.ascontiguousarray(labels.astype(np.float32).transpose(2, 1, 0)[:, ::-1, ::-1]))
+    expected = F.interpolate(canonical[None, None], size=(5, 8, 9), mode="nearest-exact")[0].to(torch.int64)
+    assert torch.equal(mask[0], expected)  # values stay in the label set: never interpolated
+    assert set(out["lesion_mask"].unique().tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize("layout", ["ras", "lps", "permuted"])
+def test_canonical_orientation_is_lps(layout):
+    hu, labels = canonical_phantom()
+    affine = canonical_affine(hu.shape)
+    stored, stored_affine = as_layout(hu, affine, layout)
+    stored_labels, _ = as_layout(labels, affine, layout)
+    processor = ReCTImageProcessor(volume_size=list(hu.shape), windows=[[0, 4000]])
+    out = processor((stored, stored_affine), anatomy_mask=stored_labels)
+    pixel_values, meta = out["pixel_values"][0, 0].numpy(), out["volume_meta"][0]
+    # the same physical phantom gives the same canonical array, whatever the storage layout
+    np.testing.assert_allclose(pixel_values, window(hu, 0, 4000), atol=1e-6)
+    np.testing.assert_array_equal(out["anatomy_mask"][0, 0].numpy(), labels)
+    np.testing.assert_allclose(meta["processed_affine"], affine, atol=1e-9)
+    assert nib.aff2axcodes(np.asarray(meta["processed_affine"])) == ("S", "P", "L")
+    # the marker at the patient's superior / anterior / left lands in the high-D, low-H, high-W halves
+    marker = np.argwhere(out["anatomy_mask"][0, 0].numpy() == 1).mean(axis=0)
+    d, h, w = hu.shape
+    assert marker[0] > d / 2 and marker[1] < h / 2 and marker[2] > w / 2
+    world = np.asarray(meta["processed_affine"]) @ np.append(marker, 1.0)
+    center = np.asarray(meta["processed_affine"]) @ np.append((np.array(hu.shape) - 1) / 2, 1.0)
+    assert world[0] < center[0] and world[1] > center[1] and world[2] > center[2]  # left (-x), anterior, superior
+    assert meta["original_affine"] == stored_affine.tolist()
+
+
+@pytest.mark.parametrize("angle", [0.0, 12.0])
+def test_processed_affine_keeps_world_positions(angle):
+    # an anisotropic, permuted and (optionally) oblique scan: the recorded processed_affine must put a marker at
+    # the same world position as the original affine does
+    shape = (30, 16, 40)
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[4:12, 3:9, 25:36] = 1
+    theta = np.deg2rad(angle)
+    rotation = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([0.8, 2.0, -0.6])[:, [0, 2, 1]]  # voxel axes (x, z, y), z stored reversed
+    affine[:3, 3] = [-30.0, 12.0, 5.0]
+    volume = labels.astype(np.float32) * 500 + np.random.default_rng(12).normal(0, 5, shape).astype(np.float32)
+    out = ReCTImageProcessor(volume_size=[20, 24, 28])((volume, affine), anatomy_mask=labels)
+    meta = out["volume_meta"][0]
+    assert nib.aff2axcodes(np.asarray(meta["processed_affine"])) == ("S", "P", "L")
+    before = affine @ np.append(np.argwhere(labels == 1).mean(axis=0), 1.0)
+    after = np.asarray(meta["processed_affine"]) @ np.append(
+        np.argwhere(out["anatomy_mask"][0, 0].numpy() == 1).mean(axis=0), 1.0)
+    spacing = np.linalg.norm(np.asarray(meta["processed_affine"])[:3, :3], axis=0)
+    np.testing.assert_allclose(spacing, meta["steps"][1]["spacing_after"])
+    # nearest resampling moves a box face by at most half an output voxel
+    np.testing.assert_allclose(after[:3], before[:3], atol=0.5 * spacing.max())
+    assert np.linalg.norm(after[:3] - before[:3]) < 1.0  # mm; a half-voxel shift of the grid would be ~1.5 mm
+
+
+def test_dicom_lps_affine_is_converted_to_ras(tmp_path):
+    folder, template = dicom_series(tmp_path / "series", n=3)
+    _, affine = load_volume(folder)
+    assert nib.aff2axcodes(affine) == ("S", "P", "L")  # IOP (1,0,0,0,1,0): rows → L, columns → P, slices → S
+
+
+# --------------------------------------------------------------------------------------------------------------
+# round trip to the original grid
+# --------------------------------------------------------------------------------------------------------------
+
+
+def round_trip_case(tmp_path, layout):
+    """An anisotropic LPS-style scan (affine diag(-0.7, -0.7, 2.5)) with a corner cube and a bar, saved as NIfTI."""
+    shape = (64, 56, 40)  # x, y, z
+    hu = np.full(shape, -50, dtype=np.int16)
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[2:28, 2:24, -27:-1] = 1  # cube in the (right, anterior, superior) corner
+    labels[12:58, 28:55, 2:31] = 2  # bar along x
+    hu[labels == 1], hu[labels == 2] = 800, 300
+    affine = np.diag([-0.7, -0.7, 2.5, 1.0])
+    affine[:3, 3] = [12.0, -4.0, 30.0]
+    if layout == "permuted":  # stored (z, x, y): an oblique-free permutation of the axes
+        hu, labels, affine = hu.transpose(2, 0, 1), labels.transpose(2, 0, 1), affine[:, [2, 0, 1, 3]]
+    elif layout == "ras":  # the same scan stored RAS-style (x and y reversed): exercises the flips
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        flip[:2, 3] = [shape[0] - 1, shape[1] - 1]
+        hu, labels, affine = hu[::-1, ::-1], labels[::-1, ::-1], affine @ flip
+    volume_path = save_nifti(tmp_path / f"ct_{layout}.nii.gz", np.ascontiguousarray(hu), affine)
+    mask_path = save_nifti(tmp_path / f"mask_{layout}.nii.gz", np.ascontiguousarray(labels), affine)
+    return volume_path, mask_path, labels, affine
+
+
+@pytest.mark.parametrize("layout", ["lps", "permuted", "ras"])
+@pytest.mark.parametrize("settings", [
+    dict(volume_size=[48, 44, 52]),
+    dict(volume_size=[31, 42, 60], target_spacing=[3.0, 0.9, 0.8]),  # resample to (33, 44, 56), crop D, H, pad W
+])
+def test_masks_round_trip_to_original_grid(tmp_path, layout, settings):
+    volume_path, mask_path, labels, affine = round_trip_case(tmp_path, layout)
+    processor = ReCTImageProcessor(**settings)
+    out = processor(volume_path, anatomy_mask=mask_path)
+    meta = out["volume_meta"][0]
+    assert meta["source"] == volume_path and meta["original_shape"] == list(labels.shape)
+    np.testing.assert_allclose(meta["original_affine"], affine)
+    assert [step["op"] for step in meta["steps"]] == ["reorient", "resample", "crop_pad"]
+    json.dumps(meta)  # plain JSON types only
+
+    restored = processor.post_process_masks(out["anatomy_mask"], out["volume_meta"])[0]
+    assert restored.shape == labels.shape and restored.dtype == np.int64
+    for label in (1, 2):
+        assert dice(restored == label, labels == label) >= 0.95, label
+
+    written = processor.save_mask(restored, meta, tmp_path / "restored.nii.gz")
+    reloaded = nib.load(written)
+    np.testing.assert_allclose(reloaded.affine, affine, atol=1e-5)
+    assert reloaded.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(reloaded.dataobj), restored)
+
+
+def test_crop_pad_records_amounts_and_pads_with_air():
+    hu = np.full((6, 20, 9), 100, dtype=np.int16)  # identity affine: canonical shape (9, 20, 6)
+    processor = ReCTImageProcessor(volume_size=[5, 24, 10], resize_mode="crop_pad", windows=["wide", "lung"],
+                                   allow_constant_volume=True)
+    out = processor(hu)
+    step = out["volume_meta"][0]["steps"][2]
+    assert step["op"] == "crop_pad"
+    assert step["pad_before"] == [-2, 2, 2] and step["pad_after"] == [-2, 2, 2]
+    pv = out["pixel_values"][0]
+    wide_air, lung_air = window(-1024, *NAMED_WINDOWS["wide"]), window(-1024, *NAMED_WINDOWS["lung"])
+    assert torch.allclose(pv[0, :, :2], torch.tensor(wide_air, dtype=torch.float32))
+    assert torch.allclose(pv[1, :, :, -2:], torch.tensor(lung_air, dtype=torch.float32))
+    assert torch.allclose(pv[0, :, 2:-2, 2:-2], torch.tensor(window(100, 0, 2000), dtype=torch.float32))
+
+
+def test_logits_map_back_with_trilinear_and_crop_fill():
+    rng = np.random.default_rng(2)
+    volume = rng.normal(0, 100, size=(12, 10, 8)).astype(np.float32)
+    affine = np.diag([-1.0, -1.0, 2.0, 1.0])
+    processor = ReCTImageProcessor(volume_size=[8, 10, 10], resize_mode="crop_pad")  # crops W 12 → 10, no resampling
+    out = processor((volume, affine))
+    # logits that are a smooth function of the canonical grid come back as the same function of the original grid
+    logits = torch.linspace(-3, 3, 8).view(1, 1, 8, 1, 1).expand(1, 2, 8, 10, 10).contiguous()
+    restored = processor.post_process_masks(logits, out["volume_meta"])[0]
+    assert restored.shape == (2, 12, 10, 8) and restored.dtype == np.float32
+    np.testing.assert_allclose(restored[0, 5, 0, :], np.linspace(-3, 3, 8), atol=1e-5)  # z of the original = D
+    np.testing.assert_allclose(restored[:, [0, 11]], -3.0)  # cropped-away x columns get the minimum logit
+    binary = processor.post_process_masks(logits > 0, out["volume_meta"])[0]
+    assert binary.dtype == bool and binary.shape == (2, 12, 10, 8)
+
+
+def test_post_process_and_save_mask_reject_wrong_grids(tmp_path):
+    processor = ReCTImageProcessor(volume_size=[4, 6, 6])
+    out = processor(np.random.default_rng(0).normal(size=(5, 7, 9)).astype(np.float32))
+    with pytest.raises(ValueError, match=r"masks\[0\].*\(channels, 4, 6, 6\)"):
+        processor.post_process_masks(torch.zeros(1, 1, 4, 6, 7, dtype=torch.long), out["volume_meta"])
+    with pytest.raises(ValueError, match="one mask per volume_meta"):
+        processor.post_process_masks(torch.zeros(2, 1, 4, 6, 6, dtype=torch.long), out["volume_meta"])
+    with pytest.raises(ValueError, match=r"original grid \(5, 7, 9\).*post_process_masks"):
+        processor.save_mask(out["pixel_values"][0, 0] > 0.5, out["volume_meta"][0], tmp_path / "m.nii.gz")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# intensities
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_windows_and_normalisation():
+    hu = np.array([-2000, -1350, -600, 40, 240, 1300, 3000], dtype=np.float32)
+    volume = np.broadcast_to(hu[None, None, :], (2, 3, 7)).copy()  # (x, y, z): varies along z → D
+    names = ["lung", "mediastinum", "abdomen", "bone", "brain", "wide"]
+    processor = ReCTImageProcessor(volume_size=[7, 3, 2], windows=names + [[100, 50]])
+    pv = processor(volume)["pixel_values"][0]
+    assert pv.shape == (7, 7, 3, 2)
+    for c, spec in enumerate(names + [[100, 50]]):
+        center, width = NAMED_WINDOWS[spec] if isinstance(spec, str) else spec
+        np.testing.assert_allclose(pv[c, :, 0, 0].numpy(), window(hu, center, width), atol=1e-6)
+    normalised = ReCTImageProcessor(volume_size=[7, 3, 2], windows=["lung", "bone"], image_mean=[0.5, 0.25],
+                                    image_std=[0.5, 0.25])(volume)["pixel_values"][0]
+    np.testing.assert_allclose(normalised[1, :, 0, 0].numpy(), (window(hu, 400, 1800) - 0.25) / 0.25, atol=1e-5)
+
+
+def test_rescale_slope_intercept_and_nifti_scaling(tmp_path):
+    rng = np.random.default_rng(3)
+    stored = rng.integers(0, 3000, size=(9, 8, 7)).astype(np.int16)
+    hu = stored.astype(np.float32) * 0.5 - 1024
+    processor = ReCTImageProcessor(volume_size=[5, 6, 7], windows=["lung", "bone"])
+    reference = processor.process_volume(hu)["pixel_values"]
+    from_raw = processor.process_volume(stored, rescale_slope=0.5, rescale_intercept=-1024)
+    torch.testing.assert_close(from_raw["pixel_values"], reference, atol=1e-6, rtol=0)
+    assert from_raw["volume_meta"]["rescale_slope"] == 0.5
+    assert from_raw["pixel_values"].shape == (2, 5, 6, 7) and from_raw["anatomy_mask"] is None
+    assert from_raw["lesion_mask"] is None
+    path = save_nifti(tmp_path / "scaled.nii.gz", stored, np.eye(4), scl_slope=0.5, scl_inter=-1024)
+    torch.testing.assert_close(processor.process_volume(path)["pixel_values"], reference, atol=1e-6, rtol=0)
+    array, _ = load_volume(path)
+    np.testing.assert_allclose(array, hu)
+    with pytest.raises(ValueError, match="rescale_slope"):
+        processor.process_volume(stored, rescale_slope=0)
+
+
+def test_input_types_agree(tmp_path):
+    rng = np.random.default_rng(4)
+    data = rng.integers(-1000, 1000, size=(11, 9, 6)).astype(np.int16)
+    affine = np.diag([0.8, -0.8, 2.0, 1.0])
+    nii = save_nifti(tmp_path / "v.nii", data, affine)
+    niigz = save_nifti(tmp_path / "v.nii.gz", data, affine)
+    np.save(tmp_path / "v.npy", data)
+    processor = ReCTImageProcessor(volume_size=[4, 6, 8])
+    reference = processor((data, affine))["pixel_values"]
+    for volume in (nii, niigz, nib.load(niigz), nib.Nifti1Image(data, affine), torch.from_numpy(data)):
+        kwargs = {"affines": affine} if isinstance(volume, torch.Tensor) else {}
+        torch.testing.assert_close(processor(volume, **kwargs)["pixel_values"], reference)
+    npy = processor(str(tmp_path / "v.npy"))  # .npy carries no geometry: identity, 1 mm
+    assert npy["volume_meta"][0]["original_spacing"] == [1.0, 1.0, 1.0]
+    # the stdlib zlib path gives the same voxels as the optional libdeflate path
+    original = rect._LIBDEFLATE
+    try:
+        rect._LIBDEFLATE = None
+        np.testing.assert_array_equal(load_volume(niigz)[0], data)
+    finally:
+        rect._LIBDEFLATE = original
+
+
+def test_batch_output_and_overrides():
+    rng = np.random.default_rng(5)
+    volumes = [rng.normal(size=(10, 9, 8)).astype(np.float32), rng.normal(size=(7, 12, 5)).astype(np.float32)]
+    masks = [(v > 0).astype(np.uint8) for v in volumes]
+    processor = ReCTImageProcessor(volume_size=[4, 8, 8], windows=["lung", "bone"])
+    out = processor(volumes, anatomy_mask=masks, lesion_mask=masks)
+    assert out["pixel_values"].shape == (2, 2, 4, 8, 8) and out["pixel_values"].dtype == torch.float32
+    assert out["anatomy_mask"].shape == (2, 1, 4, 8, 8) and out["lesion_mask"].dtype == torch.int64
+    assert len(out["volume_meta"]) == 2 and isinstance(out["volume_meta"][0], dict)
+    assert [m["original_shape"] for m in out["volume_meta"]] == [[10, 9, 8], [7, 12, 5]]
+    as_numpy = processor(volumes, return_tensors="np")
+    assert isinstance(as_numpy["pixel_values"], np.ndarray)
+    overridden = processor(volumes[0], volume_size=[2, 4, 4], windows=["wide"])
+    assert overridden["pixel_values"].shape == (1, 1, 2, 4, 4)
+    assert processor.volume_size == [4, 8, 8]  # per-call overrides do not change the processor
+    with pytest.raises(TypeError, match="do_resize"):
+        processor(volumes[0], do_resize=True)
+    with pytest.raises(ValueError, match="anatomy_mask.*one mask per volume"):
+        processor(volumes, anatomy_mask=masks[:1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# settings
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_settings_round_trip_through_save_pretrained(tmp_path):
+    processor = ReCTImageProcessor(
+        volume_size=(16, 48, 40),
+        target_spacing=(3, 0.8, 0.8),
+        windows=("lung", (40, 400)),
+        image_mean=[0.2, 0.3],
+        image_std=[0.5, 0.6],
+        nan_policy="fill",
+        fill_value_hu=-1000,
+        allow_constant_volume=True,
+    )
+    assert processor.resize_mode == "crop_pad"
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == "ReCTImageProcessor"
+    assert saved["windows"] == ["lung", [40.0, 400.0]] and saved["target_spacing"] == [3.0, 0.8, 0.8]
+    loaded = ReCTImageProcessor.from_pretrained(tmp_path)
+    assert loaded.to_dict() == processor.to_dict()
+    assert loaded.to_json_string() == processor.to_json_string()  # deterministic: a cache may hash it
+    volume = np.random.default_rng(6).normal(size=(9, 8, 7)).astype(np.float32)
+    torch.testing.assert_close(loaded(volume)["pixel_values"], processor(volume)["pixel_values"])
+    assert ReCTImageProcessor.from_pretrained(tmp_path, volume_size=[8, 8, 8]).volume_size == [8, 8, 8]
+    with pytest.raises(ValueError, match="volume_size"):
+        ReCTImageProcessor.from_pretrained(tmp_path, volume_size=[0, 8, 8])
+
+
+def test_defaults():
+    processor = ReCTImageProcessor()
+    assert processor.to_dict() == {
+        "volume_size": [64, 512, 512],
+        "target_spacing": None,
+        "resize_mode": "resize",
+        "windows": ["wide"],
+        "image_mean": None,
+        "image_std": None,
+        "nan_policy": "raise",
+        "fill_value_hu": -1024.0,
+        "allow_constant_volume": False,
+        "image_processor_type": "ReCTImageProcessor",
+    }
+    assert processor.model_input_names == ["pixel_values"]
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(volume_size=[0, 32, 32]), "volume_size"),
+    (dict(volume_size=[-4, 32, 32]), "volume_size"),
+    (dict(volume_size=[32, 32]), "volume_size"),
+    (dict(volume_size=[8.5, 32, 32]), "volume_size"),
+    (dict(target_spacing=[0, 1, 1]), "target_spacing"),
+    (dict(target_spacing=[1, 1]), "target_spacing"),
+    (dict(target_spacing=[1, float("nan"), 1]), "target_spacing"),
+    (dict(resize_mode="stretch"), "resize_mode"),
+    (dict(resize_mode="resize", target_spacing=[1, 1, 1]), "resize_mode"),
+    (dict(windows=[]), "windows"),
+    (dict(windows=[[40, 0]]), "windows"),
+    (dict(windows="lung"), "windows"),
+    (dict(image_mean=[0.5, 0.5], image_std=[1, 1]), "image_mean"),
+    (dict(image_mean=[0.5]), "image_mean"),
+    (dict(image_mean=[0.5], image_std=[0.0]), "image_std"),
+    (dict(nan_policy="ignore"), "nan_policy"),
+    (dict(fill_value_hu=float("inf")), "fill_value_hu"),
+    (dict(allow_constant_volume="yes"), "allow_constant_volume"),
+])
+def test_invalid_settings_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        ReCTImageProcessor(**kwargs)
+
+
+def test_unknown_window_name_lists_allowed_names():
+    with pytest.raises(ValueError) as info:
+        ReCTImageProcessor(windows=["lung", "liver"])
+    message = str(info.value)
+    assert "windows" in message and "'liver'" in message
+    assert all(name in message for name in NAMED_WINDOWS)
+
+
+def test_unknown_setting_is_rejected():
+    with pytest.raises(TypeError, match="volume_sizes"):
+        ReCTImageProcessor(volume_sizes=[8, 8, 8])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bad volumes
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_nifti(tmp_path):
+    data = np.random.default_rng(7).integers(-1000, 1000, size=(12, 10, 6)).astype(np.int16)
+    return save_nifti(tmp_path / "ct.nii.gz", data, np.diag([0.7, 0.7, 2.0, 1.0])), data
+
+
+@pytest.mark.parametrize("inflate", ["libdeflate", "zlib"])
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_nifti_gz_names_the_file(tmp_path, monkeypatch, inflate, damage):
+    data = np.random.default_rng(7).integers(-1000, 1000, size=(40, 30, 12)).astype(np.int16)
+    path = save_nifti(tmp_path / "ct.nii.gz", data, np.eye(4))
+    raw = bytearray(Path(path).read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) * 2 // 3]
+    else:
+        raw[len(raw) // 2: len(raw) // 2 + 4] = b"\xff\x00\xff\x00"
+    bad = tmp_path / f"{damage}.nii.gz"
+    bad.write_bytes(bytes(raw))
+    if inflate == "zlib":
+        monkeypatch.setattr(rect, "_LIBDEFLATE", None)
+    processor = ReCTImageProcessor(volume_size=[4, 4, 4])
+    with pytest.raises(ValueError, match=rf"{bad.name} is truncated or corrupt.*shape \(40, 30, 12\)"):
+        processor(str(bad))
+
+
+def test_truncated_uncompressed_nifti(small_nifti, tmp_path):
+    path, data = small_nifti
+    full = tmp_path / "full.nii"
+    save_nifti(full, data, np.eye(4))
+    short = tmp_path / "short.nii"
+    short.write_bytes(full.read_bytes()[:600])
+    with pytest.raises(ValueError, match="short.nii is truncated or corrupt"):
+        load_volume(str(short))
+
+
+@pytest.mark.parametrize("name,content", [
+    ("fake.nii", b"not a nifti header " * 30), ("fake.nii.gz", b"plain text" * 50)
+])
+def test_non_nifti_file_with_nifti_name(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"could not read NIfTI file .*{name}: expected a NIfTI"):
+        ReCTImageProcessor()(str(path))
+
+
+def test_missing_and_unsupported_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.nii.gz"):
+        load_volume(str(tmp_path / "nowhere.nii.gz"))
+    other = tmp_path / "scan.mha"
+    other.write_bytes(b"ObjectType = Image")
+    with pytest.raises(ValueError, match=r"scan.mha: expected a .nii/.nii.gz.*found suffix '.mha'"):
+        load_volume(str(other))
+    with pytest.raises(TypeError, match=r"volumes\[0\].*found dict"):
+        ReCTImageProcessor()({"image": 1})
+
+
+@pytest.mark.parametrize("shape", [(8, 9), (2, 8, 9, 7), (1, 8, 9, 7)])
+def test_2d_and_4d_arrays_are_rejected(shape):
+    processor = ReCTImageProcessor(volume_size=[4, 4, 4])
+    with pytest.raises(ValueError, match=rf"volumes\[0\]: expected a 3D volume.*{len(shape)}D"):
+        processor(np.zeros(shape, dtype=np.float32) + np.arange(shape[-1]))
+
+
+def test_2d_nifti_names_the_file(tmp_path):
+    path = save_nifti(tmp_path / "slice.nii.gz", np.arange(80, dtype=np.int16).reshape(8, 10), np.eye(4))
+    with pytest.raises(ValueError, match=r"slice.nii.gz: expected a 3D volume.*2D"):
+        ReCTImageProcessor(volume_size=[4, 4, 4])(path)
+
+
+def test_4d_with_trailing_singleton_is_squeezed(tmp_path):
+    data = np.random.default_rng(8).normal(size=(8, 9, 7, 1)).astype(np.float32)
+    path = save_nifti(tmp_path / "time1.nii.gz", data, np.eye(4))
+    processor = ReCTImageProcessor(volume_size=[4, 4, 4])
+    out = processor(path)
+    assert out["volume_meta"][0]["original_shape"] == [8, 9, 7]
+    torch.testing.assert_close(out["pixel_values"], processor(data[..., 0])["pixel_values"])
+
+
+def test_nan_and_inf_raise_with_file_and_count(tmp_path):
+    data = np.random.default_rng(9).normal(size=(8, 9, 7)).astype(np.float32)
+    data[1, 2, 3], data[4, 4, 4], data[0, 0, 0] = np.nan, np.inf, -np.inf
+    path = save_nifti(tmp_path / "nan.nii.gz", data, np.eye(4))
+    processor = ReCTImageProcessor(volume_size=[4, 4, 4])
+    with pytest.raises(ValueError, match=r"nan.nii.gz: expected finite voxel values, found 3 NaN/inf"):
+        processor(path)
+    clean = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+    with pytest.raises(ValueError, match=r"volumes\[1\]: expected finite"):
+        processor([clean, data])
+
+
+def test_nan_fill_policy_never_leaks_nan():
+    data = np.random.default_rng(10).normal(0, 50, size=(8, 9, 7)).astype(np.float64)
+    data[2:4, 2:4, 2:4] = np.nan
+    processor = ReCTImageProcessor(volume_size=[8, 9, 7][::-1], nan_policy="fill", fill_value_hu=500,
+                                   windows=[[0, 2000]])
+    out = processor(data)["pixel_values"]
+    assert torch.isfinite(out).all()
+    # identity affine: canonical = (z, y flipped, x flipped); back to the stored (x, y, z) layout to compare
+    stored = out[0, 0].numpy().transpose(2, 1, 0)[::-1, ::-1, :]
+    np.testing.assert_allclose(stored[2:4, 2:4, 2:4], window(500, 0, 2000), atol=1e-6)
+    np.testing.assert_allclose(stored[5], window(data[5], 0, 2000), atol=1e-5)
+
+
+def test_constant_volume(tmp_path):
+    path = save_nifti(tmp_path / "flat.nii.gz", np.full((6, 7, 5), -1024, dtype=np.int16), np.eye(4))
+    with pytest.raises(ValueError, match=r"flat.nii.gz: .*constant volume.*-1024 HU.*allow_constant_volume"):
+        ReCTImageProcessor(volume_size=[4, 4, 4])(path)
+    out = ReCTImageProcessor(volume_size=[4, 4, 4], allow_constant_volume=True)(path)["pixel_values"]
+    assert torch.isfinite(out).all() and torch.allclose(out, torch.tensor(window(-1024, 0, 2000), dtype=torch.float32))
+    # a varying volume whose probe voxels happen to be equal is not constant
+    data = np.zeros((5, 5, 5), dtype=np.int16)
+    data[1, 2, 3] = 7
+    assert ReCTImageProcessor(volume_size=[4, 4, 4])(data)["pixel_values"].shape == (1, 1, 4, 4, 4)
+
+
+def test_mask_shape_and_affine_mismatch(tmp_path, small_nifti):
+    path, data = small_nifti
+    processor = ReCTImageProcessor(volume_size=[4, 4, 4])
+    affine = np.diag([0.7, 0.7, 2.0, 1.0])
+    wrong_shape = save_nifti(tmp_path / "mask_shape.nii.gz", np.zeros((12, 10, 5), np.uint8), affine)
+    with pytest.raises(ValueError, match=r"mask_shape.nii.gz: expected the shape of its volume \(12, 10, 6\), "
+                                         r"found \(12, 10, 5\)"):
+        processor(path, anatomy_mask=wrong_shape)
+    wrong_affine = save_nifti(tmp_path / "mask_affine.nii.gz", np.zeros((12, 10, 6), np.uint8),
+                              np.diag([0.7, 0.7, 2.5, 1.0]))
+    with pytest.raises(ValueError, match=r"mask_affine.nii.gz: expected the affine of its volume .*found"):
+        processor(path, lesion_mask=wrong_affine)
+    with pytest.raises(ValueError, match=r"anatomy_mask of .*ct.nii.gz: expected the shape"):
+        processor(path, anatomy_mask=np.zeros((3, 3, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"lesion_mask of .*expected integer label values, found fractional"):
+        processor(path, lesion_mask=np.full(data.shape, 0.5, np.float32))
+    # a bare array carries no geometry: it is taken to lie on its volume's grid
+    assert processor(path, anatomy_mask=np.ones(data.shape, np.uint8))["anatomy_mask"].min() == 1
+    # an explicit (array, affine) mask is checked
+    with pytest.raises(ValueError, match="expected the affine of its volume"):
+        processor(path, anatomy_mask=(np.ones(data.shape, np.uint8), np.eye(4)))
+
+
+def test_bad_affines_are_named():
+    processor = ReCTImageProcessor(volume_size=[4, 4, 4])
+    volume = np.random.default_rng(11).normal(size=(5, 6, 7)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"volumes\[0\]: expected an invertible affine"):
+        processor(volume, affines=np.diag([1.0, 0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"affines: expected one per volume \(2\), found 1"):
+        processor([volume, volume], affines=[np.eye(4)])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DICOM
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_dicom_series_shape_hu_and_affine(tmp_path):
+    folder, template = dicom_series(tmp_path / "series", n=5, spacing=2.5, order=lambda i: i[::-1])
+    (folder / "notes.txt").write_text("not a DICOM file")  # skipped, since the folder holds DICOM slices
+    array, affine = load_volume(str(folder))
+    assert array.shape == (5, 128, 128) and array.dtype == np.float32
+    slope, intercept = float(template.RescaleSlope), float(template.RescaleIntercept)
+    expected_hu = template.pixel_array.astype(np.float32) * slope + intercept
+    for index in range(5):
+        np.testing.assert_array_equal(array[index], expected_hu)
+    ipp = np.array([float(v) for v in template.ImagePositionPatient])
+    row_spacing, col_spacing = (float(v) for v in template.PixelSpacing)
+    expected = np.array([
+        [0.0, 0.0, -col_spacing, -ipp[0]],  # columns run along +x LPS = -x RAS
+        [0.0, -row_spacing, 0.0, -ipp[1]],  # rows run along +y LPS = -y RAS
+        [2.5, 0.0, 0.0, ipp[2]],  # slices step +2.5 mm superior
+        [0.0, 0.0, 0.0, 1.0],
+    ])
+    np.testing.assert_allclose(affine, expected, atol=1e-6)
+    out = ReCTImageProcessor(volume_size=[5, 128, 128])(str(folder))
+    meta = out["volume_meta"][0]
+    assert meta["steps"][0]["permutation"] == [0, 1, 2] and meta["steps"][0]["flip"] == [False] * 3
+    np.testing.assert_allclose(out["pixel_values"][0, 0].numpy(), window(array, 0, 2000), atol=1e-6)
+
+
+def test_dicom_rescale_and_single_slice(tmp_path):
+    folder, template = dicom_series(tmp_path / "scaled", n=1, slope=2, intercept=-1000)
+    array, affine = load_volume(folder)
+    assert array.shape == (1, 128, 128)
+    np.testing.assert_allclose(array[0], template.pixel_array * 2.0 - 1000.0)
+    assert np.linalg.norm(affine[:3, 0]) == pytest.approx(float(template.SliceThickness))
+
+
+def test_dicom_missing_slice(tmp_path):
+    folder, _ = dicom_series(tmp_path / "gappy", n=6, spacing=2.0, skip=(3,))
+    with pytest.raises(ValueError, match=r"gappy: missing slice\(s\).*every 2.000 mm.*between"):
+        load_volume(folder)
+
+
+def test_dicom_duplicate_position(tmp_path):
+    folder, _ = dicom_series(tmp_path / "dup", n=3)
+    template = pydicom.dcmread(folder / "slice_000.dcm")
+    template.SOPInstanceUID = generate_uid()
+    template.save_as(str(folder / "slice_copy.dcm"))
+    with pytest.raises(ValueError, match=r"dup: expected one slice per position"):
+        load_volume(folder)
+
+
+def test_dicom_mixed_series(tmp_path):
+    uids = [generate_uid(), generate_uid()]
+    folder, _ = dicom_series(tmp_path / "mixed", n=4, series_uids=[uids[0], uids[0], uids[1], uids[1]])
+    with pytest.raises(ValueError, match=r"mixed: expected one series, found 2 SeriesInstanceUIDs") as info:
+        load_volume(folder)
+    assert uids[0] in str(info.value) and uids[1] in str(info.value)
+
+
+def test_dicom_non_ct_modality(tmp_path):
+    folder, _ = dicom_series(tmp_path / "mr", n=3, modalities=["CT", "MR", "CT"])
+    with pytest.raises(ValueError, match=r"slice_001.dcm: expected Modality 'CT', found 'MR'"):
+        load_volume(folder)
+
+
+def test_dicom_empty_folder_and_no_dicom(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty is empty"):
+        ReCTImageProcessor()(str(empty))
+    text_only = tmp_path / "text_only"
+    text_only.mkdir()
+    (text_only / "readme.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"text_only: expected the files of one CT series, found no DICOM image"
+                                         r".*readme.txt"):
+        load_volume(text_only)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hub code: the file works alone
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_hub_loader_requires_only_torch_transformers_numpy():
+    from transformers.dynamic_module_utils import get_imports
+
+    required = set(get_imports(REPO_ROOT / "hf_models" / "image_processing_rect.py"))
+    assert required - set(sys.stdlib_module_names) == {"numpy", "torch", "transformers"}
+
+
+def test_file_works_alone_without_project_packages(tmp_path):
+    import shutil
+
+    shutil.copy(REPO_ROOT / "hf_models" / "image_processing_rect.py", tmp_path / "image_processing_rect.py")
+    script = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        import image_processing_rect as m
+        loaded = [name for name in ("nibabel", "pydicom", "hf_models", "monai", "torchio") if name in sys.modules]
+        assert not loaded, loaded
+        from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+        assert not any("ReCT" in str(v) for v in IMAGE_PROCESSOR_MAPPING._extra_content.values())  # registers nothing
+        out = m.ReCTImageProcessor(volume_size=[4, 4, 4])(np.arange(60, dtype=np.float32).reshape(3, 4, 5))
+        assert tuple(out["pixel_values"].shape) == (1, 1, 4, 4, 4)
+        print("ok")
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
