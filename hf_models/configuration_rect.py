@@ -34,6 +34,7 @@ CT_RATE_ABNORMALITIES = (
 
 ATTENTION_TYPES = ("divided", "joint")
 TEXT_POOLING_TYPES = ("cls", "mean", "pooler")
+CLASSIFIER_POOLING_TYPES = ("cls", "cls_mean", "cls_mean_max")
 
 
 def _as_int_triple(field: str, value) -> list[int]:
@@ -154,6 +155,9 @@ class ReCTConfig(PreTrainedConfig):
         text_pooling (`str`, defaults to `"mean"`): how a text embedding is pooled from the text encoder:
             `"cls"` (first token), `"mean"` (mask-weighted mean of tokens) or `"pooler"` (`pooler_output`).
         classifier_dropout (`float`, defaults to 0.0): dropout before the classification head.
+        classifier_pooling (`str`, defaults to `"cls_mean_max"`): features the classification head reads: the CLS
+            token, plus the mean of the patch tokens (`"cls_mean"`), plus their max (`"cls_mean_max"`: a focal
+            finding anywhere in the volume drives the max, an extended one the mean).
         pos_weight (`list[float]`, *optional*): per-label positive weights of the multi-label BCE (one per label).
         id2label (`dict[int, str]`, *optional*): defaults to the 18 CT-RATE abnormalities.
         problem_type (`str`, defaults to `"multi_label_classification"`).
@@ -177,6 +181,7 @@ class ReCTConfig(PreTrainedConfig):
     region_alignment_weight: float = 0.5
     text_pooling: str = "mean"
     classifier_dropout: float = 0.0
+    classifier_pooling: str = "cls_mean_max"
     pos_weight: list[float] | None = None
 
     def __post_init__(self, **kwargs):
@@ -190,6 +195,10 @@ class ReCTConfig(PreTrainedConfig):
             raise ValueError(f"`region_alignment_weight` must be >= 0, got {self.region_alignment_weight!r}")
         if self.text_pooling not in TEXT_POOLING_TYPES:
             raise ValueError(f"`text_pooling` must be one of {TEXT_POOLING_TYPES}, got {self.text_pooling!r}")
+        if self.classifier_pooling not in CLASSIFIER_POOLING_TYPES:
+            raise ValueError(
+                f"`classifier_pooling` must be one of {CLASSIFIER_POOLING_TYPES}, got {self.classifier_pooling!r}"
+            )
         if not 0.0 <= self.classifier_dropout < 1.0:
             raise ValueError(f"`classifier_dropout` must be in [0, 1), got {self.classifier_dropout!r}")
         super().__post_init__(**kwargs)

@@ -769,7 +769,8 @@ class ReCTModel(ReCTPreTrainedModel):
 class ReCTForVolumeClassification(ReCTPreTrainedModel):
     """Multi-label abnormality classifier (18 CT-RATE labels by default) on the 3D vision encoder.
 
-    The head reads the CLS feature concatenated with the mean patch token. The text tower of the wrapped
+    The head reads the CLS feature, concatenated (per `config.classifier_pooling`) with the mean and the max of the
+    patch tokens. The text tower of the wrapped
     [`ReCTModel`] gives a text-prompted zero-shot head, [`~ReCTForVolumeClassification.zero_shot_logits`].
     """
 
@@ -782,7 +783,7 @@ class ReCTForVolumeClassification(ReCTPreTrainedModel):
         self.rect = ReCTModel(config)
         hidden = config.vision_config.hidden_size
         self.dropout = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(2 * hidden, config.num_labels)
+        self.classifier = nn.Linear(len(config.classifier_pooling.split("_")) * hidden, config.num_labels)
         self.post_init()
 
     def forward(
@@ -809,7 +810,8 @@ class ReCTForVolumeClassification(ReCTPreTrainedModel):
             output_hidden_states=output_hidden_states, return_dict=True,
         )
         tokens = vision.last_hidden_state
-        features = torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)
+        pooled = {"cls": tokens[:, 0], "mean": tokens[:, 1:].mean(dim=1), "max": tokens[:, 1:].amax(dim=1)}
+        features = torch.cat([pooled[name] for name in self.config.classifier_pooling.split("_")], dim=-1)
         logits = self.classifier(self.dropout(features))
 
         loss = None

@@ -34,7 +34,9 @@ class ClassifierRecipe:
     label_names: tuple[str, ...] = EASY_LABELS
     volume_size: tuple[int, int, int] = (16, 64, 64)
     windows: tuple[str, ...] = ("lung", "mediastinum")
-    patch_size: tuple[int, int, int] = (4, 8, 8)
+    # Large in-plane patches: at this size each token sees a 16×16 region, which a tiny encoder trained from
+    # scratch on ~200 volumes learns from; (4, 8, 8) patches stayed at chance within the same step budget.
+    patch_size: tuple[int, int, int] = (4, 16, 16)
     hidden_size: int = 64
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
@@ -57,7 +59,12 @@ class ClassifierRecipe:
         return [CT_RATE_ABNORMALITIES.index(n) for n in self.label_names]
 
     def image_processor(self) -> ReCTImageProcessor:
-        return ReCTImageProcessor(volume_size=list(self.volume_size), windows=list(self.windows))
+        # Zero-centred channels: a LayerNorm-ed linear patch embedding cannot tell a uniformly dark patch from a
+        # uniformly bright one when every input is positive; centring gives them opposite signs.
+        return ReCTImageProcessor(
+            volume_size=list(self.volume_size), windows=list(self.windows),
+            image_mean=[0.5] * len(self.windows), image_std=[0.5] * len(self.windows),
+        )
 
     def model_config(self) -> ReCTConfig:
         vision = dict(
