@@ -44,7 +44,7 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
-def run_demo(out_dir: str | Path = "demo_output", n_train: int = 120, n_val: int = 40, seed: int = 1,
+def run_demo(out_dir: str | Path = "demo_output", n_train: int = 240, n_val: int = 40, seed: int = 1,
              max_steps: int | None = None) -> dict:
     from transformers import AutoTokenizer
 
@@ -99,4 +99,5 @@ def run_demo(out_dir: str | Path = "demo_output", n_train: int = 120, n_val: int
     return {"training": result, "fresh_process": loaded}
 
 
-DEMO_SHAPE = (24, 64, 64)
+#: Generated volume size (D, H, W): the classifier recipe's 32×64×64, so preprocessing only reorients.
+DEMO_SHAPE = (32, 64, 64)
