@@ -3,7 +3,7 @@
 Setting (the `ClassifierRecipe` defaults): phantom cohort `generate_cohort(n_train=240, n_val=40, seed=1,
 shape=(32, 64, 64), p_second_recon=0.0)` → 335 train / 54 validation volumes; windows lung, mediastinum and a
 low-attenuation window (−900/300 HU), zero-centred; `ReCTForVolumeClassification` with a 2-layer, 64-wide divided-
-attention encoder, patch (4, 16, 16) → 128 tokens; HF `Trainer`, AdamW lr 1e-3, wd 0.05, cosine with 20 warm-up
+attention encoder, patch (4, 16, 16) → 128 tokens; HF `Trainer`, AdamW lr 2e-3, wd 0.05, cosine with 20 warm-up
 steps, batch 8, 500 steps, seed 0. Labels: Cardiomegaly, Pleural effusion, Emphysema, Pericardial effusion,
 Consolidation. Requirement: macro validation AUROC ≥ 0.85.
 """

@@ -52,7 +52,7 @@ class ClassifierRecipe:
     )
     max_steps: int = 500
     batch_size: int = 8
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 20
     seed: int = 0

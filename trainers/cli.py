@@ -71,7 +71,7 @@ def add_train_classifier_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", nargs="+", default=None, help="label names (default: the 5 easy phantom labels)")
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attention-type", choices=["divided", "joint"], default="divided")
 
