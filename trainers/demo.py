@@ -65,9 +65,12 @@ def run_demo(out_dir: str | Path = "demo_output", n_train: int = 240, n_val: int
           f"({recipe.max_steps} steps, batch {recipe.batch_size}, volumes {recipe.volume_size})")
     result = train_classifier(cohort, out_dir / "classifier", recipe, cache_dir=out_dir / "cache")
     print(f"      loss {result['loss_history'][0]:.3f} → {result['loss_history'][-1]:.3f} in {result['train_seconds']} s")
+    def shown(value):  # AUROC is undefined (None) when the validation split has one class only
+        return "undefined (one class)" if value is None else f"{value:.3f}"
+
     for name in recipe.label_names:
-        print(f"      validation AUROC {name:18s} {result['valid_auroc'][name]:.3f}")
-    print(f"      validation macro AUROC {result['valid_auroc']['macro']:.3f} ({result['valid_volumes']} volumes)")
+        print(f"      validation AUROC {name:20s} {shown(result['valid_auroc'][name])}")
+    print(f"      validation macro AUROC {shown(result['valid_auroc']['macro'])} ({result['valid_volumes']} volumes)")
 
     folder = out_dir / "classifier" / "model"
     print(f"[3/4] Hub folder → {folder}")
