@@ -79,6 +79,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from hf_models.configuration_rect import CT_RATE_ABNORMALITIES
+
 __all__ = [
     "ABNORMALITIES",
     "ANATOMY_REGIONS",
@@ -101,26 +103,7 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------------
 
 #: The 18 CT-RATE multi-abnormality columns, in the CSV's order.
-ABNORMALITIES: tuple[str, ...] = (
-    "Medical material",
-    "Arterial wall calcification",
-    "Cardiomegaly",
-    "Pericardial effusion",
-    "Coronary artery wall calcification",
-    "Hiatal hernia",
-    "Lymphadenopathy",
-    "Emphysema",
-    "Atelectasis",
-    "Lung nodule",
-    "Lung opacity",
-    "Pulmonary fibrotic sequela",
-    "Pleural effusion",
-    "Mosaic attenuation pattern",
-    "Peribronchial thickening",
-    "Consolidation",
-    "Bronchiectasis",
-    "Interlobular septal thickening",
-)
+ABNORMALITIES: tuple[str, ...] = CT_RATE_ABNORMALITIES
 
 #: Lesion-mask value of each abnormality: its 1-based position in `ABNORMALITIES` (0 = no lesion).
 LESION_IDS: dict[str, int] = {name: i + 1 for i, name in enumerate(ABNORMALITIES)}
