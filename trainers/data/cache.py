@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from safetensors import safe_open
@@ -78,7 +78,8 @@ class VolumeCache:
         self.root.mkdir(parents=True, exist_ok=True)
         settings_file = self.root / "processor_settings.json"
         if not settings_file.exists():
-            self._atomic_write_bytes(settings_file, json.dumps(image_processor.to_dict(), indent=2).encode())
+            settings = json.dumps(image_processor.to_dict(), indent=2)
+            self._atomic_write(settings_file, lambda tmp: Path(tmp).write_text(settings))
         self.hits = 0
         self.misses = 0
 
@@ -141,14 +142,7 @@ class VolumeCache:
                 tensors[name] = mask.to(torch.uint8).contiguous()
         metadata = {"volume_meta": json.dumps(processed["volume_meta"]), "format": "pt"}
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)  # atomic: readers see the old state or the whole new file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        self._atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @staticmethod
     def _read(path: Path) -> dict[str, Any]:
@@ -163,8 +157,14 @@ class VolumeCache:
         return result
 
     @staticmethod
-    def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+        """`write(tmp_path)` into a temporary file beside `path`, then rename it into place: readers see the old
+        state or the whole new file, never a half-written one."""
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
