@@ -18,14 +18,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from hf_models import ReCTVisionConfig
 from hf_models.modeling_rect import ReCTLayer
 
+
 SEED_VOLUME = (64, 512, 512)
 PATCH = (4, 16, 16)
 
 
 def layer_for(attention_type: str, volume_size, attn_implementation: str = "sdpa") -> tuple[ReCTLayer, tuple]:
     config = ReCTVisionConfig(
-        volume_size=list(volume_size), patch_size=list(PATCH), attention_type=attention_type,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        volume_size=list(volume_size),
+        patch_size=list(PATCH),
+        attention_type=attention_type,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     config._attn_implementation = attn_implementation
     grid = config.patch_grid

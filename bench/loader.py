@@ -28,6 +28,7 @@ from trainers.data.phantom import generate_cohort
 from trainers.data.readers import read_ct_rate
 from trainers.data.volume_dataset import CachedVolumeDataset
 
+
 VOLUME_SIZE = [64, 512, 512]
 
 
@@ -50,27 +51,35 @@ class UncachedDataset(torch.utils.data.Dataset):
 
             image = nib.load(volume)
             volume = (np.asanyarray(image.dataobj), image.affine)
-        return {"pixel_values": self.image_processor.process_volume(
-            volume, rescale_slope=row["rescale_slope"], rescale_intercept=row["rescale_intercept"]
-        )["pixel_values"]}
+        return {
+            "pixel_values": self.image_processor.process_volume(
+                volume, rescale_slope=row["rescale_slope"], rescale_intercept=row["rescale_intercept"]
+            )["pixel_values"]
+        }
 
 
 def monai_transforms():
     from monai import transforms as T
 
-    return T.Compose([
-        T.LoadImaged(keys="image", image_only=True),
-        T.EnsureChannelFirstd(keys="image"),
-        T.Orientationd(keys="image", axcodes="LPS"),
-        T.Resized(keys="image", spatial_size=VOLUME_SIZE[::-1], mode="trilinear"),
-        T.ScaleIntensityRanged(keys="image", a_min=-1000.0, a_max=1000.0, b_min=0.0, b_max=1.0, clip=True),
-    ])
+    return T.Compose(
+        [
+            T.LoadImaged(keys="image", image_only=True),
+            T.EnsureChannelFirstd(keys="image"),
+            T.Orientationd(keys="image", axcodes="LPS"),
+            T.Resized(keys="image", spatial_size=VOLUME_SIZE[::-1], mode="trilinear"),
+            T.ScaleIntensityRanged(keys="image", a_min=-1000.0, a_max=1000.0, b_min=0.0, b_max=1.0, clip=True),
+        ]
+    )
 
 
 def time_epochs(dataset, epochs: int, workers: int, key: str) -> tuple[float, float]:
     """Median seconds per epoch after one warm-up epoch, and bytes delivered per epoch."""
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=1, num_workers=workers, shuffle=False, collate_fn=lambda batch: batch,
+        dataset,
+        batch_size=1,
+        num_workers=workers,
+        shuffle=False,
+        collate_fn=lambda batch: batch,
         persistent_workers=workers > 0,
     )
     seconds, delivered = [], 0
@@ -102,19 +111,24 @@ def main() -> None:
         generate_cohort(cohort, n_train=args.volumes, n_val=0, seed=0, shape=tuple(args.shape))
         print(f"generated cohort in {time.perf_counter() - start:.1f} s")
     rows = read_ct_rate(cohort, "train", anatomy_masks=False, cot=False)
-    print(f"{len(rows)} volumes of {tuple(args.shape)} voxels → processed to {tuple(VOLUME_SIZE)}, "
-          f"{args.workers} workers, median of {args.epochs} epochs after a warm-up epoch")
+    print(
+        f"{len(rows)} volumes of {tuple(args.shape)} voxels → processed to {tuple(VOLUME_SIZE)}, "
+        f"{args.workers} workers, median of {args.epochs} epochs after a warm-up epoch"
+    )
     image_processor = ReCTImageProcessor(volume_size=VOLUME_SIZE, windows=["wide"])
 
     results = {}
     results["(a) decode every epoch (nibabel + processor)"] = time_epochs(
-        UncachedDataset(rows, image_processor, "nibabel"), args.epochs, args.workers, "pixel_values")
+        UncachedDataset(rows, image_processor, "nibabel"), args.epochs, args.workers, "pixel_values"
+    )
     results["(a') decode every epoch (ReCT reader + processor)"] = time_epochs(
-        UncachedDataset(rows, image_processor, "rect"), args.epochs, args.workers, "pixel_values")
+        UncachedDataset(rows, image_processor, "rect"), args.epochs, args.workers, "pixel_values"
+    )
     for dtype in ("float32", "float16"):
         cache = VolumeCache(workdir / f"rect_cache_{dtype}", image_processor, storage_dtype=dtype)
         results[f"(b) ours, VolumeCache {dtype}"] = time_epochs(
-            CachedVolumeDataset(rows, cache), args.epochs, args.workers, "pixel_values")
+            CachedVolumeDataset(rows, cache), args.epochs, args.workers, "pixel_values"
+        )
 
     from monai.data import CacheDataset, PersistentDataset
 
@@ -122,17 +136,23 @@ def main() -> None:
     persistent_dir = workdir / "monai_persistent"
     shutil.rmtree(persistent_dir, ignore_errors=True)
     results["(c) MONAI PersistentDataset"] = time_epochs(
-        PersistentDataset(items, monai_transforms(), cache_dir=persistent_dir), args.epochs, args.workers, "image")
+        PersistentDataset(items, monai_transforms(), cache_dir=persistent_dir), args.epochs, args.workers, "image"
+    )
     results["(c) MONAI CacheDataset (RAM)"] = time_epochs(
-        CacheDataset(items, monai_transforms(), num_workers=args.workers, progress=False), args.epochs, args.workers,
-        "image")
+        CacheDataset(items, monai_transforms(), num_workers=args.workers, progress=False),
+        args.epochs,
+        args.workers,
+        "image",
+    )
 
     baseline = results["(a) decode every epoch (nibabel + processor)"][0]
     ours = results["(b) ours, VolumeCache float32"][0]
     print(f"\n{'path':52s} {'vol/s':>8s} {'MB/s':>9s} {'× uncached':>11s} {'ours-f32 ×':>11s}")
     for name, (seconds, nbytes) in results.items():
-        print(f"{name:52s} {len(rows) / seconds:8.2f} {nbytes / seconds / 1e6:9.1f} "
-              f"{baseline / seconds:11.2f} {seconds / ours:11.2f}")
+        print(
+            f"{name:52s} {len(rows) / seconds:8.2f} {nbytes / seconds / 1e6:9.1f} "
+            f"{baseline / seconds:11.2f} {seconds / ours:11.2f}"
+        )
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -70,8 +70,9 @@ def make_phantom(path: Path, seed: int = 0) -> None:
         if 0.12 < t < 0.92:  # lungs, the heart sits anterior-left (patient left = +x index here)
             lung_scale = np.sin(np.pi * (t - 0.12) / 0.8) ** 0.5
             for side in (-1, 1):
-                lung = (((x - cx - side * 95) / (70 * lung_scale + 1)) ** 2
-                        + ((y - cy + 5) / (105 * lung_scale + 1)) ** 2)
+                lung = ((x - cx - side * 95) / (70 * lung_scale + 1)) ** 2 + (
+                    (y - cy + 5) / (105 * lung_scale + 1)
+                ) ** 2
                 hu[lung <= 1.0] = -850.0
             heart = ((x - cx - 35) / 70) ** 2 + ((y - cy + 45) / 60) ** 2
             if 0.3 < t < 0.7:
@@ -103,14 +104,18 @@ def build_monai():
         ScaleIntensityRange,
     )
 
-    return Compose([
-        LoadImage(image_only=True, reader="NibabelReader"),
-        EnsureChannelFirst(),
-        Orientation(axcodes="SPL"),  # MONAI codes name array axes: (S, P, L) = our (D, H, W) = LPS+ voxel orientation
-        Resize(spatial_size=OUT_DHW, mode="trilinear"),
-        ScaleIntensityRange(a_min=WINDOW_HU[0], a_max=WINDOW_HU[1], b_min=0.0, b_max=1.0, clip=True),
-        ResizeWithPadOrCrop(spatial_size=OUT_DHW),
-    ])
+    return Compose(
+        [
+            LoadImage(image_only=True, reader="NibabelReader"),
+            EnsureChannelFirst(),
+            Orientation(
+                axcodes="SPL"
+            ),  # MONAI codes name array axes: (S, P, L) = our (D, H, W) = LPS+ voxel orientation
+            Resize(spatial_size=OUT_DHW, mode="trilinear"),
+            ScaleIntensityRange(a_min=WINDOW_HU[0], a_max=WINDOW_HU[1], b_min=0.0, b_max=1.0, clip=True),
+            ResizeWithPadOrCrop(spatial_size=OUT_DHW),
+        ]
+    )
 
 
 def run_monai(chain, path: Path) -> np.ndarray:
@@ -122,13 +127,15 @@ def build_torchio():
     import torchio as tio
 
     target_xyz = tuple(reversed(OUT_DHW))
-    return tio.Compose([
-        tio.ToOrientation("LPS"),  # TorchIO axes are (x, y, z): L, P, S
-        tio.Resize(target_xyz, image_interpolation="linear"),
-        tio.Clamp(out_min=WINDOW_HU[0], out_max=WINDOW_HU[1]),
-        tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=WINDOW_HU),
-        tio.CropOrPad(target_xyz),
-    ])
+    return tio.Compose(
+        [
+            tio.ToOrientation("LPS"),  # TorchIO axes are (x, y, z): L, P, S
+            tio.Resize(target_xyz, image_interpolation="linear"),
+            tio.Clamp(out_min=WINDOW_HU[0], out_max=WINDOW_HU[1]),
+            tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=WINDOW_HU),
+            tio.CropOrPad(target_xyz),
+        ]
+    )
 
 
 def run_torchio(chain, path: Path) -> np.ndarray:
@@ -167,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per chain (median reported)")
     parser.add_argument("--out-dir", type=Path, default=None, help="where to write the phantom (default: a temp dir)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch / SimpleITK threads for every chain")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="torch / SimpleITK threads for every chain"
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["monai", "torchio"], help="chains to skip")
     args = parser.parse_args(argv)
 
@@ -185,10 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         path = out_dir / "chest_phantom_512x512x300.nii.gz"
         start = time.perf_counter()
         make_phantom(path)
-        print(f"phantom: {path} ({path.stat().st_size / 1e6:.1f} MB, {SHAPE_XYZ} int16, spacing {SPACING_XYZ} mm) "
-              f"written in {time.perf_counter() - start:.1f} s")
-        print(f"geometry: LPS (S, P, L) -> trilinear resize {OUT_DHW} -> wide window -> crop/pad {OUT_DHW}; "
-              f"threads={args.threads}, repeat={args.repeat}, torch {torch.__version__}")
+        print(
+            f"phantom: {path} ({path.stat().st_size / 1e6:.1f} MB, {SHAPE_XYZ} int16, spacing {SPACING_XYZ} mm) "
+            f"written in {time.perf_counter() - start:.1f} s"
+        )
+        print(
+            f"geometry: LPS (S, P, L) -> trilinear resize {OUT_DHW} -> wide window -> crop/pad {OUT_DHW}; "
+            f"threads={args.threads}, repeat={args.repeat}, torch {torch.__version__}"
+        )
 
         chains = {"ours": lambda: run_ours(path)}
         inflate = "libdeflate" if rect._libdeflate() is not None else "zlib"
@@ -219,16 +232,20 @@ def main(argv: list[str] | None = None) -> int:
             diff = np.abs(other.astype(np.float32) - ours)
             ok = diff.mean() <= AGREEMENT_TOL[name]
             status |= 0 if ok else 1
-            print(f"  {name:8s} {results[name] / results['ours']:5.2f}x slower | mean |diff| {diff.mean():.2e} "
-                  f"(tolerance {AGREEMENT_TOL[name]:g}: {'ok' if ok else 'FAILED'}), max |diff| {diff.max():.2e}, "
-                  f"99.9th pct {np.quantile(diff[::4, ::4, ::4], 0.999):.2e}")
+            print(
+                f"  {name:8s} {results[name] / results['ours']:5.2f}x slower | mean |diff| {diff.mean():.2e} "
+                f"(tolerance {AGREEMENT_TOL[name]:g}: {'ok' if ok else 'FAILED'}), max |diff| {diff.max():.2e}, "
+                f"99.9th pct {np.quantile(diff[::4, ::4, ::4], 0.999):.2e}"
+            )
         if "monai" in results:
             target = results["monai"] / results["ours"]
             print(f"\ntarget ours >= 3x faster than MONAI: {'met' if target >= 3 else 'NOT met'} ({target:.2f}x)")
             if "ours (zlib)" in results:
                 zlib_ours = results["ours (zlib)"]
-                print(f"without libdeflate (zlib fallback): MONAI / ours = {results['monai'] / zlib_ours:.2f}x, "
-                      f"TorchIO / ours = {results.get('torchio', float('nan')) / zlib_ours:.2f}x")
+                print(
+                    f"without libdeflate (zlib fallback): MONAI / ours = {results['monai'] / zlib_ours:.2f}x, "
+                    f"TorchIO / ours = {results.get('torchio', float('nan')) / zlib_ours:.2f}x"
+                )
     return status
 
 

@@ -1,6 +1,8 @@
 """Hub-ready ReCT-VLM model code: configurations, models, processors and their Auto-class registration."""
 
+from .auto_registration import register_auto_classes
 from .configuration_rect import CT_RATE_ABNORMALITIES, ReCTConfig, ReCTVisionConfig
+from .image_processing_rect import ReCTImageProcessor, load_volume
 from .modeling_rect import (
     ReCTFeatureExtractionOutput,
     ReCTForFeatureExtraction,
@@ -12,9 +14,8 @@ from .modeling_rect import (
     ReCTVisionModelOutput,
     ReCTVolumeClassifierOutput,
 )
-from .image_processing_rect import ReCTImageProcessor, load_volume
 from .processing_rect import ReCTProcessor
-from .auto_registration import register_auto_classes
+
 
 __all__ = [
     "CT_RATE_ABNORMALITIES",

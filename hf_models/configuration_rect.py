@@ -107,8 +107,14 @@ class ReCTVisionConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         self.volume_size = _as_int_triple("volume_size", self.volume_size)
         self.patch_size = _as_int_triple("patch_size", self.patch_size)
-        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                      "in_channels", "projection_dim"):
+        for field in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "in_channels",
+            "projection_dim",
+        ):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{field}` must be a positive int, got {value!r}")

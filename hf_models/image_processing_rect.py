@@ -38,8 +38,14 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
 
-__all__ = ["ReCTImageProcessor", "ReCTImageProcessorKwargs", "load_volume", "NAMED_WINDOWS", "AIR_HU",
-           "CANONICAL_ORIENTATION"]
+__all__ = [
+    "ReCTImageProcessor",
+    "ReCTImageProcessorKwargs",
+    "load_volume",
+    "NAMED_WINDOWS",
+    "AIR_HU",
+    "CANONICAL_ORIENTATION",
+]
 
 
 #: Named CT windows, (center, width) in HU. Each window becomes one output channel.
@@ -135,8 +141,13 @@ def _libdeflate() -> Any:
                 lib.libdeflate_free_decompressor.argtypes = [ctypes.c_void_p]
                 lib.libdeflate_gzip_decompress_ex.restype = ctypes.c_int
                 lib.libdeflate_gzip_decompress_ex.argtypes = [
-                    ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
-                    ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t),
+                    ctypes.c_void_p,
+                    ctypes.c_char_p,
+                    ctypes.c_size_t,
+                    ctypes.c_void_p,
+                    ctypes.c_size_t,
+                    ctypes.POINTER(ctypes.c_size_t),
+                    ctypes.POINTER(ctypes.c_size_t),
                 ]
                 _LIBDEFLATE = lib
             except (OSError, AttributeError):  # an incompatible build: fall back to zlib
@@ -158,13 +169,18 @@ def _inflate_libdeflate(compressed: bytes, size: int) -> np.ndarray | None:
         return None
     try:
         status = lib.libdeflate_gzip_decompress_ex(
-            decompressor, compressed, len(compressed), out.ctypes.data, size,
-            ctypes.byref(used_in), ctypes.byref(used_out),
+            decompressor,
+            compressed,
+            len(compressed),
+            out.ctypes.data,
+            size,
+            ctypes.byref(used_in),
+            ctypes.byref(used_out),
         )
     finally:
         lib.libdeflate_free_decompressor(decompressor)
     # anything unusual (corrupt data, several gzip members, trailing data): let zlib redo it and explain
-    if status != 0 or used_out.value != size or len(compressed[used_in.value:].strip(b"\x00")) != 0:
+    if status != 0 or used_out.value != size or len(compressed[used_in.value :].strip(b"\x00")) != 0:
         return None
     return out
 
@@ -196,8 +212,14 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, float, float]:
     expected = "a NIfTI-1/NIfTI-2 image (.nii or gzip-compressed .nii.gz)"
     try:
         image = nib.load(str(path))
-    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, OSError, EOFError, zlib.error,
-            ValueError) as err:
+    except (
+        nib.filebasedimages.ImageFileError,
+        nib.spatialimages.HeaderDataError,
+        OSError,
+        EOFError,
+        zlib.error,
+        ValueError,
+    ) as err:
         found = f"{type(err).__name__}: {err}"
         raise ValueError(f"could not read NIfTI file {path}: expected {expected}, found {found}") from err
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -413,7 +435,9 @@ def _check_affine(affine: Any, label: str) -> np.ndarray:
     if not np.all(np.isfinite(affine)):
         raise ValueError(f"{label}: expected a finite affine, found {affine.tolist()}")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ValueError(f"{label}: expected an invertible affine, found a singular 3x3 part {affine[:3, :3].tolist()}")
+        raise ValueError(
+            f"{label}: expected an invertible affine, found a singular 3x3 part {affine[:3, :3].tolist()}"
+        )
     return affine
 
 
@@ -534,8 +558,9 @@ def _apply_linear(source: np.ndarray, taps: list) -> np.ndarray:
     copies, and single-threaded numpy stays fast where torch's thread pool stalls on a busy machine (DataLoader
     workers, several jobs per node).
     """
-    order = sorted((k for k in range(source.ndim) if taps[k] is not None),
-                   key=lambda k: len(taps[k][0]) / source.shape[k])
+    order = sorted(
+        (k for k in range(source.ndim) if taps[k] is not None), key=lambda k: len(taps[k][0]) / source.shape[k]
+    )
     x = source
     for k in order:
         i0, i1, weight = taps[k]
@@ -559,8 +584,9 @@ def _apply_linear(source: np.ndarray, taps: list) -> np.ndarray:
 
 def _apply_nearest(source: np.ndarray, taps: list) -> np.ndarray:
     x = source
-    for k in sorted((k for k in range(source.ndim) if taps[k] is not None),
-                    key=lambda k: len(taps[k]) / source.shape[k]):
+    for k in sorted(
+        (k for k in range(source.ndim) if taps[k] is not None), key=lambda k: len(taps[k]) / source.shape[k]
+    ):
         x = np.take(x, taps[k], axis=k)
     return x
 
@@ -869,13 +895,22 @@ class ReCTImageProcessor(BaseImageProcessor):
                 "pad_value_hu": AIR_HU,
             },
         ]
-        return {"permutation": permutation, "regions": regions, "linear": linear, "nearest": nearest,
-                "steps": steps, "affine": affine_out}
+        return {
+            "permutation": permutation,
+            "regions": regions,
+            "linear": linear,
+            "nearest": nearest,
+            "steps": steps,
+            "affine": affine_out,
+        }
 
     @staticmethod
     def _prepare_mask(mask: Any, volume_shape: tuple[int, ...], volume_affine: np.ndarray, label: str) -> np.ndarray:
-        has_geometry = isinstance(mask, (str, os.PathLike)) or _is_nibabel_image(mask) or (
-            isinstance(mask, tuple) and len(mask) == 2)
+        has_geometry = (
+            isinstance(mask, (str, os.PathLike))
+            or _is_nibabel_image(mask)
+            or (isinstance(mask, tuple) and len(mask) == 2)
+        )
         array, mask_affine, slope, inter, path = _read_any(mask, None, label)
         name = _source_name(path, label)
         labels = _as_3d(_to_array(array, name), name)
@@ -895,11 +930,21 @@ class ReCTImageProcessor(BaseImageProcessor):
             if not np.isfinite(labels).all():
                 raise ValueError(f"{name}: expected integer label values, found NaN/inf")
             if not np.array_equal(labels, np.round(labels)):
-                raise ValueError(f"{name}: expected integer label values, found fractional values (a probability map?)")
+                raise ValueError(
+                    f"{name}: expected integer label values, found fractional values (a probability map?)"
+                )
         return labels
 
-    def _process_volume(self, volume: Any, anatomy_mask: Any, lesion_mask: Any, affine: Any,
-                        rescale_slope: float, rescale_intercept: float, label: str) -> dict[str, Any]:
+    def _process_volume(
+        self,
+        volume: Any,
+        anatomy_mask: Any,
+        lesion_mask: Any,
+        affine: Any,
+        rescale_slope: float,
+        rescale_intercept: float,
+        label: str,
+    ) -> dict[str, Any]:
         for field, value in (("rescale_slope", rescale_slope), ("rescale_intercept", rescale_intercept)):
             if not _is_number(value) or not math.isfinite(value):
                 raise ValueError(f"{field} for {label}: expected a finite number, found {value!r}")
@@ -947,7 +992,8 @@ class ReCTImageProcessor(BaseImageProcessor):
         for key, mask in masks.items():
             full = np.zeros((1, *self.volume_size), dtype=np.int64)
             full[(0, *(slice(a, b) for a, b in plan["regions"]))] = _apply_nearest(
-                mask.transpose(permutation), plan["nearest"])
+                mask.transpose(permutation), plan["nearest"]
+            )
             outputs[key] = torch.from_numpy(full)
 
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -1030,8 +1076,9 @@ class ReCTImageProcessor(BaseImageProcessor):
             FileNotFoundError, ValueError, TypeError: unreadable or invalid inputs; the message names the file or
                 input and says what was expected and found.
         """
-        return self._process_volume(volume, anatomy_mask, lesion_mask, affine, rescale_slope, rescale_intercept,
-                                    "volume")
+        return self._process_volume(
+            volume, anatomy_mask, lesion_mask, affine, rescale_slope, rescale_intercept, "volume"
+        )
 
     # ---- batch API -----------------------------------------------------------------------------------------------
 
@@ -1039,7 +1086,9 @@ class ReCTImageProcessor(BaseImageProcessor):
     def _as_batch(inputs: Any) -> list:
         if isinstance(inputs, list):
             return inputs
-        if isinstance(inputs, tuple) and not (len(inputs) == 2 and _is_array(inputs[0]) and _is_affine_like(inputs[1])):
+        if isinstance(inputs, tuple) and not (
+            len(inputs) == 2 and _is_array(inputs[0]) and _is_affine_like(inputs[1])
+        ):
             return list(inputs)
         return [inputs]
 
@@ -1100,12 +1149,18 @@ class ReCTImageProcessor(BaseImageProcessor):
 
         results = []
         for i, volume in enumerate(batch):
-            results.append(self._process_volume(
-                volume,
-                mask_lists.get("anatomy_mask", [None] * len(batch))[i],
-                mask_lists.get("lesion_mask", [None] * len(batch))[i],
-                affine_list[i], 1.0, 0.0, f"volumes[{i}]",
-            ))
+            results.append(
+                self._process_volume(
+                    volume,
+                    mask_lists.get("anatomy_mask", [None] * len(batch))[i],
+                    mask_lists.get("lesion_mask", [None] * len(batch))[i],
+                    affine_list[i],
+                    1.0,
+                    0.0,
+                    f"volumes[{i}]",
+                )
+            )
+
         def batched(key):  # one volume: a view, no copy
             items = [r[key] for r in results]
             return items[0].unsqueeze(0) if len(items) == 1 else torch.stack(items)
@@ -1120,11 +1175,24 @@ class ReCTImageProcessor(BaseImageProcessor):
         data["volume_meta"] = [r["volume_meta"] for r in results]
         return BatchFeature(data=data, tensor_type=None, skip_tensor_conversion=["volume_meta"])
 
-    def __call__(self, volumes: Any, anatomy_mask: Any = None, lesion_mask: Any = None, affines: Any = None,
-                 return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+    def __call__(
+        self,
+        volumes: Any,
+        anatomy_mask: Any = None,
+        lesion_mask: Any = None,
+        affines: Any = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
         """See `preprocess`."""
-        return self.preprocess(volumes, anatomy_mask=anatomy_mask, lesion_mask=lesion_mask, affines=affines,
-                               return_tensors=return_tensors, **kwargs)
+        return self.preprocess(
+            volumes,
+            anatomy_mask=anatomy_mask,
+            lesion_mask=lesion_mask,
+            affines=affines,
+            return_tensors=return_tensors,
+            **kwargs,
+        )
 
     # ---- back to the original grid -------------------------------------------------------------------------------
 
@@ -1264,4 +1332,3 @@ class ReCTImageProcessor(BaseImageProcessor):
         image.header.set_xyzt_units("mm")
         nib.save(image, str(path))
         return str(path)
-

@@ -110,9 +110,7 @@ class ReCTOutput(ModelOutput):
     text_model_output: ModelOutput | None = None
 
     def to_tuple(self):
-        return tuple(
-            v.to_tuple() if k in ("vision_model_output", "text_model_output") else v for k, v in self.items()
-        )
+        return tuple(v.to_tuple() if k in ("vision_model_output", "text_model_output") else v for k, v in self.items())
 
 
 @dataclass
@@ -254,7 +252,8 @@ class ReCTPatchEmbeddings(nn.Module):
         """pixel_values `(batch, channels, depth, height, width)` → tokens `(batch, 1 + N, hidden)` and the grid."""
         if pixel_values.ndim != 5:
             raise ValueError(
-                f"`pixel_values` must be (batch, channels, depth, height, width), got shape {tuple(pixel_values.shape)}"
+                "`pixel_values` must be (batch, channels, depth, height, width), got shape "
+                f"{tuple(pixel_values.shape)}"
             )
         if pixel_values.shape[1] != self.projection.in_channels:
             raise ValueError(
@@ -302,7 +301,9 @@ class ReCTLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         depth_weights = None
         if self.attention_type == "joint":
-            attn_out, attn_weights = self.attention(self.layernorm_before(hidden_states), output_attentions=output_attentions)
+            attn_out, attn_weights = self.attention(
+                self.layernorm_before(hidden_states), output_attentions=output_attentions
+            )
             hidden_states = hidden_states + self.dropout(attn_out)
         else:
             batch, _, hidden = hidden_states.shape
@@ -446,7 +447,7 @@ class ReCTPreTrainedModel(PreTrainedModel):
 
 
 class ReCTVisionModel(ReCTPreTrainedModel):
-    """3D CT vision encoder: Conv3d patches → slice-aware (or joint) transformer → global, local and region features."""
+    """3D CT vision encoder: Conv3d patches → slice-aware (or joint) transformer → global, local, region features."""
 
     config_class = ReCTVisionConfig
     base_model_prefix = "vision_model"
@@ -570,8 +571,11 @@ class ReCTForFeatureExtraction(ReCTPreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         vision = self.vision_model(
-            pixel_values, anatomy_mask, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True,
+            pixel_values,
+            anatomy_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         image_embeds, region_embeds = self.projection(vision)
         output = ReCTFeatureExtractionOutput(
@@ -717,8 +721,11 @@ class ReCTModel(ReCTPreTrainedModel):
         if region_mentions is not None and anatomy_mask is None:
             raise ValueError("`region_mentions` needs `anatomy_mask`: region features come from the anatomy mask")
         vision = self.vision_model(
-            pixel_values, anatomy_mask, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True,
+            pixel_values,
+            anatomy_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         image_embeds, region_embeds = self.projection(vision)
         text_features, text_outputs = self.encode_text(input_ids, attention_mask, token_type_ids)
@@ -806,8 +813,11 @@ class ReCTForVolumeClassification(ReCTPreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         vision = self.rect.vision_model(
-            pixel_values, anatomy_mask, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True,
+            pixel_values,
+            anatomy_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         tokens = vision.last_hidden_state
         pooled = {"cls": tokens[:, 0], "mean": tokens[:, 1:].mean(dim=1), "max": tokens[:, 1:].amax(dim=1)}
@@ -831,7 +841,8 @@ class ReCTForVolumeClassification(ReCTPreTrainedModel):
         if problem == "multi_label_classification":
             if tuple(labels.shape) != tuple(logits.shape):
                 raise ValueError(
-                    f"multi-label `labels` must be (batch, num_labels) = {tuple(logits.shape)}, got {tuple(labels.shape)}"
+                    f"multi-label `labels` must be (batch, num_labels) = {tuple(logits.shape)}, "
+                    f"got {tuple(labels.shape)}"
                 )
             pos_weight = getattr(self.config, "pos_weight", None)
             if pos_weight is not None:
@@ -875,7 +886,9 @@ class ReCTForVolumeClassification(ReCTPreTrainedModel):
         model = self.rect
         image_embeds = F.normalize(model.get_image_features(pixel_values, anatomy_mask), dim=-1)
         text_embeds = F.normalize(
-            model.get_text_features(prompts["input_ids"], prompts.get("attention_mask"), prompts.get("token_type_ids")),
+            model.get_text_features(
+                prompts["input_ids"], prompts.get("attention_mask"), prompts.get("token_type_ids")
+            ),
             dim=-1,
         )
         return model.contrastive_head.scale(model.contrastive_head.logit_scale) * image_embeds @ text_embeds.t()

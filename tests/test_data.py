@@ -57,8 +57,10 @@ def csv_rows(path: Path) -> list[dict]:
 def test_ct_rate_reader_matches_the_csvs(small_cohort, split):
     data = read_ct_rate(small_cohort, split, lesion_masks=True)
     reports = csv_rows(small_cohort / "dataset" / "radiology_text_reports" / f"{split}_reports.csv")
-    labels = {r["VolumeName"]: r for r in csv_rows(
-        small_cohort / "dataset" / "multi_abnormality_labels" / f"{split}_predicted_labels.csv")}
+    labels = {
+        r["VolumeName"]: r
+        for r in csv_rows(small_cohort / "dataset" / "multi_abnormality_labels" / f"{split}_predicted_labels.csv")
+    }
     assert data.num_rows == len(reports) and skipped_rows(data) == 0
     for row in data:
         assert Path(row["volume_path"]).is_file() and Path(row["anatomy_mask_path"]).is_file()
@@ -97,7 +99,9 @@ def test_ct_rate_reader_rejects_bad_csv_headers(cohort):
         writer = csv.DictWriter(handle, fieldnames=["VolumeName", "Findings"])
         writer.writeheader()
         writer.writerows({"VolumeName": r["VolumeName"], "Findings": r["Findings_EN"]} for r in rows)
-    with pytest.raises(DatasetFormatError, match=r"train_reports\.csv: missing column\(s\) \['Findings_EN', 'Impressions_EN'\]"):
+    with pytest.raises(
+        DatasetFormatError, match=r"train_reports\.csv: missing column\(s\) \['Findings_EN', 'Impressions_EN'\]"
+    ):
         read_ct_rate(cohort, "train")
 
 
@@ -135,14 +139,19 @@ def test_segmentation_split_never_leaks_a_patient(small_cohort, tmp_path):
         writer.writeheader()
         for row in rows:
             for _ in range(2):
-                writer.writerow({"path": str(small_cohort / row["path"]), "label": str(small_cohort / row["label"]),
-                                 "patient_id": row["patient_id"]})
+                writer.writerow(
+                    {
+                        "path": str(small_cohort / row["path"]),
+                        "label": str(small_cohort / row["label"]),
+                        "patient_id": row["patient_id"],
+                    }
+                )
     for seed in range(5):
         splits = read_segmentation_csv(doubled, val_fraction=0.3, test_fraction=0.2, seed=seed)
         patients = {name: set(split["patient_id"]) for name, split in splits.items()}
         names = list(patients)
         for i, a in enumerate(names):
-            for b in names[i + 1:]:
+            for b in names[i + 1 :]:
                 assert not patients[a] & patients[b], (seed, a, b)
         assert sum(split.num_rows for split in splits.values()) == 2 * len(rows)
     again = read_segmentation_csv(doubled, val_fraction=0.3, test_fraction=0.2, seed=4)
@@ -185,8 +194,12 @@ def test_cache_serves_what_the_processor_makes(small_cohort, tmp_path):
     first = cache.get(*args)
     second = cache.get(*args)
     assert (cache.misses, cache.hits) == (1, 1)
-    direct = processor().process_volume(row["volume_path"], anatomy_mask=row["anatomy_mask_path"],
-                                        rescale_slope=row["rescale_slope"], rescale_intercept=row["rescale_intercept"])
+    direct = processor().process_volume(
+        row["volume_path"],
+        anatomy_mask=row["anatomy_mask_path"],
+        rescale_slope=row["rescale_slope"],
+        rescale_intercept=row["rescale_intercept"],
+    )
     assert torch.equal(first["pixel_values"], direct["pixel_values"])
     assert torch.equal(second["pixel_values"], direct["pixel_values"])
     assert torch.equal(second["anatomy_mask"].long(), direct["anatomy_mask"])
@@ -200,7 +213,9 @@ def test_cache_invalidates_on_setting_change_and_on_file_change(small_cohort, tm
     cache = VolumeCache(tmp_path / "cache", processor())
     before = cache.get(volume)["pixel_values"]
     # another window → another fingerprint → recomputed, different tensor
-    other = VolumeCache(tmp_path / "cache", ReCTImageProcessor(volume_size=[8, 32, 32], windows=["bone", "mediastinum"]))
+    other = VolumeCache(
+        tmp_path / "cache", ReCTImageProcessor(volume_size=[8, 32, 32], windows=["bone", "mediastinum"])
+    )
     assert other.fingerprint != cache.fingerprint
     assert not torch.equal(other.get(volume)["pixel_values"], before) and other.misses == 1
     # the file is replaced by another scan → recomputed from the new content
@@ -224,7 +239,8 @@ CRASH_SCRIPT = textwrap.dedent(
     from hf_models import ReCTImageProcessor
     # Die right after the temporary file is written, before it is renamed into place.
     cache_module.os.replace = lambda src, dst: os._exit(17)
-    cache = cache_module.VolumeCache(sys.argv[1], ReCTImageProcessor(volume_size=[8, 32, 32], windows=["lung", "mediastinum"]))
+    processor = ReCTImageProcessor(volume_size=[8, 32, 32], windows=["lung", "mediastinum"])
+    cache = cache_module.VolumeCache(sys.argv[1], processor)
     cache.get(sys.argv[2])
     """
 )
@@ -259,8 +275,14 @@ def test_dataset_and_collators_build_model_inputs(small_cohort, tmp_path, minilm
     rows = read_ct_rate(small_cohort, "train", lesion_masks=True)
     cache = VolumeCache(tmp_path / "cache", processor())
     dataset = CachedVolumeDataset(
-        rows, cache, anatomy=True, lesion_column="lesion_mask_path", label_indices=[2, 12],
-        text_column="report", region_mentions_fn=region_mentions, prior_column="prior_volume_path",
+        rows,
+        cache,
+        anatomy=True,
+        lesion_column="lesion_mask_path",
+        label_indices=[2, 12],
+        text_column="report",
+        region_mentions_fn=region_mentions,
+        prior_column="prior_volume_path",
     )
     examples = [dataset[i] for i in range(3)]
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
@@ -279,7 +301,11 @@ def test_dataset_and_collators_build_model_inputs(small_cohort, tmp_path, minilm
     examples[1]["input_points"] = None
     batch = LocalizationCollator(tokenizer)(examples)
     assert batch["labels"].shape == (3, 1, 8, 32, 32)
-    assert batch["input_points"].shape == (3, 2, 3) and batch["input_labels"].tolist() == [[1, -10], [-10, -10], [1, 0]]
+    assert batch["input_points"].shape == (3, 2, 3) and batch["input_labels"].tolist() == [
+        [1, -10],
+        [-10, -10],
+        [1, 0],
+    ]
     assert batch["input_boxes"].shape == (3, 6)
 
     for example in examples:

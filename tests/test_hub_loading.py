@@ -26,6 +26,7 @@ from hf_models.image_processing_rect import ReCTImageProcessor
 from hf_models.processing_rect import ReCTProcessor
 from tests.conftest import tiny_text_kwargs, tiny_vision_kwargs
 
+
 CODE_FILES = {"configuration_rect.py", "modeling_rect.py"}
 
 
@@ -53,8 +54,10 @@ def outputs_of(model, inputs) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         if isinstance(model, ReCTModel):
             out = model(
-                input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
-                anatomy_mask=inputs["anatomy_mask"], return_loss=False,
+                input_ids=inputs["input_ids"],
+                pixel_values=inputs["pixel_values"],
+                anatomy_mask=inputs["anatomy_mask"],
+                return_loss=False,
             )
             return {"logits_per_image": out.logits_per_image, "region_embeds": out.region_embeds}
         if isinstance(model, ReCTForVolumeClassification):
@@ -68,7 +71,10 @@ def outputs_of(model, inputs) -> dict[str, torch.Tensor]:
 
 MODEL_CLASSES = [ReCTVisionModel, ReCTForFeatureExtraction, ReCTModel, ReCTForVolumeClassification]
 EXPECTED_AUTO = {
-    ReCTVisionModel: {"AutoConfig": "configuration_rect.ReCTVisionConfig", "AutoModel": "modeling_rect.ReCTVisionModel"},
+    ReCTVisionModel: {
+        "AutoConfig": "configuration_rect.ReCTVisionConfig",
+        "AutoModel": "modeling_rect.ReCTVisionModel",
+    },
     ReCTForFeatureExtraction: {
         "AutoConfig": "configuration_rect.ReCTVisionConfig",
         "AutoModel": "modeling_rect.ReCTForFeatureExtraction",
@@ -178,8 +184,12 @@ def test_fresh_process_loads_every_folder_with_trust_remote_code(tmp_path, minil
     inputs = fixed_inputs()
     torch.save(inputs, tmp_path / "inputs.pt")
     expected = {}
-    for name, cls in (("vision", ReCTVisionModel), ("extractor", ReCTForFeatureExtraction),
-                      ("dual", ReCTModel), ("classifier", ReCTForVolumeClassification)):
+    for name, cls in (
+        ("vision", ReCTVisionModel),
+        ("extractor", ReCTForFeatureExtraction),
+        ("dual", ReCTModel),
+        ("classifier", ReCTForVolumeClassification),
+    ):
         model = build(cls)
         model.save_pretrained(tmp_path / name)
         out = outputs_of(model, inputs)
@@ -197,14 +207,19 @@ def test_fresh_process_loads_every_folder_with_trust_remote_code(tmp_path, minil
     expected["processed_input_ids"] = batch["input_ids"]
     expected["image_processor_pixel_values"] = batch["pixel_values"]
     assert {p.name for p in (tmp_path / "classifier").glob("*.py")} >= CODE_FILES | {
-        "processing_rect.py", "image_processing_rect.py"
+        "processing_rect.py",
+        "image_processing_rect.py",
     }
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules_cache"))
     env.pop("PYTHONPATH", None)
     script = FRESH_PROCESS_SCRIPT.replace("REPO_ROOT", repr(str(Path(__file__).resolve().parents[1])))
     proc = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", script, str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

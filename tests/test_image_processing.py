@@ -21,6 +21,7 @@ from pydicom.uid import generate_uid
 import hf_models.image_processing_rect as rect
 from hf_models.image_processing_rect import NAMED_WINDOWS, ReCTImageProcessor, load_volume
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,8 +53,8 @@ def canonical_phantom(shape=(10, 12, 14), seed=0):
     d, h, w = shape
     hu = rng.integers(-200, 200, size=shape).astype(np.int16)
     labels = np.zeros(shape, dtype=np.uint8)
-    labels[d - 4:, :4, w - 5:] = 1  # superior, anterior, left corner
-    labels[2:4, h // 2, 1:w - 2] = 2  # a bar
+    labels[d - 4 :, :4, w - 5 :] = 1  # superior, anterior, left corner
+    labels[2:4, h // 2, 1 : w - 2] = 2  # a bar
     hu[labels == 1] = 900
     hu[labels == 2] = -900
     return hu, labels
@@ -86,8 +87,9 @@ def as_layout(array, affine, layout):
     raise AssertionError(layout)
 
 
-def dicom_series(folder, n=5, spacing=2.5, modalities=None, series_uids=None, slope=None, intercept=None,
-                 skip=(), order=None):
+def dicom_series(
+    folder, n=5, spacing=2.5, modalities=None, series_uids=None, slope=None, intercept=None, skip=(), order=None
+):
     """Write `n` copies of pydicom's CT_small.dcm as one series with positions stepping along +z (LPS)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -118,9 +120,9 @@ def dicom_series(folder, n=5, spacing=2.5, modalities=None, series_uids=None, sl
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.int16, np.float64])
-@pytest.mark.parametrize("in_shape,out_shape", [
-    ((13, 17, 11), (7, 17, 20)), ((9, 8, 7), (9, 8, 7)), ((30, 5, 11), (4, 9, 11))
-])
+@pytest.mark.parametrize(
+    "in_shape,out_shape", [((13, 17, 11), (7, 17, 20)), ((9, 8, 7), (9, 8, 7)), ((30, 5, 11), (4, 9, 11))]
+)
 def test_image_resampling_equals_trilinear_interpolate(in_shape, out_shape, dtype):
     # identity affine = RAS voxel axes; the canonical (S, P, L) array is the transposed array flipped in H and W
     rng = np.random.default_rng(0)
@@ -190,7 +192,8 @@ def test_processed_affine_keeps_world_positions(angle):
     assert nib.aff2axcodes(np.asarray(meta["processed_affine"])) == ("S", "P", "L")
     before = affine @ np.append(np.argwhere(labels == 1).mean(axis=0), 1.0)
     after = np.asarray(meta["processed_affine"]) @ np.append(
-        np.argwhere(out["anatomy_mask"][0, 0].numpy() == 1).mean(axis=0), 1.0)
+        np.argwhere(out["anatomy_mask"][0, 0].numpy() == 1).mean(axis=0), 1.0
+    )
     spacing = np.linalg.norm(np.asarray(meta["processed_affine"])[:3, :3], axis=0)
     np.testing.assert_allclose(spacing, meta["steps"][1]["spacing_after"])
     # nearest resampling moves a box face by at most half an output voxel
@@ -231,10 +234,13 @@ def round_trip_case(tmp_path, layout):
 
 
 @pytest.mark.parametrize("layout", ["lps", "permuted", "ras"])
-@pytest.mark.parametrize("settings", [
-    dict(volume_size=[48, 44, 52]),
-    dict(volume_size=[31, 42, 60], target_spacing=[3.0, 0.9, 0.8]),  # resample to (33, 44, 56), crop D, H, pad W
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(volume_size=[48, 44, 52]),
+        dict(volume_size=[31, 42, 60], target_spacing=[3.0, 0.9, 0.8]),  # resample to (33, 44, 56), crop D, H, pad W
+    ],
+)
 def test_masks_round_trip_to_original_grid(tmp_path, layout, settings):
     volume_path, mask_path, labels, affine = round_trip_case(tmp_path, layout)
     processor = ReCTImageProcessor(**settings)
@@ -259,8 +265,9 @@ def test_masks_round_trip_to_original_grid(tmp_path, layout, settings):
 
 def test_crop_pad_records_amounts_and_pads_with_air():
     hu = np.full((6, 20, 9), 100, dtype=np.int16)  # identity affine: canonical shape (9, 20, 6)
-    processor = ReCTImageProcessor(volume_size=[5, 24, 10], resize_mode="crop_pad", windows=["wide", "lung"],
-                                   allow_constant_volume=True)
+    processor = ReCTImageProcessor(
+        volume_size=[5, 24, 10], resize_mode="crop_pad", windows=["wide", "lung"], allow_constant_volume=True
+    )
     out = processor(hu)
     step = out["volume_meta"][0]["steps"][2]
     assert step["op"] == "crop_pad"
@@ -314,8 +321,9 @@ def test_windows_and_normalisation():
     for c, spec in enumerate(names + [[100, 50]]):
         center, width = NAMED_WINDOWS[spec] if isinstance(spec, str) else spec
         np.testing.assert_allclose(pv[c, :, 0, 0].numpy(), window(hu, center, width), atol=1e-6)
-    normalised = ReCTImageProcessor(volume_size=[7, 3, 2], windows=["lung", "bone"], image_mean=[0.5, 0.25],
-                                    image_std=[0.5, 0.25])(volume)["pixel_values"][0]
+    normalised = ReCTImageProcessor(
+        volume_size=[7, 3, 2], windows=["lung", "bone"], image_mean=[0.5, 0.25], image_std=[0.5, 0.25]
+    )(volume)["pixel_values"][0]
     np.testing.assert_allclose(normalised[1, :, 0, 0].numpy(), (window(hu, 400, 1800) - 0.25) / 0.25, atol=1e-5)
 
 
@@ -430,26 +438,29 @@ def test_defaults():
     assert processor.model_input_names == ["pixel_values"]
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    (dict(volume_size=[0, 32, 32]), "volume_size"),
-    (dict(volume_size=[-4, 32, 32]), "volume_size"),
-    (dict(volume_size=[32, 32]), "volume_size"),
-    (dict(volume_size=[8.5, 32, 32]), "volume_size"),
-    (dict(target_spacing=[0, 1, 1]), "target_spacing"),
-    (dict(target_spacing=[1, 1]), "target_spacing"),
-    (dict(target_spacing=[1, float("nan"), 1]), "target_spacing"),
-    (dict(resize_mode="stretch"), "resize_mode"),
-    (dict(resize_mode="resize", target_spacing=[1, 1, 1]), "resize_mode"),
-    (dict(windows=[]), "windows"),
-    (dict(windows=[[40, 0]]), "windows"),
-    (dict(windows="lung"), "windows"),
-    (dict(image_mean=[0.5, 0.5], image_std=[1, 1]), "image_mean"),
-    (dict(image_mean=[0.5]), "image_mean"),
-    (dict(image_mean=[0.5], image_std=[0.0]), "image_std"),
-    (dict(nan_policy="ignore"), "nan_policy"),
-    (dict(fill_value_hu=float("inf")), "fill_value_hu"),
-    (dict(allow_constant_volume="yes"), "allow_constant_volume"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(volume_size=[0, 32, 32]), "volume_size"),
+        (dict(volume_size=[-4, 32, 32]), "volume_size"),
+        (dict(volume_size=[32, 32]), "volume_size"),
+        (dict(volume_size=[8.5, 32, 32]), "volume_size"),
+        (dict(target_spacing=[0, 1, 1]), "target_spacing"),
+        (dict(target_spacing=[1, 1]), "target_spacing"),
+        (dict(target_spacing=[1, float("nan"), 1]), "target_spacing"),
+        (dict(resize_mode="stretch"), "resize_mode"),
+        (dict(resize_mode="resize", target_spacing=[1, 1, 1]), "resize_mode"),
+        (dict(windows=[]), "windows"),
+        (dict(windows=[[40, 0]]), "windows"),
+        (dict(windows="lung"), "windows"),
+        (dict(image_mean=[0.5, 0.5], image_std=[1, 1]), "image_mean"),
+        (dict(image_mean=[0.5]), "image_mean"),
+        (dict(image_mean=[0.5], image_std=[0.0]), "image_std"),
+        (dict(nan_policy="ignore"), "nan_policy"),
+        (dict(fill_value_hu=float("inf")), "fill_value_hu"),
+        (dict(allow_constant_volume="yes"), "allow_constant_volume"),
+    ],
+)
 def test_invalid_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         ReCTImageProcessor(**kwargs)
@@ -488,7 +499,7 @@ def test_damaged_nifti_gz_names_the_file(tmp_path, monkeypatch, inflate, damage)
     if damage == "truncated":
         raw = raw[: len(raw) * 2 // 3]
     else:
-        raw[len(raw) // 2: len(raw) // 2 + 4] = b"\xff\x00\xff\x00"
+        raw[len(raw) // 2 : len(raw) // 2 + 4] = b"\xff\x00\xff\x00"
     bad = tmp_path / f"{damage}.nii.gz"
     bad.write_bytes(bytes(raw))
     if inflate == "zlib":
@@ -508,9 +519,9 @@ def test_truncated_uncompressed_nifti(small_nifti, tmp_path):
         load_volume(str(short))
 
 
-@pytest.mark.parametrize("name,content", [
-    ("fake.nii", b"not a nifti header " * 30), ("fake.nii.gz", b"plain text" * 50)
-])
+@pytest.mark.parametrize(
+    "name,content", [("fake.nii", b"not a nifti header " * 30), ("fake.nii.gz", b"plain text" * 50)]
+)
 def test_non_nifti_file_with_nifti_name(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
@@ -566,8 +577,9 @@ def test_nan_and_inf_raise_with_file_and_count(tmp_path):
 def test_nan_fill_policy_never_leaks_nan():
     data = np.random.default_rng(10).normal(0, 50, size=(8, 9, 7)).astype(np.float64)
     data[2:4, 2:4, 2:4] = np.nan
-    processor = ReCTImageProcessor(volume_size=[8, 9, 7][::-1], nan_policy="fill", fill_value_hu=500,
-                                   windows=[[0, 2000]])
+    processor = ReCTImageProcessor(
+        volume_size=[8, 9, 7][::-1], nan_policy="fill", fill_value_hu=500, windows=[[0, 2000]]
+    )
     out = processor(data)["pixel_values"]
     assert torch.isfinite(out).all()
     # identity affine: canonical = (z, y flipped, x flipped); back to the stored (x, y, z) layout to compare
@@ -593,11 +605,15 @@ def test_mask_shape_and_affine_mismatch(tmp_path, small_nifti):
     processor = ReCTImageProcessor(volume_size=[4, 4, 4])
     affine = np.diag([0.7, 0.7, 2.0, 1.0])
     wrong_shape = save_nifti(tmp_path / "mask_shape.nii.gz", np.zeros((12, 10, 5), np.uint8), affine)
-    with pytest.raises(ValueError, match=r"mask_shape.nii.gz: expected the shape of its volume \(12, 10, 6\), "
-                                         r"found \(12, 10, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"mask_shape.nii.gz: expected the shape of its volume \(12, 10, 6\), "
+        r"found \(12, 10, 5\)",
+    ):
         processor(path, anatomy_mask=wrong_shape)
-    wrong_affine = save_nifti(tmp_path / "mask_affine.nii.gz", np.zeros((12, 10, 6), np.uint8),
-                              np.diag([0.7, 0.7, 2.5, 1.0]))
+    wrong_affine = save_nifti(
+        tmp_path / "mask_affine.nii.gz", np.zeros((12, 10, 6), np.uint8), np.diag([0.7, 0.7, 2.5, 1.0])
+    )
     with pytest.raises(ValueError, match=r"mask_affine.nii.gz: expected the affine of its volume .*found"):
         processor(path, lesion_mask=wrong_affine)
     with pytest.raises(ValueError, match=r"anatomy_mask of .*ct.nii.gz: expected the shape"):
@@ -636,12 +652,14 @@ def test_dicom_series_shape_hu_and_affine(tmp_path):
         np.testing.assert_array_equal(array[index], expected_hu)
     ipp = np.array([float(v) for v in template.ImagePositionPatient])
     row_spacing, col_spacing = (float(v) for v in template.PixelSpacing)
-    expected = np.array([
-        [0.0, 0.0, -col_spacing, -ipp[0]],  # columns run along +x LPS = -x RAS
-        [0.0, -row_spacing, 0.0, -ipp[1]],  # rows run along +y LPS = -y RAS
-        [2.5, 0.0, 0.0, ipp[2]],  # slices step +2.5 mm superior
-        [0.0, 0.0, 0.0, 1.0],
-    ])
+    expected = np.array(
+        [
+            [0.0, 0.0, -col_spacing, -ipp[0]],  # columns run along +x LPS = -x RAS
+            [0.0, -row_spacing, 0.0, -ipp[1]],  # rows run along +y LPS = -y RAS
+            [2.5, 0.0, 0.0, ipp[2]],  # slices step +2.5 mm superior
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
     np.testing.assert_allclose(affine, expected, atol=1e-6)
     out = ReCTImageProcessor(volume_size=[5, 128, 128])(str(folder))
     meta = out["volume_meta"][0]
@@ -694,8 +712,11 @@ def test_dicom_empty_folder_and_no_dicom(tmp_path):
     text_only = tmp_path / "text_only"
     text_only.mkdir()
     (text_only / "readme.txt").write_text("hello")
-    with pytest.raises(ValueError, match=r"text_only: expected the files of one CT series, found no DICOM image"
-                                         r".*readme.txt"):
+    with pytest.raises(
+        ValueError,
+        match=r"text_only: expected the files of one CT series, found no DICOM image"
+        r".*readme.txt",
+    ):
         load_volume(text_only)
 
 
@@ -730,7 +751,8 @@ def test_file_works_alone_without_project_packages(tmp_path):
         """
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")

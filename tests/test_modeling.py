@@ -15,6 +15,7 @@ from hf_models import (
 )
 from tests.conftest import tiny_text_kwargs, tiny_vision_kwargs
 
+
 ATTENTION_TYPES = ["divided", "joint"]
 BATCH = 2
 
@@ -104,8 +105,11 @@ def test_contrastive_model_loss_and_backward(attention_type, with_mask):
     pixel_values, mask, input_ids, attention_mask = make_inputs(with_mask=with_mask)
     mentions = torch.tensor([[1, 0, 1, 1, 1], [0, 1, 0, 1, 0]]) if with_mask else None
     out = model(
-        input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-        anatomy_mask=mask, region_mentions=mentions,
+        input_ids=input_ids,
+        pixel_values=pixel_values,
+        attention_mask=attention_mask,
+        anatomy_mask=mask,
+        region_mentions=mentions,
     )
     assert out.logits_per_image.shape == (BATCH, BATCH)
     torch.testing.assert_close(out.logits_per_text, out.logits_per_image.t())
@@ -147,8 +151,11 @@ def test_absent_region_gives_zero_features_and_finite_loss(attention_type):
     mask[0, :, :, 16:] = 2
     mentions = torch.ones(BATCH, 5)
     out = model(
-        input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-        anatomy_mask=mask, region_mentions=mentions,
+        input_ids=input_ids,
+        pixel_values=pixel_values,
+        attention_mask=attention_mask,
+        anatomy_mask=mask,
+        region_mentions=mentions,
     )
     vision = out.vision_model_output
     assert vision.region_present.tolist() == [[True, True, False, False, False], [False] * 5]
@@ -159,15 +166,21 @@ def test_absent_region_gives_zero_features_and_finite_loss(attention_type):
     mentions_flipped[:, 2:] = 0
     mentions_flipped[1] = 0
     out2 = model(
-        input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-        anatomy_mask=mask, region_mentions=mentions_flipped,
+        input_ids=input_ids,
+        pixel_values=pixel_values,
+        attention_mask=attention_mask,
+        anatomy_mask=mask,
+        region_mentions=mentions_flipped,
     )
     torch.testing.assert_close(out.region_loss, out2.region_loss)
     # A batch with no region at all: region loss is exactly zero, not NaN, and still backpropagates.
     empty = torch.zeros_like(mask)
     out3 = model.train()(
-        input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-        anatomy_mask=empty, region_mentions=mentions,
+        input_ids=input_ids,
+        pixel_values=pixel_values,
+        attention_mask=attention_mask,
+        anatomy_mask=empty,
+        region_mentions=mentions,
     )
     assert out3.region_loss.item() == 0.0
     out3.loss.backward()
@@ -188,7 +201,9 @@ def test_classifier_loss_and_zero_shot(attention_type, with_mask):
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     assert model.classifier.weight.grad.abs().sum() > 0
-    scores = model.eval().zero_shot_logits(pixel_values, {"input_ids": input_ids, "attention_mask": attention_mask}, mask)
+    scores = model.eval().zero_shot_logits(
+        pixel_values, {"input_ids": input_ids, "attention_mask": attention_mask}, mask
+    )
     assert scores.shape == (BATCH, BATCH) and torch.isfinite(scores).all()
     with pytest.raises(TypeError, match="tokenise"):
         model.zero_shot_logits(pixel_values, ["pleural effusion"])
@@ -222,7 +237,9 @@ def test_eager_and_sdpa_agree(attention_type):
     vision_e, vision_s = outputs["eager"].vision_model_output, outputs["sdpa"].vision_model_output
     torch.testing.assert_close(vision_e.last_hidden_state, vision_s.last_hidden_state, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(vision_e.region_features, vision_s.region_features, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outputs["eager"].logits_per_image, outputs["sdpa"].logits_per_image, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        outputs["eager"].logits_per_image, outputs["sdpa"].logits_per_image, atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
@@ -235,8 +252,11 @@ def test_gradient_checkpointing_gives_same_gradients(attention_type):
             model.gradient_checkpointing_enable()
             assert all(layer.gradient_checkpointing for layer in model.vision_model.layers)
         out = model(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-            anatomy_mask=mask, region_mentions=torch.ones(BATCH, 5),
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            anatomy_mask=mask,
+            region_mentions=torch.ones(BATCH, 5),
         )
         out.loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

@@ -21,6 +21,7 @@ from PIL import Image
 
 from trainers.data import phantom as P
 
+
 # An independent keyword table (not the generator's) for the report ↔ label checks.
 KEYWORDS = {
     "Medical material": r"pacemaker|catheter|sternotomy",
@@ -43,8 +44,15 @@ KEYWORDS = {
     "Interlobular septal thickening": r"septal thickening",
 }
 NEGATED = re.compile(r"\b(no|not|without|normal|resolved)\b", re.I)
-LATERAL = ("Lung nodule", "Pleural effusion", "Consolidation", "Atelectasis", "Lung opacity",
-           "Pulmonary fibrotic sequela", "Bronchiectasis")
+LATERAL = (
+    "Lung nodule",
+    "Pleural effusion",
+    "Consolidation",
+    "Atelectasis",
+    "Lung opacity",
+    "Pulmonary fibrotic sequela",
+    "Bronchiectasis",
+)
 LOBE_RE = re.compile(r"\b(right|left) ((?:upper|middle|lower)(?:(?:, | and )(?:upper|middle|lower))*) lobes?\b")
 
 SHAPE = (32, 72, 72)
@@ -70,8 +78,15 @@ class Cohort:
         self.labels, self.reports, self.meta, self.cot = {}, {}, {}, {}
         for split in ("train", "valid"):
             d = root / "dataset"
-            self.labels.update({r["VolumeName"]: r for r in read_csv(d / "multi_abnormality_labels" / f"{split}_predicted_labels.csv")})
-            self.reports.update({r["VolumeName"]: r for r in read_csv(d / "radiology_text_reports" / f"{split}_reports.csv")})
+            self.labels.update(
+                {
+                    r["VolumeName"]: r
+                    for r in read_csv(d / "multi_abnormality_labels" / f"{split}_predicted_labels.csv")
+                }
+            )
+            self.reports.update(
+                {r["VolumeName"]: r for r in read_csv(d / "radiology_text_reports" / f"{split}_reports.csv")}
+            )
             self.meta.update({r["VolumeName"]: r for r in read_csv(d / "metadata" / f"{split}_metadata.csv")})
             for rec in json.loads((d / "cot" / f"{split}_cot.json").read_text()):
                 self.cot[rec["volumename"]] = rec
@@ -104,8 +119,7 @@ class Cohort:
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Cohort:
     root = tmp_path_factory.mktemp("phantom")
-    P.generate_cohort(root, n_train=5, n_val=3, seed=7, shape=SHAPE, p_prior=0.6, p_second_recon=0.3,
-                      prevalence=0.45)
+    P.generate_cohort(root, n_train=5, n_val=3, seed=7, shape=SHAPE, p_prior=0.6, p_second_recon=0.3, prevalence=0.45)
     return Cohort(root)
 
 
@@ -133,7 +147,9 @@ def test_same_seed_identical_bytes_different_seed_differs(tmp_path):
     assert gz and all(a[k][4:8] == b"\0\0\0\0" for k in gz)  # gzip mtime 0
     common = sorted(set(a) & set(c))
     assert any(a[k] != c[k] for k in common if k.startswith("dataset/train/"))
-    assert a["dataset/radiology_text_reports/train_reports.csv"] != c["dataset/radiology_text_reports/train_reports.csv"]
+    assert (
+        a["dataset/radiology_text_reports/train_reports.csv"] != c["dataset/radiology_text_reports/train_reports.csv"]
+    )
 
 
 def test_layout(cohort):
@@ -143,10 +159,26 @@ def test_layout(cohort):
     with open(root / "dataset/multi_abnormality_labels/train_predicted_labels.csv") as fh:
         assert next(csv.reader(fh)) == ["VolumeName", *P.ABNORMALITIES]
     with open(root / "dataset/radiology_text_reports/train_reports.csv") as fh:
-        assert next(csv.reader(fh)) == ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN",
-                                        "Impressions_EN"]
-    for col in ("VolumeName", "Manufacturer", "PatientSex", "PatientAge", "XYSpacing", "ZSpacing", "RescaleSlope",
-                "RescaleIntercept", "Rows", "Columns", "NumberOfSlices"):
+        assert next(csv.reader(fh)) == [
+            "VolumeName",
+            "ClinicalInformation_EN",
+            "Technique_EN",
+            "Findings_EN",
+            "Impressions_EN",
+        ]
+    for col in (
+        "VolumeName",
+        "Manufacturer",
+        "PatientSex",
+        "PatientAge",
+        "XYSpacing",
+        "ZSpacing",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "Rows",
+        "Columns",
+        "NumberOfSlices",
+    ):
         assert col in cohort.meta[names[0]]
     pattern = re.compile(r"^(train|valid)/\1_(\d+)/\1_\2_([ab])/\1_\2_\3_([12])\.nii\.gz$")
     expected = set()
@@ -158,7 +190,11 @@ def test_layout(cohort):
         m = cohort.meta[name]
         assert img.get_data_dtype() == np.int16 and lab_img.get_data_dtype() == np.uint8
         assert les_img.get_data_dtype() == np.uint8
-        assert img.shape == (int(m["Columns"]), int(m["Rows"]), int(m["NumberOfSlices"])) == (SHAPE[2], SHAPE[1], SHAPE[0])
+        assert (
+            img.shape
+            == (int(m["Columns"]), int(m["Rows"]), int(m["NumberOfSlices"]))
+            == (SHAPE[2], SHAPE[1], SHAPE[0])
+        )
         assert np.allclose(lab_img.affine, img.affine) and np.allclose(les_img.affine, img.affine)
         xy = json.loads(m["XYSpacing"])
         assert np.allclose(np.abs(np.diag(img.affine)[:3]), [xy[0], xy[1], float(m["ZSpacing"])], rtol=1e-4)
@@ -167,7 +203,9 @@ def test_layout(cohort):
     on_disk = {str(p.relative_to(root / "dataset")) for p in (root / "dataset").rglob("*.nii.gz")}
     assert on_disk == expected  # no masks beside the volumes
     for kind in ("anatomy", "lesion"):
-        assert {str(p.relative_to(root / "masks" / kind)) for p in (root / "masks" / kind).rglob("*.nii.gz")} == expected
+        assert {
+            str(p.relative_to(root / "masks" / kind)) for p in (root / "masks" / kind).rglob("*.nii.gz")
+        } == expected
     axcodes = {"".join(nib.aff2axcodes(cohort.load(n)[0].affine)) for n in names}
     assert {"LPS", "RAS"} <= axcodes | {"LPS", "RAS"} and len(axcodes) >= 2
     intercepts = {cohort.meta[n]["RescaleIntercept"] for n in names}
@@ -181,7 +219,7 @@ def test_hu_ranges_per_anatomy_region(cohort):
         clean = (les == 0) | (les == P.LESION_IDS["Cardiomegaly"])  # an enlarged heart keeps its HU
         contrast = cohort.meta[name]["ContrastAgent"] == "YES"
 
-        def med(ids, q=50):
+        def med(ids, q=50, lab=lab, clean=clean, hu=hu, name=name):
             sel = np.isin(lab, ids) & clean
             assert sel.sum() > 20, (name, ids)
             return float(np.percentile(hu[sel], q))
@@ -331,7 +369,11 @@ def test_other_seed_formats(cohort):
     n_eff = 0
     for r in records:
         assert {"case_id", "region", "category", "cot_reasoning"} <= set(r)
-        assert r["category"] in P.ABNORMALITIES and r["cot_reasoning"] and all(isinstance(s, str) for s in r["cot_reasoning"])
+        assert (
+            r["category"] in P.ABNORMALITIES
+            and r["cot_reasoning"]
+            and all(isinstance(s, str) for s in r["cot_reasoning"])
+        )
         img = Image.open(root / "omniabnorm" / "images" / f"{r['case_id']}.jpg")
         assert img.format == "JPEG" and img.mode == "RGB" and img.size == (SHAPE[2], SHAPE[1])
         m = np.asarray(Image.open(root / "omniabnorm" / "masks" / f"{r['case_id']}.jpg").convert("L"))
@@ -386,8 +428,12 @@ def test_cli_synth(tmp_path):
     from trainers.cli import main
 
     out = tmp_path / "cli"
-    assert main(["synth", "--out", str(out), "--n-train", "1", "--n-val", "1", "--seed", "5",
-                 "--shape", "16", "48", "48"]) == 0
+    assert (
+        main(
+            ["synth", "--out", str(out), "--n-train", "1", "--n-val", "1", "--seed", "5", "--shape", "16", "48", "48"]
+        )
+        == 0
+    )
     assert (out / "dataset/train/train_1/train_1_a/train_1_a_1.nii.gz").is_file()
     assert (out / "masks/anatomy/valid/valid_1/valid_1_a/valid_1_a_1.nii.gz").is_file()
     assert nib.load(out / "dataset/valid/valid_1/valid_1_a/valid_1_a_1.nii.gz").shape == (48, 48, 16)

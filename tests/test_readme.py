@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

@@ -23,6 +23,7 @@ from .data.readers import read_ct_rate
 from .data.volume_dataset import CachedVolumeDataset
 from .metrics import multilabel_auroc
 
+
 #: Findings of the phantom cohort that a tiny encoder trained from scratch learns at 32×64×64 (large or diffuse,
 #: high-contrast). Nodules and other small findings need finer volumes than a CPU test can afford.
 EASY_LABELS = ("Cardiomegaly", "Pleural effusion", "Emphysema", "Pericardial effusion", "Consolidation")
@@ -47,8 +48,14 @@ class ClassifierRecipe:
     num_attention_heads: int = 4
     attention_type: str = "divided"
     text_config: dict = field(
-        default_factory=lambda: dict(model_type="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=64)
+        default_factory=lambda: dict(
+            model_type="bert",
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
     )
     max_steps: int = 500
     batch_size: int = 8
@@ -68,19 +75,28 @@ class ClassifierRecipe:
         # uniformly bright one when every input is positive; centring gives them opposite signs.
         windows = [list(w) if isinstance(w, (list, tuple)) else w for w in self.windows]
         return ReCTImageProcessor(
-            volume_size=list(self.volume_size), windows=windows,
-            image_mean=[0.5] * len(self.windows), image_std=[0.5] * len(self.windows),
+            volume_size=list(self.volume_size),
+            windows=windows,
+            image_mean=[0.5] * len(self.windows),
+            image_std=[0.5] * len(self.windows),
         )
 
     def model_config(self) -> ReCTConfig:
         vision = dict(
-            volume_size=list(self.volume_size), patch_size=list(self.patch_size), in_channels=len(self.windows),
-            hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads, intermediate_size=4 * self.hidden_size,
-            attention_type=self.attention_type, projection_dim=self.hidden_size,
+            volume_size=list(self.volume_size),
+            patch_size=list(self.patch_size),
+            in_channels=len(self.windows),
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=4 * self.hidden_size,
+            attention_type=self.attention_type,
+            projection_dim=self.hidden_size,
         )
         return ReCTConfig(
-            vision_config=vision, text_config=dict(self.text_config), projection_dim=self.hidden_size,
+            vision_config=vision,
+            text_config=dict(self.text_config),
+            projection_dim=self.hidden_size,
             id2label=dict(enumerate(self.label_names)),
         )
 

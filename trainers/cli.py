@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -25,17 +25,35 @@ def add_synth_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-train", type=int, default=8, help=f"training patients {from_default}")
     parser.add_argument("--n-val", type=int, default=4, help=f"validation patients {from_default}")
     parser.add_argument("--seed", type=int, default=0, help=f"random seed; same seed → identical files {from_default}")
-    parser.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"), default=[64, 128, 128],
-                        help=f"voxels per volume: slices, rows, columns {from_default}")
-    parser.add_argument("--p-prior", type=float, default=0.35,
-                        help=f"fraction of patients with a follow-up scan {from_default}")
-    parser.add_argument("--p-second-recon", type=float, default=0.15,
-                        help=f"fraction of scans with a second reconstruction {from_default}")
-    parser.add_argument("--prevalence", type=float, default=None,
-                        help="one prevalence for all 18 abnormalities (default: the per-label table)")
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        metavar=("D", "H", "W"),
+        default=[64, 128, 128],
+        help=f"voxels per volume: slices, rows, columns {from_default}",
+    )
+    parser.add_argument(
+        "--p-prior", type=float, default=0.35, help=f"fraction of patients with a follow-up scan {from_default}"
+    )
+    parser.add_argument(
+        "--p-second-recon",
+        type=float,
+        default=0.15,
+        help=f"fraction of scans with a second reconstruction {from_default}",
+    )
+    parser.add_argument(
+        "--prevalence",
+        type=float,
+        default=None,
+        help="one prevalence for all 18 abnormalities (default: the per-label table)",
+    )
     parser.add_argument("--vary-depth", action="store_true", help="vary the number of slices per volume by ±15%%")
-    parser.add_argument("--seg-target", default="Pleural effusion",
-                        help=f"abnormality whose binary masks back the segmentation CSV {from_default}")
+    parser.add_argument(
+        "--seg-target",
+        default="Pleural effusion",
+        help=f"abnormality whose binary masks back the segmentation CSV {from_default}",
+    )
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -80,7 +98,10 @@ def run_train_classifier(args: argparse.Namespace) -> int:
     from trainers.classification import ClassifierRecipe, train_classifier
 
     recipe = ClassifierRecipe(
-        max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
         attention_type=args.attention_type,
     )
     if args.labels:
@@ -113,12 +134,24 @@ def run_demo(args: argparse.Namespace) -> int:
 
 #: (name, help, add_parser, run) per subcommand.
 COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = [
-    ("synth", "write a phantom chest-CT cohort in CT-RATE layout (+ OmniAbnorm, segmentation CSV, Libra JSON)",
-     add_synth_parser, run_synth),
-    ("train-classifier", "fine-tune ReCTForVolumeClassification on a CT-RATE-layout cohort with the HF Trainer",
-     add_train_classifier_parser, run_train_classifier),
-    ("demo", "synthesise a cohort, fine-tune a classifier, save a Hub folder and reload it in a fresh process",
-     add_demo_parser, run_demo),
+    (
+        "synth",
+        "write a phantom chest-CT cohort in CT-RATE layout (+ OmniAbnorm, segmentation CSV, Libra JSON)",
+        add_synth_parser,
+        run_synth,
+    ),
+    (
+        "train-classifier",
+        "fine-tune ReCTForVolumeClassification on a CT-RATE-layout cohort with the HF Trainer",
+        add_train_classifier_parser,
+        run_train_classifier,
+    ),
+    (
+        "demo",
+        "synthesise a cohort, fine-tune a classifier, save a Hub folder and reload it in a fresh process",
+        add_demo_parser,
+        run_demo,
+    ),
 ]
 
 

@@ -17,6 +17,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+
 FRESH_PROCESS = textwrap.dedent(
     """
     import importlib.abc, json, sys
@@ -44,8 +45,13 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
-def run_demo(out_dir: str | Path = "demo_output", n_train: int = 240, n_val: int = 40, seed: int = 1,
-             max_steps: int | None = None) -> dict:
+def run_demo(
+    out_dir: str | Path = "demo_output",
+    n_train: int = 240,
+    n_val: int = 40,
+    seed: int = 1,
+    max_steps: int | None = None,
+) -> dict:
     from transformers import AutoTokenizer
 
     from hf_models import ReCTProcessor
@@ -57,14 +63,20 @@ def run_demo(out_dir: str | Path = "demo_output", n_train: int = 240, n_val: int
     cohort = out_dir / "cohort"
     print(f"[1/4] phantom cohort → {cohort}")
     if not (cohort / "dataset").exists():
-        summary = generate_cohort(cohort, n_train=n_train, n_val=n_val, seed=seed, shape=DEMO_SHAPE,
-                                  p_second_recon=0.0)
+        summary = generate_cohort(
+            cohort, n_train=n_train, n_val=n_val, seed=seed, shape=DEMO_SHAPE, p_second_recon=0.0
+        )
         print(f"      {summary['volumes']} volumes in {summary['seconds']:.0f} s")
     recipe = ClassifierRecipe(seed=seed) if max_steps is None else ClassifierRecipe(seed=seed, max_steps=max_steps)
-    print(f"[2/4] fine-tuning ReCTForVolumeClassification on {list(recipe.label_names)} "
-          f"({recipe.max_steps} steps, batch {recipe.batch_size}, volumes {recipe.volume_size})")
+    print(
+        f"[2/4] fine-tuning ReCTForVolumeClassification on {list(recipe.label_names)} "
+        f"({recipe.max_steps} steps, batch {recipe.batch_size}, volumes {recipe.volume_size})"
+    )
     result = train_classifier(cohort, out_dir / "classifier", recipe, cache_dir=out_dir / "cache")
-    print(f"      loss {result['loss_history'][0]:.3f} → {result['loss_history'][-1]:.3f} in {result['train_seconds']} s")
+    print(
+        f"      loss {result['loss_history'][0]:.3f} → {result['loss_history'][-1]:.3f} in {result['train_seconds']} s"
+    )
+
     def shown(value):  # AUROC is undefined (None) when the validation split has one class only
         return "undefined (one class)" if value is None else f"{value:.3f}"
 
@@ -82,21 +94,36 @@ def run_demo(out_dir: str | Path = "demo_output", n_train: int = 240, n_val: int
     print("      " + ", ".join(sorted(p.name for p in folder.iterdir())))
 
     row = read_ct_rate(cohort, "valid", cot=False)[0]
-    print(f"[4/4] fresh process, project not importable: AutoModelForImageClassification + AutoProcessor "
-          f"(trust_remote_code=True) on {Path(row['volume_path']).name}")
+    print(
+        f"[4/4] fresh process, project not importable: AutoModelForImageClassification + AutoProcessor "
+        f"(trust_remote_code=True) on {Path(row['volume_path']).name}"
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, str(folder), row["volume_path"], str(row["rescale_slope"]),
-         str(row["rescale_intercept"])],
-        env=env, cwd=out_dir, capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-c",
+            FRESH_PROCESS,
+            str(folder),
+            row["volume_path"],
+            str(row["rescale_slope"]),
+            str(row["rescale_intercept"]),
+        ],
+        env=env,
+        cwd=out_dir,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"loading the saved folder in a fresh process failed:\n{proc.stderr[-3000:]}")
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     truth = dict(zip(recipe.label_names, [row["labels"][i] for i in recipe.label_indices()]))
-    print(f"      {loaded['model_class']} + {loaded['processor_class']}, scan {loaded['original_shape']} → "
-          f"{loaded['orientation']} canonical")
+    print(
+        f"      {loaded['model_class']} + {loaded['processor_class']}, scan {loaded['original_shape']} → "
+        f"{loaded['orientation']} canonical"
+    )
     for name, p in loaded["probabilities"].items():
         print(f"      {name:18s} p = {p:.3f}   ground truth {truth[name]}")
     return {"training": result, "fresh_process": loaded}

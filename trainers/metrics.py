@@ -44,9 +44,7 @@ def multilabel_auroc(
     names = label_names or [str(i) for i in range(scores.shape[1])]
     if len(names) != scores.shape[1]:
         raise ValueError(f"{len(names)} label names for {scores.shape[1]} labels")
-    result: dict[str, float | None] = {
-        name: binary_auroc(scores[:, i], targets[:, i]) for i, name in enumerate(names)
-    }
+    result: dict[str, float | None] = {name: binary_auroc(scores[:, i], targets[:, i]) for i, name in enumerate(names)}
     defined = [v for v in result.values() if v is not None]
     result["macro"] = float(np.mean(defined)) if defined else None
     result["defined_labels"] = len(defined)

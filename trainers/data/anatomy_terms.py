@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+
 NUM_REGIONS = 20
 
 #: Region id → regular expression of the terms that name it in a chest CT report.

@@ -13,12 +13,14 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
 
 Identity = Literal["stat", "content"]
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -96,8 +98,11 @@ class VolumeCache:
             for p in (volume_path, anatomy_mask_path, lesion_mask_path)
         ]
         payload = json.dumps(
-            {"sources": sources, "rescale": [float(rescale_slope), float(rescale_intercept)],
-             "storage": self.storage_dtype},
+            {
+                "sources": sources,
+                "rescale": [float(rescale_slope), float(rescale_intercept)],
+                "storage": self.storage_dtype,
+            },
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+
 # SAM's convention for padded prompt points: label -10 marks "no point here".
 POINT_PAD_LABEL = -10
 
@@ -88,7 +89,9 @@ class LocalizationCollator:
             if self.tokenizer is None:
                 raise ValueError("LocalizationCollator: text prompts need a tokenizer")
             prompts = [example.get("prompt") or "" for example in examples]
-            text = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            text = self.tokenizer(
+                prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
             batch["input_ids"], batch["attention_mask"] = text["input_ids"], text["attention_mask"]
         if any(example.get("input_points") is not None for example in examples):
             count = max(len(example.get("input_points") or []) for example in examples)

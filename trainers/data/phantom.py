@@ -71,15 +71,17 @@ import math
 import re
 import time
 import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from PIL import Image
 
 from hf_models.configuration_rect import CT_RATE_ABNORMALITIES
+
 
 __all__ = [
     "ABNORMALITIES",
@@ -550,9 +552,14 @@ def _lung_candidates(A, rng, n: int, margin: float):
     return x[ok], y[ok], z[ok], lob[ok]
 
 
-_OFFSETS = np.concatenate([np.eye(3), -np.eye(3), np.array([[1, 1, 1], [-1, -1, 1], [1, -1, -1], [-1, 1, -1],
-                                                             [1, -1, 1], [-1, 1, 1], [1, 1, -1], [-1, -1, -1]])
-                           / math.sqrt(3)])
+_OFFSETS = np.concatenate(
+    [
+        np.eye(3),
+        -np.eye(3),
+        np.array([[1, 1, 1], [-1, -1, 1], [1, -1, -1], [-1, 1, -1], [1, -1, 1], [-1, 1, 1], [1, 1, -1], [-1, -1, -1]])
+        / math.sqrt(3),
+    ]
+)
 
 
 def _sample_in_lobe(rng, A, lobe: int, margin: float, y_min: float = -1e9, z_max: float = 1e9) -> np.ndarray:
@@ -660,13 +667,21 @@ def _sample_anatomy(rng: np.random.Generator, emphysema: bool) -> SimpleNamespac
     bif = np.array([A.xm - 6, A.y_t + 14, A.z_car - 10])
     rvot = np.array([A.xm - 12, A.y_asc + 16, A.heart_c[2] + 0.45 * A.heart_axes[2]])
     A.pa_trunk = ([rvot, bif], 13.0)
-    A.pa_right = ([bif, (A.xm + 20, A.y_t + 8, A.z_car - 14), A.hilum_R + [4, 10, -6], A.hilum_R + [28, 8, -26]],
-                  [10.0, 9.0, 7.0, 4.5])
-    A.pa_left = ([bif, (A.xm - 30, A.y_t + 4, A.z_car - 4), A.hilum_L + [-2, 2, 6], A.hilum_L + [-26, 0, -18]],
-                 [10.0, 9.0, 7.0, 4.5])
+    A.pa_right = (
+        [bif, (A.xm + 20, A.y_t + 8, A.z_car - 14), A.hilum_R + [4, 10, -6], A.hilum_R + [28, 8, -26]],
+        [10.0, 9.0, 7.0, 4.5],
+    )
+    A.pa_left = (
+        [bif, (A.xm - 30, A.y_t + 4, A.z_car - 4), A.hilum_L + [-2, 2, 6], A.hilum_L + [-26, 0, -18]],
+        [10.0, 9.0, 7.0, 4.5],
+    )
     A.svc = [(A.xm + 30, A.y_asc - 4, top), (A.xm + 26, A.y_asc, A.heart_c[2] + 0.35 * A.heart_axes[2])]
-    A.oesophagus = [(A.xm - 6, A.y_e, top), (A.xm - 8, A.y_e, A.z_dL + 22), (A.xm - 30, A.y_e + 14, A.z_dL - 12),
-                    (A.xm - 0.45 * A.ac, A.yc + 0.1 * A.bc, A.z_dL - 40)]
+    A.oesophagus = [
+        (A.xm - 6, A.y_e, top),
+        (A.xm - 8, A.y_e, A.z_dL + 22),
+        (A.xm - 30, A.y_e + 14, A.z_dL - 12),
+        (A.xm - 0.45 * A.ac, A.yc + 0.1 * A.bc, A.z_dL - 40),
+    ]
     A.oes_air = bool(rng.random() < 0.5)
     A.trachea = [(A.x_t, A.y_t, top), (A.x_t, A.y_t, A.z_car)]
     A.main_bronchi = [
@@ -695,7 +710,9 @@ def _sample_anatomy(rng: np.random.Generator, emphysema: bool) -> SimpleNamespac
                 if np.linalg.norm(d) > 70:
                     d = d * 70 / np.linalg.norm(d)
                 bronchi.append((seg_end, seg_end + 0.75 * d, 1.9, 1.1, lobe, 4))
-    A.bronchi = [(np.asarray(p0, float), np.asarray(p1, float), r0, r1, lobe, g) for p0, p1, r0, r1, lobe, g in bronchi]
+    A.bronchi = [
+        (np.asarray(p0, float), np.asarray(p1, float), r0, r1, lobe, g) for p0, p1, r0, r1, lobe, g in bronchi
+    ]
     return A
 
 
@@ -738,8 +755,11 @@ def _place_lung_lesions(rng, A, sizes: Mapping[str, Any], eff_level: Mapping[str
     if "Atelectasis" in sizes:
         lobe = int(rng.choice((3, 4, 6, 5), p=[0.2, 0.35, 0.35, 0.1]))
         n = np.array([_u(rng, -0.3, 0.3), _u(rng, 0.2, 0.5), 1.0])
-        P["Atelectasis"] = {"lobe": lobe, "c": _sample_in_lobe(rng, A, lobe, 10.0, y_min(lobe)),
-                            "n": n / np.linalg.norm(n)}
+        P["Atelectasis"] = {
+            "lobe": lobe,
+            "c": _sample_in_lobe(rng, A, lobe, 10.0, y_min(lobe)),
+            "n": n / np.linalg.norm(n),
+        }
     if "Pulmonary fibrotic sequela" in sizes:
         lobe = int(rng.choice((2, 5, 4, 6), p=[0.35, 0.35, 0.15, 0.15]))
         c = _sample_in_lobe(rng, A, lobe, 12.0, y_min(lobe))
@@ -820,12 +840,12 @@ def _scale_size(name: str, s: dict, k: float) -> dict:
     elif name in ("Consolidation", "Lung opacity"):
         s["r"] = float(np.clip(s["r"] * k ** (1 / 3), 12, 80))
     elif name == "Atelectasis":
-        s["ext"] = float(np.clip(s["ext"] * k ** 0.5, 15, 65))
+        s["ext"] = float(np.clip(s["ext"] * k**0.5, 15, 65))
     elif name == "Lymphadenopathy":
         for node in s["nodes"]:
             node["short_axis"] = float(np.clip(node["short_axis"] * k ** (1 / 3), 11, 34))
     elif name == "Pericardial effusion":
-        s["t"] = float(np.clip(s["t"] * k ** 0.8, 5, 28))
+        s["t"] = float(np.clip(s["t"] * k**0.8, 5, 28))
     return s
 
 
@@ -837,8 +857,7 @@ def _evolve(rng, A, S_a: dict[str, Any], prevalence) -> dict[str, Any]:
     for name in ABNORMALITIES:
         if name in S_a:
             if name in SIZED:
-                plan = str(rng.choice(["increased", "decreased", "unchanged", "resolved"],
-                                      p=[0.32, 0.28, 0.28, 0.12]))
+                plan = str(rng.choice(["increased", "decreased", "unchanged", "resolved"], p=[0.32, 0.28, 0.28, 0.12]))
                 if name in ("Lung nodule", "Lymphadenopathy") and plan == "resolved":
                     plan = "unchanged"
                 if plan == "increased":
@@ -870,8 +889,13 @@ def _assemble(rng, A, sizes_per_scan: list[dict]) -> list[dict]:
         n = max(len(S["Lung nodule"]["r"]) for S in sizes_per_scan if "Lung nodule" in S)
         r_max = []
         for i in range(n):
-            r_max.append(max(S["Lung nodule"]["r"][i] for S in sizes_per_scan
-                             if "Lung nodule" in S and i < len(S["Lung nodule"]["r"])))
+            r_max.append(
+                max(
+                    S["Lung nodule"]["r"][i]
+                    for S in sizes_per_scan
+                    if "Lung nodule" in S and i < len(S["Lung nodule"]["r"])
+                )
+            )
         union["Lung nodule"] = {"r_max": r_max}
     eff_level: dict[str, float] = {}
     for S in sizes_per_scan:
@@ -901,8 +925,9 @@ def _assemble(rng, A, sizes_per_scan: list[dict]) -> list[dict]:
                 continue
             f = dict(json.loads(json.dumps(S[name])))
             if name == "Lung nodule":
-                f["nodules"] = [{"lobe": P[name][i]["lobe"], "c": P[name][i]["c"], "r": r}
-                                for i, r in enumerate(S[name]["r"])]
+                f["nodules"] = [
+                    {"lobe": P[name][i]["lobe"], "c": P[name][i]["c"], "r": r} for i, r in enumerate(S[name]["r"])
+                ]
             elif name == "Arterial wall calcification":
                 f["spots"] = P[name][: f["n"]]
             elif name == "Coronary artery wall calcification":
@@ -968,8 +993,11 @@ def _paint_spot(cv: Canvas, c, r: float, **kw):
     cv.paint(sl, _ell_q2(X, Y, Z, c, rr) < 1.0, **kw)
 
 
-_NODE_SHIFTS = [np.zeros(3)] + [np.array(v, float) * k for k in (6.0, 12.0)
-                                 for v in ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))]
+_NODE_SHIFTS = [np.zeros(3)] + [
+    np.array(v, float) * k
+    for k in (6.0, 12.0)
+    for v in ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
+]
 
 
 def _render(A, F: Mapping[str, Any], grid: Grid, scan: SimpleNamespace, bank: FieldBank) -> tuple[Canvas, dict]:
@@ -1036,8 +1064,9 @@ def _render(A, F: Mapping[str, Any], grid: Grid, scan: SimpleNamespace, bank: Fi
     box = grid.around(A.spleen_c, max(A.spleen_r) + 2)
     if box is not None:
         sl, Xs, Ys, Zs = box
-        cv.paint(sl, _ell_q2(Xs, Ys, Zs, A.spleen_c, A.spleen_r, _rot_z(35)) < 1.0, hu=scan.spleen_hu, lab=17,
-                 only=(20, 15))
+        cv.paint(
+            sl, _ell_q2(Xs, Ys, Zs, A.spleen_c, A.spleen_r, _rot_z(35)) < 1.0, hu=scan.spleen_hu, lab=17, only=(20, 15)
+        )
     for s in (1, -1):
         c = (A.xm + s * 0.45 * A.ac, A.yv + 8, A.z_dL - 125)
         box = grid.around(c, (0.2 * A.ac + 2, 26, 57))
@@ -1110,8 +1139,14 @@ def _render(A, F: Mapping[str, Any], grid: Grid, scan: SimpleNamespace, bank: Fi
             sl, Xs, Ys, Zs = box
             q = np.sqrt(_ell_q2(Xs, Ys, Zs, c, np.maximum(r, grid.min_radius(1.0))))
             inner = np.where(Ys > c[1] + 0.15 * r[1], -1000.0, 20.0)
-            cv.paint(sl, q < 1.0, hu=np.where(q > 0.8, 45.0, inner), lab=16, les=LESION_IDS["Hiatal hernia"],
-                     only=(1, 7, 11, 15, 16, 18, 19, 20) + LUNG_IDS)
+            cv.paint(
+                sl,
+                q < 1.0,
+                hu=np.where(q > 0.8, 45.0, inner),
+                lab=16,
+                les=LESION_IDS["Hiatal hernia"],
+                only=(1, 7, 11, 15, 16, 18, 19, 20) + LUNG_IDS,
+            )
         refs["Hiatal hernia"] = c
     if "Lymphadenopathy" in F:
         for node in F["Lymphadenopathy"]["nodes"]:
@@ -1132,8 +1167,9 @@ def _render(A, F: Mapping[str, Any], grid: Grid, scan: SimpleNamespace, bank: Fi
             box = grid.around(c, rr + 1)
             if box is not None:
                 sl, Xs, Ys, Zs = box
-                cv.paint(sl, _ell_q2(Xs, Ys, Zs, c, rr) < 1.0, hu=42.0, lab=18, les=LESION_IDS["Lymphadenopathy"],
-                         only=free)
+                cv.paint(
+                    sl, _ell_q2(Xs, Ys, Zs, c, rr) < 1.0, hu=42.0, lab=18, les=LESION_IDS["Lymphadenopathy"], only=free
+                )
             refs.setdefault("Lymphadenopathy", c)
 
     # --- lungs: effusion, parenchymal patterns, airways, vessels, focal lesions ---
@@ -1143,8 +1179,9 @@ def _render(A, F: Mapping[str, Any], grid: Grid, scan: SimpleNamespace, bank: Fi
             sidemask = (X > A.xm) if side == "right" else (X < A.xm)
             ids = (RIGHT_LOBES if side == "right" else LEFT_LOBES) + (19,)
             cv.paint(sl0, sidemask & (Y < ylev), hu=12.0, lab=19, les=LESION_IDS["Pleural effusion"], only=ids)
-            refs["Pleural effusion"] = np.array([A.xm + (0.55 if side == "right" else -0.55) * A.ac,
-                                                 A.yc - A.bc + 6, A.z_dR + 10])
+            refs["Pleural effusion"] = np.array(
+                [A.xm + (0.55 if side == "right" else -0.55) * A.ac, A.yc - A.bc + 6, A.z_dR + 10]
+            )
     lungmask = np.isin(cv.lab, LUNG_IDS)
     if "Mosaic attenuation pattern" in F:
         nm = bank.sample_grid("mosaic", grid, step=10.0, passes=2)
@@ -1289,14 +1326,22 @@ def _render(A, F: Mapping[str, Any], grid: Grid, scan: SimpleNamespace, bank: Fi
             if box is not None:
                 sl, Xs, Ys, Zs = box
                 cv.paint(sl, np.ones((1, 1, 1), bool), hu=3000.0, les=k)
-            lead = [gen, (A.xm - 45, A.yc + A.bc - 15, A.z_ap - 5), (A.xm + 24, A.y_asc, A.z_arch),
-                    tuple(hc + [30, 0, 0]), tuple(hc + [-25, 25, -25])]
+            lead = [
+                gen,
+                (A.xm - 45, A.yc + A.bc - 15, A.z_ap - 5),
+                (A.xm + 24, A.y_asc, A.z_arch),
+                tuple(hc + [30, 0, 0]),
+                tuple(hc + [-25, 25, -25]),
+            ]
             for sl, m in _tube_masks(grid, lead, wire_r):
                 cv.paint(sl, m, hu=2500.0, les=k)
             refs["Medical material"] = gen
         elif kind == "catheter":
-            line = [(A.xm + 40, A.y_asc - 10, 260.0), (A.xm + 28, A.y_asc - 2, A.z_arch + 30),
-                    (A.xm + 26, A.y_asc, A.heart_c[2] + 0.5 * A.heart_axes[2])]
+            line = [
+                (A.xm + 40, A.y_asc - 10, 260.0),
+                (A.xm + 28, A.y_asc - 2, A.z_arch + 30),
+                (A.xm + 26, A.y_asc, A.heart_c[2] + 0.5 * A.heart_axes[2]),
+            ]
             for sl, m in _tube_masks(grid, line, max(1.6, wire_r)):
                 cv.paint(sl, m, hu=1400.0, les=k)
             refs["Medical material"] = np.asarray(line[1])
@@ -1347,8 +1392,9 @@ def _sample_geometry(rng, A, shape: Sequence[int], vary_depth: bool, orientation
         affine[ax, ax] = signs[ax] * sp[ax]
         affine[ax, 3] = world_c[ax] + centre_pat[ax] - signs[ax] * sp[ax] * (n[ax] - 1) / 2
     grid = Grid(*coords)
-    return SimpleNamespace(grid=grid, affine=affine, orientation=orientation, dxy=dxy, dz=dz, fov=fov,
-                           shape=n, world_c=world_c)
+    return SimpleNamespace(
+        grid=grid, affine=affine, orientation=orientation, dxy=dxy, dz=dz, fov=fov, shape=n, world_c=world_c
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1381,8 +1427,14 @@ def _lobe_list(lobes: Iterable[int]) -> str:
 
 
 _CMP = {
-    "increased": [", increased compared to the previous examination", ", which has increased since the previous examination"],
-    "decreased": [", decreased compared to the previous examination", ", which has regressed since the previous examination"],
+    "increased": [
+        ", increased compared to the previous examination",
+        ", which has increased since the previous examination",
+    ],
+    "decreased": [
+        ", decreased compared to the previous examination",
+        ", which has regressed since the previous examination",
+    ],
     "unchanged": [", unchanged compared to the previous examination", ", stable compared to the previous examination"],
     "new": [", which is new compared to the previous examination", ", new since the previous examination"],
 }
@@ -1400,112 +1452,203 @@ def _positive(rng, name: str, f: Mapping[str, Any], cmp: str) -> tuple[str, str]
     if name == "Medical material":
         kind = f["kind"]
         if kind == "pacemaker":
-            s = pick(["A cardiac pacemaker is seen in the left pectoral region with its lead extending into the right heart chambers{c}.",
-                      "Pacemaker generator in the left anterior chest wall, lead tip in the right ventricle{c}."])
+            s = pick(
+                [
+                    "A cardiac pacemaker is seen in the left pectoral region with its lead "
+                    "extending into the right heart chambers{c}.",
+                    "Pacemaker generator in the left anterior chest wall, lead tip in the right ventricle{c}.",
+                ]
+            )
             imp = "Cardiac pacemaker{c}."
         elif kind == "catheter":
-            s = pick(["A central venous catheter is observed with its tip in the superior vena cava{c}.",
-                      "Central venous catheter in place, its tip at the cavoatrial junction{c}."])
+            s = pick(
+                [
+                    "A central venous catheter is observed with its tip in the superior vena cava{c}.",
+                    "Central venous catheter in place, its tip at the cavoatrial junction{c}.",
+                ]
+            )
             imp = "Central venous catheter{c}."
         else:
             s = pick(["Sternotomy wires are observed in the sternum{c}.", "Median sternotomy wires are present{c}."])
             imp = "Postoperative sternotomy wires{c}."
         return s.format(c=cmp), imp.format(c=cmp)
     if name == "Arterial wall calcification":
-        s = pick(["Calcific atherosclerotic plaques are observed in the wall of the thoracic aorta{c}.",
-                  "Atherosclerotic calcifications are seen in the aortic arch and descending aorta{c}.",
-                  "Calcified atheroma plaques are present in the thoracic aorta{c}."])
+        s = pick(
+            [
+                "Calcific atherosclerotic plaques are observed in the wall of the thoracic aorta{c}.",
+                "Atherosclerotic calcifications are seen in the aortic arch and descending aorta{c}.",
+                "Calcified atheroma plaques are present in the thoracic aorta{c}.",
+            ]
+        )
         return s.format(c=cmp), f"Atherosclerotic calcification of the thoracic aorta{cmp}."
     if name == "Cardiomegaly":
-        s = pick(["Cardiomegaly is present{c}.", "The heart is enlarged (cardiomegaly){c}.",
-                  "The heart is enlarged, consistent with cardiomegaly{c}."])
+        s = pick(
+            [
+                "Cardiomegaly is present{c}.",
+                "The heart is enlarged (cardiomegaly){c}.",
+                "The heart is enlarged, consistent with cardiomegaly{c}.",
+            ]
+        )
         return s.format(c=cmp), f"Cardiomegaly{cmp}."
     if name == "Pericardial effusion":
         t = int(round(f["t"]))
-        s = pick(["Pericardial effusion reaching {t} mm in thickness is observed{c}.",
-                  "There is pericardial effusion with a maximum thickness of {t} mm{c}."])
+        s = pick(
+            [
+                "Pericardial effusion reaching {t} mm in thickness is observed{c}.",
+                "There is pericardial effusion with a maximum thickness of {t} mm{c}.",
+            ]
+        )
         return s.format(t=t, c=cmp), f"Pericardial effusion{cmp}."
     if name == "Coronary artery wall calcification":
-        s = pick(["Calcific plaques are observed in the coronary arteries{c}.",
-                  "Coronary artery calcifications are present{c}.",
-                  "Calcification is seen along the course of the coronary arteries{c}."])
+        s = pick(
+            [
+                "Calcific plaques are observed in the coronary arteries{c}.",
+                "Coronary artery calcifications are present{c}.",
+                "Calcification is seen along the course of the coronary arteries{c}.",
+            ]
+        )
         return s.format(c=cmp), f"Coronary artery calcification{cmp}."
     if name == "Hiatal hernia":
-        s = pick(["A hiatal hernia containing air and fluid is observed above the diaphragm{c}.",
-                  "Hiatal hernia is present at the lower end of the esophagus{c}."])
+        s = pick(
+            [
+                "A hiatal hernia containing air and fluid is observed above the diaphragm{c}.",
+                "Hiatal hernia is present at the lower end of the esophagus{c}.",
+            ]
+        )
         return s.format(c=cmp), f"Hiatal hernia{cmp}."
     if name == "Lymphadenopathy":
         nodes = sorted(f["nodes"], key=lambda n: -n["short_axis"])
         big = nodes[0]
         where = _join(sorted({n["station"] for n in nodes}))
-        s = pick(["Lymph nodes of pathological size are observed in the {w} stations, the largest {d} mm in short axis in the {b} station{c}.",
-                  "Mediastinal lymphadenopathy is present ({w}), the largest lymph node measuring {d} mm in short axis in the {b} station{c}."])
-        return (s.format(w=where, d=int(round(big["short_axis"])), b=big["station"], c=cmp),
-                f"Mediastinal lymphadenopathy{cmp}.")
+        s = pick(
+            [
+                "Lymph nodes of pathological size are observed in the {w} stations, the largest "
+                "{d} mm in short axis in the {b} station{c}.",
+                "Mediastinal lymphadenopathy is present ({w}), the largest lymph node measuring "
+                "{d} mm in short axis in the {b} station{c}.",
+            ]
+        )
+        return (
+            s.format(w=where, d=int(round(big["short_axis"])), b=big["station"], c=cmp),
+            f"Mediastinal lymphadenopathy{cmp}.",
+        )
     if name == "Emphysema":
-        s = pick(["Centrilobular and paraseptal emphysematous changes are observed in both lungs, more prominent in the upper lobes{c}.",
-                  "Emphysema is present in both lungs, predominantly in the upper zones, with bullae{c}."])
+        s = pick(
+            [
+                "Centrilobular and paraseptal emphysematous changes are observed in both "
+                "lungs, more prominent in the upper lobes{c}.",
+                "Emphysema is present in both lungs, predominantly in the upper zones, with bullae{c}.",
+            ]
+        )
         return s.format(c=cmp), f"Emphysema{cmp}."
     if name == "Atelectasis":
         where = _lobe_list([f["lobe"]])
-        s = pick(["Linear plate-like atelectasis is seen in the {w}{c}.", "Subsegmental atelectasis is observed in the {w}{c}."])
+        s = pick(
+            [
+                "Linear plate-like atelectasis is seen in the {w}{c}.",
+                "Subsegmental atelectasis is observed in the {w}{c}.",
+            ]
+        )
         return s.format(w=where, c=cmp), f"Atelectasis in the {where}{cmp}."
     if name == "Lung nodule":
         nods = f["nodules"]
         if len(nods) == 1:
             n = nods[0]
-            s = pick(["A solid nodule measuring {d} mm is seen in the {w}{c}.",
-                      "There is a {d} mm soft-tissue nodule in the {w}{c}."])
+            s = pick(
+                [
+                    "A solid nodule measuring {d} mm is seen in the {w}{c}.",
+                    "There is a {d} mm soft-tissue nodule in the {w}{c}.",
+                ]
+            )
             s = s.format(d=int(round(2 * n["r"])), w=_lobe_list([n["lobe"]]), c=cmp)
         else:
             sizes = ", ".join(f"{int(round(2 * n['r']))} mm in the {LOBE_NAMES[n['lobe']]}" for n in nods)
             s = f"Multiple solid nodules are observed ({sizes}){cmp}."
         largest = max(int(round(2 * n["r"])) for n in nods)
-        return s, f"Pulmonary nodule{'s' if len(nods) > 1 else ''} in the {_lobe_list([n['lobe'] for n in nods])}, the largest {largest} mm{cmp}."
+        return (
+            s,
+            f"Pulmonary nodule{'s' if len(nods) > 1 else ''} in the "
+            f"{_lobe_list([n['lobe'] for n in nods])}, the largest {largest} mm{cmp}.",
+        )
     if name == "Lung opacity":
         where = _lobe_list([b["lobe"] for b in f["blobs"]])
-        s = pick(["Ground-glass opacities are observed in the {w}{c}.", "Patchy ground-glass densities are seen in the {w}{c}."])
+        s = pick(
+            [
+                "Ground-glass opacities are observed in the {w}{c}.",
+                "Patchy ground-glass densities are seen in the {w}{c}.",
+            ]
+        )
         return s.format(w=where, c=cmp), f"Ground-glass opacities in the {where}{cmp}."
     if name == "Pulmonary fibrotic sequela":
         where = _lobe_list([f["lobe"]])
-        s = pick(["Fibrotic sequelae with linear densities are observed in the {w}{c}.",
-                  "Sequelae fibrotic changes are seen in the {w}{c}."])
+        s = pick(
+            [
+                "Fibrotic sequelae with linear densities are observed in the {w}{c}.",
+                "Sequelae fibrotic changes are seen in the {w}{c}.",
+            ]
+        )
         return s.format(w=where, c=cmp), f"Fibrotic sequelae in the {where}{cmp}."
     if name == "Pleural effusion":
         sides = sorted(f["t"])
         t = int(round(max(f["t"].values())))
         size = "small" if t < 30 else ("moderate" if t < 50 else "large")
         if len(sides) == 2:
-            s = pick(["Bilateral {z} pleural effusion is observed, measuring up to {t} mm in thickness{c}.",
-                      "There is {z} pleural effusion in both hemithoraces, up to {t} mm thick{c}."])
+            s = pick(
+                [
+                    "Bilateral {z} pleural effusion is observed, measuring up to {t} mm in thickness{c}.",
+                    "There is {z} pleural effusion in both hemithoraces, up to {t} mm thick{c}.",
+                ]
+            )
             imp = "Bilateral pleural effusion{c}."
         else:
-            s = pick(["A {z} pleural effusion measuring {t} mm in thickness is observed in the {sd} hemithorax{c}.",
-                      "{Sd} {z} pleural effusion is present, {t} mm thick{c}."])
+            s = pick(
+                [
+                    "A {z} pleural effusion measuring {t} mm in thickness is observed in the {sd} hemithorax{c}.",
+                    "{Sd} {z} pleural effusion is present, {t} mm thick{c}.",
+                ]
+            )
             imp = "{Sd} pleural effusion{c}."
         kw = dict(z=size, t=t, c=cmp, sd=sides[0], Sd=_cap(sides[0]))
         return _cap(s.format(**kw)), imp.format(**kw)
     if name == "Mosaic attenuation pattern":
-        s = pick(["A mosaic attenuation pattern is observed in both lungs{c}.",
-                  "Both lungs show mosaic attenuation with geographic areas of low density{c}."])
+        s = pick(
+            [
+                "A mosaic attenuation pattern is observed in both lungs{c}.",
+                "Both lungs show mosaic attenuation with geographic areas of low density{c}.",
+            ]
+        )
         return s.format(c=cmp), f"Mosaic attenuation pattern{cmp}."
     if name == "Peribronchial thickening":
-        s = pick(["Peribronchial thickening is observed in both lungs{c}.",
-                  "Bronchial wall thickening (peribronchial thickening) is present bilaterally{c}."])
+        s = pick(
+            [
+                "Peribronchial thickening is observed in both lungs{c}.",
+                "Bronchial wall thickening (peribronchial thickening) is present bilaterally{c}.",
+            ]
+        )
         return s.format(c=cmp), f"Peribronchial thickening{cmp}."
     if name == "Consolidation":
         where = _lobe_list([f["lobe"]])
-        s = pick(["Consolidation with air bronchograms is observed in the {w}{c}.",
-                  "There is an area of consolidation in the {w}{c}.",
-                  "Pneumonic consolidation is seen in the {w}{c}."])
+        s = pick(
+            [
+                "Consolidation with air bronchograms is observed in the {w}{c}.",
+                "There is an area of consolidation in the {w}{c}.",
+                "Pneumonic consolidation is seen in the {w}{c}.",
+            ]
+        )
         return s.format(w=where, c=cmp), f"Consolidation in the {where}{cmp}."
     if name == "Bronchiectasis":
         where = _lobe_list([f["lobe"]])
-        s = pick(["Cylindrical bronchiectasis is observed in the {w}{c}.", "Bronchiectatic changes are seen in the {w}{c}."])
+        s = pick(
+            ["Cylindrical bronchiectasis is observed in the {w}{c}.", "Bronchiectatic changes are seen in the {w}{c}."]
+        )
         return s.format(w=where, c=cmp), f"Bronchiectasis in the {where}{cmp}."
     if name == "Interlobular septal thickening":
-        s = pick(["Interlobular septal thickening is observed in the subpleural areas of both lower lobes{c}.",
-                  "Subpleural interlobular septal thickening is seen in both lower lobes{c}."])
+        s = pick(
+            [
+                "Interlobular septal thickening is observed in the subpleural areas of both lower lobes{c}.",
+                "Subpleural interlobular septal thickening is seen in both lower lobes{c}.",
+            ]
+        )
         return s.format(c=cmp), f"Interlobular septal thickening{cmp}."
     raise KeyError(name)
 
@@ -1513,17 +1656,36 @@ def _positive(rng, name: str, f: Mapping[str, Any], cmp: str) -> tuple[str, str]
 def _resolved(name: str) -> str:
     if name == "Medical material":
         return "The previously noted medical material is no longer present."
-    noun = {"Lung opacity": "ground-glass opacities", "Pulmonary fibrotic sequela": "fibrotic sequelae",
-            "Lymphadenopathy": "lymphadenopathy"}.get(name, name.lower())
+    noun = {
+        "Lung opacity": "ground-glass opacities",
+        "Pulmonary fibrotic sequela": "fibrotic sequelae",
+        "Lymphadenopathy": "lymphadenopathy",
+    }.get(name, name.lower())
     return f"The previously described {noun} has resolved."
 
 
 _SECTIONS = {
-    "mediastinum": ["Medical material", "Cardiomegaly", "Pericardial effusion", "Arterial wall calcification",
-                    "Coronary artery wall calcification", "Lymphadenopathy", "Hiatal hernia"],
-    "lungs": ["Emphysema", "Mosaic attenuation pattern", "Lung nodule", "Consolidation", "Lung opacity",
-              "Atelectasis", "Pulmonary fibrotic sequela", "Bronchiectasis", "Peribronchial thickening",
-              "Interlobular septal thickening"],
+    "mediastinum": [
+        "Medical material",
+        "Cardiomegaly",
+        "Pericardial effusion",
+        "Arterial wall calcification",
+        "Coronary artery wall calcification",
+        "Lymphadenopathy",
+        "Hiatal hernia",
+    ],
+    "lungs": [
+        "Emphysema",
+        "Mosaic attenuation pattern",
+        "Lung nodule",
+        "Consolidation",
+        "Lung opacity",
+        "Atelectasis",
+        "Pulmonary fibrotic sequela",
+        "Bronchiectasis",
+        "Peribronchial thickening",
+        "Interlobular septal thickening",
+    ],
     "pleura": ["Pleural effusion"],
 }
 
@@ -1531,20 +1693,35 @@ _SECTIONS = {
 def _write_report(rng, A, F: Mapping[str, Any], changes: Mapping[str, str], scan: SimpleNamespace) -> dict[str, Any]:
     """CT-RATE style report; returns the CSV fields plus the sentences per section (for the CoT)."""
     pick = lambda options: str(rng.choice(options))  # noqa: E731
-    sec: dict[str, list[str]] = {"airways": [], "mediastinum": [], "lungs": [], "pleura": [], "abdomen": [], "bones": []}
+    sec: dict[str, list[str]] = {
+        "airways": [],
+        "mediastinum": [],
+        "lungs": [],
+        "pleura": [],
+        "abdomen": [],
+        "bones": [],
+    }
     impressions: list[str] = []
-    sec["airways"].append(pick([
-        "Trachea and both main bronchi are in the midline and patent.",
-        "Trachea and main bronchi are open, and no obstructive pathology was detected in their lumens.",
-        "The trachea and both main bronchi are patent.",
-    ]))
+    sec["airways"].append(
+        pick(
+            [
+                "Trachea and both main bronchi are in the midline and patent.",
+                "Trachea and main bronchi are open, and no obstructive pathology was detected in their lumens.",
+                "The trachea and both main bronchi are patent.",
+            ]
+        )
+    )
     if scan.contrast:
         sec["mediastinum"].append("Thoracic main vascular structures are opacified with contrast material.")
     else:
-        sec["mediastinum"].append(pick([
-            "Mediastinal structures were evaluated as suboptimal since contrast material was not given.",
-            "Examination was performed without intravenous contrast.",
-        ]))
+        sec["mediastinum"].append(
+            pick(
+                [
+                    "Mediastinal structures were evaluated as suboptimal since contrast material was not given.",
+                    "Examination was performed without intravenous contrast.",
+                ]
+            )
+        )
     for section, names in _SECTIONS.items():
         for name in names:
             if name in F:
@@ -1557,31 +1734,62 @@ def _write_report(rng, A, F: Mapping[str, Any], changes: Mapping[str, str], scan
     neg = lambda n: n not in F and changes.get(n) != "resolved"  # noqa: E731
     med, lungs = sec["mediastinum"], sec["lungs"]
     if neg("Cardiomegaly") and neg("Pericardial effusion"):
-        med.append(pick(["Heart size is normal and no pericardial effusion was observed.",
-                         "Heart contour and heart size are normal; no pericardial effusion was detected."]))
+        med.append(
+            pick(
+                [
+                    "Heart size is normal and no pericardial effusion was observed.",
+                    "Heart contour and heart size are normal; no pericardial effusion was detected.",
+                ]
+            )
+        )
     elif neg("Cardiomegaly"):
         med.append("Heart size is normal.")
     elif neg("Pericardial effusion"):
         med.append("No pericardial effusion was detected.")
-    med.append(pick(["Calibration of the thoracic main vascular structures is natural.",
-                     "Thoracic aorta diameter is within normal limits."]))
+    med.append(
+        pick(
+            [
+                "Calibration of the thoracic main vascular structures is natural.",
+                "Thoracic aorta diameter is within normal limits.",
+            ]
+        )
+    )
     if neg("Arterial wall calcification") and rng.random() < 0.5:
         med.append("No calcific atheroma was observed in the thoracic aorta.")
     if neg("Coronary artery wall calcification") and rng.random() < 0.5:
         med.append("No coronary artery calcification was observed.")
     if neg("Lymphadenopathy"):
-        med.append(pick(["No lymph nodes of pathological size and appearance were detected in the mediastinum or hilar regions.",
-                         "No enlarged lymph nodes were observed in the mediastinum."]))
+        med.append(
+            pick(
+                [
+                    "No lymph nodes of pathological size and appearance were detected in "
+                    "the mediastinum or hilar regions.",
+                    "No enlarged lymph nodes were observed in the mediastinum.",
+                ]
+            )
+        )
     if neg("Hiatal hernia"):
         med.append(pick(["Thoracic esophagus calibration was normal.", "No hiatal hernia was observed."]))
     if neg("Emphysema") and rng.random() < 0.4:
         lungs.append("No emphysema was observed.")
     if neg("Lung nodule"):
-        lungs.append(pick(["No mass or nodule was detected in either lung.",
-                           "No nodular lesion was observed in the lung parenchyma."]))
+        lungs.append(
+            pick(
+                [
+                    "No mass or nodule was detected in either lung.",
+                    "No nodular lesion was observed in the lung parenchyma.",
+                ]
+            )
+        )
     if neg("Consolidation") and neg("Lung opacity"):
-        lungs.append(pick(["No pneumonic consolidation or ground-glass opacity was observed.",
-                           "No consolidation or ground-glass opacity was detected in either lung."]))
+        lungs.append(
+            pick(
+                [
+                    "No pneumonic consolidation or ground-glass opacity was observed.",
+                    "No consolidation or ground-glass opacity was detected in either lung.",
+                ]
+            )
+        )
     elif neg("Consolidation"):
         lungs.append("No consolidation was observed.")
     elif neg("Lung opacity"):
@@ -1589,24 +1797,43 @@ def _write_report(rng, A, F: Mapping[str, Any], changes: Mapping[str, str], scan
     if not any(n in F for n in _SECTIONS["lungs"]):
         lungs.insert(0, "Both lungs are well aerated.")
     if neg("Pleural effusion"):
-        sec["pleura"].append(pick(["No pleural effusion or pneumothorax was detected.",
-                                   "There is no pleural effusion or pneumothorax."]))
+        sec["pleura"].append(
+            pick(
+                ["No pleural effusion or pneumothorax was detected.", "There is no pleural effusion or pneumothorax."]
+            )
+        )
     else:
         sec["pleura"].append("No pneumothorax was detected.")
-    sec["abdomen"].append(pick(["Upper abdominal organs included in the sections are unremarkable.",
-                                "Liver and spleen are of normal size in the sections included.",
-                                "The upper abdominal organs within the scan range show no significant pathology."]))
-    sec["bones"].append(pick(["No lytic or destructive lesion was detected in the bone structures.",
-                              "Degenerative changes are observed in the thoracic spine." if A.age > 55 else
-                              "Vertebral body heights are preserved.",
-                              "Bone structures in the scan range are intact."]))
+    sec["abdomen"].append(
+        pick(
+            [
+                "Upper abdominal organs included in the sections are unremarkable.",
+                "Liver and spleen are of normal size in the sections included.",
+                "The upper abdominal organs within the scan range show no significant pathology.",
+            ]
+        )
+    )
+    sec["bones"].append(
+        pick(
+            [
+                "No lytic or destructive lesion was detected in the bone structures.",
+                "Degenerative changes are observed in the thoracic spine."
+                if A.age > 55
+                else "Vertebral body heights are preserved.",
+                "Bone structures in the scan range are intact.",
+            ]
+        )
+    )
     findings = " ".join(s for part in sec.values() for s in part)
     if not impressions:
-        impressions = [pick(["No significant pathology was detected in the chest CT.",
-                             "Chest CT within normal limits."])]
+        impressions = [
+            pick(["No significant pathology was detected in the chest CT.", "Chest CT within normal limits."])
+        ]
     thk = scan.slice_label
-    technique = (f"{'Contrast-enhanced' if scan.contrast else 'Non-contrast'} chest CT was performed in the axial "
-                 f"plane with {thk} mm slice spacing; images were evaluated in lung and mediastinal windows.")
+    technique = (
+        f"{'Contrast-enhanced' if scan.contrast else 'Non-contrast'} chest CT was performed in the axial "
+        f"plane with {thk} mm slice spacing; images were evaluated in lung and mediastinal windows."
+    )
     return {
         "ClinicalInformation_EN": scan.clinical,
         "Technique_EN": technique,
@@ -1617,8 +1844,18 @@ def _write_report(rng, A, F: Mapping[str, Any], changes: Mapping[str, str], scan
     }
 
 
-_CLINICAL = ["Cough.", "Shortness of breath.", "Chest pain.", "Fever and cough for one week.", "Not given.",
-             "Screening.", "Dyspnea on exertion.", "Weight loss.", "Preoperative evaluation.", "Hemoptysis."]
+_CLINICAL = [
+    "Cough.",
+    "Shortness of breath.",
+    "Chest pain.",
+    "Fever and cough for one week.",
+    "Not given.",
+    "Screening.",
+    "Dyspnea on exertion.",
+    "Weight loss.",
+    "Preoperative evaluation.",
+    "Hemoptysis.",
+]
 
 _APPEARANCE = {
     "Medical material": "a very dense (metallic, over 1000 HU) linear or box-shaped object",
@@ -1655,9 +1892,18 @@ _REGION_WORDS = {
     "Interlobular septal thickening": "both lower lobes",
 }
 
-_LUNG_WINDOW = {"Emphysema", "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela",
-                "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
-                "Interlobular septal thickening"}
+_LUNG_WINDOW = {
+    "Emphysema",
+    "Atelectasis",
+    "Lung nodule",
+    "Lung opacity",
+    "Pulmonary fibrotic sequela",
+    "Mosaic attenuation pattern",
+    "Peribronchial thickening",
+    "Consolidation",
+    "Bronchiectasis",
+    "Interlobular septal thickening",
+}
 
 
 def _region_of(name: str, f: Mapping[str, Any]) -> str:
@@ -1676,14 +1922,21 @@ def _region_of(name: str, f: Mapping[str, Any]) -> str:
 def _cot_entry(rng, volname: str, F: Mapping[str, Any], report: Mapping[str, Any]) -> dict[str, str]:
     sec = report["sections"]
     if rng.random() < 0.7:
-        question = str(rng.choice([
-            "What are the abnormal findings in this chest CT? Think step by step.",
-            "Describe the findings of this chest CT scan, reasoning through each anatomical region.",
-            "Analyse this chest CT systematically and give your impression.",
-        ]))
+        question = str(
+            rng.choice(
+                [
+                    "What are the abnormal findings in this chest CT? Think step by step.",
+                    "Describe the findings of this chest CT scan, reasoning through each anatomical region.",
+                    "Analyse this chest CT systematically and give your impression.",
+                ]
+            )
+        )
         steps = [
-            ("Airways", sec["airways"]), ("Mediastinum and heart", sec["mediastinum"]), ("Lungs", sec["lungs"]),
-            ("Pleura", sec["pleura"]), ("Upper abdomen and bones", sec["abdomen"] + sec["bones"]),
+            ("Airways", sec["airways"]),
+            ("Mediastinum and heart", sec["mediastinum"]),
+            ("Lungs", sec["lungs"]),
+            ("Pleura", sec["pleura"]),
+            ("Upper abdomen and bones", sec["abdomen"] + sec["bones"]),
         ]
         answer = " ".join(f"Step {i + 1} ({title}): {' '.join(s)}" for i, (title, s) in enumerate(steps))
         answer += " Conclusion: " + " ".join(report["impressions"])
@@ -1883,15 +2136,19 @@ def generate_cohort(
                 n_recon = 2 if srng.random() < p_second_recon else 1
                 if si == 1:
                     date = date + _dt.timedelta(days=int(srng.integers(60, 700)))
-                clinical = str(srng.choice(_CLINICAL)) if si == 0 else str(srng.choice(
-                    ["Follow-up.", "Control examination.", "Follow-up of known findings."]))
+                clinical = (
+                    str(srng.choice(_CLINICAL))
+                    if si == 0
+                    else str(srng.choice(["Follow-up.", "Control examination.", "Follow-up of known findings."]))
+                )
                 recon_records = []
                 for recon in range(1, n_recon + 1):
                     vrng = np.random.default_rng([seed, split_code, pid, 4, si, recon])
                     geom = _sample_geometry(vrng, A, shape, vary_depth)
                     sharp = recon == 2
                     scan = SimpleNamespace(
-                        contrast=contrast, sharp=sharp,
+                        contrast=contrast,
+                        sharp=sharp,
                         blood_hu=_u(vrng, 170, 240) if contrast else _u(vrng, 35, 48),
                         myo_hu=_u(vrng, 95, 120) if contrast else _u(vrng, 40, 50),
                         liver_hu=_u(vrng, 95, 115) if contrast else _u(vrng, 52, 64),
@@ -1923,15 +2180,43 @@ def generate_cohort(
                     seg_rows.append([f"dataset/{rel}", seg_rel, f"{split}_{pid}", split])
                     stats = _lesion_stats(cv.les, geom.grid, geom.affine)
                     kernel = manufacturer[2][1 if sharp else 0]
-                    meta_rows.append([
-                        volname, manufacturer[0], manufacturer[1], f"CHEST {'W' if contrast else 'WO'} CONTRAST",
-                        A.sex, f"{A.age:03d}Y", date.strftime("%Y%m%d"), kernel, round(geom.dz, 4),
-                        round(geom.fov, 2), f"[{geom.dxy:.6f}, {geom.dxy:.6f}]", round(geom.dz, 6), 1,
-                        -1024 if raw else 0, "HU", geom.shape[1], geom.shape[0], geom.shape[2],
-                        "".join(nib.aff2axcodes(geom.affine)), "YES" if contrast else "NO", 120,
-                    ])
-                    recon_records.append(dict(volname=volname, rel=rel, geom=geom, stats=stats, cv=None,
-                                              raw=raw, fallback=fallback, contrast=contrast))
+                    meta_rows.append(
+                        [
+                            volname,
+                            manufacturer[0],
+                            manufacturer[1],
+                            f"CHEST {'W' if contrast else 'WO'} CONTRAST",
+                            A.sex,
+                            f"{A.age:03d}Y",
+                            date.strftime("%Y%m%d"),
+                            kernel,
+                            round(geom.dz, 4),
+                            round(geom.fov, 2),
+                            f"[{geom.dxy:.6f}, {geom.dxy:.6f}]",
+                            round(geom.dz, 6),
+                            1,
+                            -1024 if raw else 0,
+                            "HU",
+                            geom.shape[1],
+                            geom.shape[0],
+                            geom.shape[2],
+                            "".join(nib.aff2axcodes(geom.affine)),
+                            "YES" if contrast else "NO",
+                            120,
+                        ]
+                    )
+                    recon_records.append(
+                        dict(
+                            volname=volname,
+                            rel=rel,
+                            geom=geom,
+                            stats=stats,
+                            cv=None,
+                            raw=raw,
+                            fallback=fallback,
+                            contrast=contrast,
+                        )
+                    )
                     if recon == 1:
                         # OmniAbnorm-style 2D cases: the axial slice with the largest area of each finding.
                         for name in F:
@@ -1945,17 +2230,27 @@ def generate_cohort(
                             img = np.clip((img - (level - width / 2)) / width * 255.0, 0, 255).round().astype(np.uint8)
                             msk = (_display_slice(cv.les, geom.grid, kz) == k).astype(np.uint8) * 255
                             case_id = f"{split}_{pid}_{scan_letter}_{k:02d}"
-                            _write_bytes(out / "omniabnorm" / "images" / f"{case_id}.jpg",
-                                         _jpeg_bytes(Image.fromarray(img, "L").convert("RGB"), 95))
-                            _write_bytes(out / "omniabnorm" / "masks" / f"{case_id}.jpg",
-                                         _jpeg_bytes(Image.fromarray(msk, "L"), 100))
+                            _write_bytes(
+                                out / "omniabnorm" / "images" / f"{case_id}.jpg",
+                                _jpeg_bytes(Image.fromarray(img, "L").convert("RGB"), 95),
+                            )
+                            _write_bytes(
+                                out / "omniabnorm" / "masks" / f"{case_id}.jpg",
+                                _jpeg_bytes(Image.fromarray(msk, "L"), 100),
+                            )
                             region = _region_of(name, F[name])
                             area_mm2 = float(area[kz]) * geom.dxy * geom.dxy
-                            omni_records.append({
-                                "case_id": case_id, "region": region, "category": name,
-                                "cot_reasoning": _omni_cot(name, F[name], region, area_mm2),
-                                "split": split, "source_volume": volname, "slice_index": kz,
-                            })
+                            omni_records.append(
+                                {
+                                    "case_id": case_id,
+                                    "region": region,
+                                    "category": name,
+                                    "cot_reasoning": _omni_cot(name, F[name], region, area_mm2),
+                                    "split": split,
+                                    "source_volume": volname,
+                                    "slice_index": kz,
+                                }
+                            )
                     del cv, hu, stored
                     n_volumes += 1
                 scan_vol_stats.append(recon_records[0]["stats"])
@@ -1974,56 +2269,102 @@ def generate_cohort(
                         if word is not None:
                             changes[name] = word
                 rrng = np.random.default_rng([seed, split_code, pid, 5, si])
-                scan_ns = SimpleNamespace(contrast=contrast, clinical=clinical,
-                                          slice_label=int(round(recon_records[0]["geom"].dz)) or 1)
+                scan_ns = SimpleNamespace(
+                    contrast=contrast, clinical=clinical, slice_label=int(round(recon_records[0]["geom"].dz)) or 1
+                )
                 report = _write_report(rrng, A, F, changes, scan_ns)
                 for rec in recon_records:
                     volname = rec["volname"]
-                    rep_rows.append([volname, report["ClinicalInformation_EN"], report["Technique_EN"],
-                                     report["Findings_EN"], report["Impressions_EN"]])
+                    rep_rows.append(
+                        [
+                            volname,
+                            report["ClinicalInformation_EN"],
+                            report["Technique_EN"],
+                            report["Findings_EN"],
+                            report["Impressions_EN"],
+                        ]
+                    )
                     lab_rows.append([volname] + [int(n in F) for n in ABNORMALITIES])
                     cot.append(_cot_entry(rrng, volname, F, report))
-                    manifest_vols.append({
-                        "volume_name": volname, "split": split, "patient": pid, "scan": scan_letter,
-                        "path": f"dataset/{rec['rel']}", "anatomy_mask": f"masks/anatomy/{rec['rel']}",
-                        "lesion_mask": f"masks/lesion/{rec['rel']}", "orientation": rec["geom"].orientation,
-                        "raw_storage": rec["raw"], "contrast": rec["contrast"],
-                        "spacing": [rec["geom"].dxy, rec["geom"].dxy, rec["geom"].dz],
-                        "labels": {n: int(n in F) for n in ABNORMALITIES},
-                        "findings": _round(F),
-                        "comparison": changes, "lesion_stats": rec["stats"], "fallback_voxels": rec["fallback"],
-                        "patient_centre_world": _round(rec["geom"].world_c, 3),
-                    })
+                    manifest_vols.append(
+                        {
+                            "volume_name": volname,
+                            "split": split,
+                            "patient": pid,
+                            "scan": scan_letter,
+                            "path": f"dataset/{rec['rel']}",
+                            "anatomy_mask": f"masks/anatomy/{rec['rel']}",
+                            "lesion_mask": f"masks/lesion/{rec['rel']}",
+                            "orientation": rec["geom"].orientation,
+                            "raw_storage": rec["raw"],
+                            "contrast": rec["contrast"],
+                            "spacing": [rec["geom"].dxy, rec["geom"].dxy, rec["geom"].dz],
+                            "labels": {n: int(n in F) for n in ABNORMALITIES},
+                            "findings": _round(F),
+                            "comparison": changes,
+                            "lesion_stats": rec["stats"],
+                            "fallback_voxels": rec["fallback"],
+                            "patient_centre_world": _round(rec["geom"].world_c, 3),
+                        }
+                    )
                 cur = f"dataset/{recon_records[0]['rel']}"
-                prior = (f"dataset/{volume_relative_path(split, pid, scans[0], 1)}" if si == 1 else cur)
-                human = str(rrng.choice([
-                    "<image>\nProvide a detailed description of the findings in this chest CT.",
-                    "<image>\nDescribe the findings of the chest CT scan.",
-                    "<image>\nWrite the findings section of the radiology report for this chest CT.",
-                ]))
+                prior = f"dataset/{volume_relative_path(split, pid, scans[0], 1)}" if si == 1 else cur
+                human = str(
+                    rrng.choice(
+                        [
+                            "<image>\nProvide a detailed description of the findings in this chest CT.",
+                            "<image>\nDescribe the findings of the chest CT scan.",
+                            "<image>\nWrite the findings section of the radiology report for this chest CT.",
+                        ]
+                    )
+                )
                 if si == 1:
                     human += " Compare with the prior examination."
-                libra.append({"id": recon_records[0]["volname"].replace(".nii.gz", ""), "image": [cur, prior],
-                              "conversations": [{"from": "human", "value": human},
-                                                {"from": "gpt", "value": report["Findings_EN"]}]})
-        _write_csv(data / "radiology_text_reports" / f"{split}_reports.csv",
-                   ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"], rep_rows)
-        _write_csv(data / "multi_abnormality_labels" / f"{split}_predicted_labels.csv",
-                   ["VolumeName", *ABNORMALITIES], lab_rows)
+                libra.append(
+                    {
+                        "id": recon_records[0]["volname"].replace(".nii.gz", ""),
+                        "image": [cur, prior],
+                        "conversations": [
+                            {"from": "human", "value": human},
+                            {"from": "gpt", "value": report["Findings_EN"]},
+                        ],
+                    }
+                )
+        _write_csv(
+            data / "radiology_text_reports" / f"{split}_reports.csv",
+            ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"],
+            rep_rows,
+        )
+        _write_csv(
+            data / "multi_abnormality_labels" / f"{split}_predicted_labels.csv",
+            ["VolumeName", *ABNORMALITIES],
+            lab_rows,
+        )
         _write_csv(data / "metadata" / f"{split}_metadata.csv", METADATA_COLUMNS, meta_rows)
         _write_json(data / "cot" / f"{split}_cot.json", cot)
         _write_json(out / "libra" / f"{split}.json", libra)
-        per_split[split] = {"volumes": len(rep_rows), "patients": n_pat,
-                            "positives": {n: int(sum(r[1 + i] for r in lab_rows)) for i, n in enumerate(ABNORMALITIES)}}
+        per_split[split] = {
+            "volumes": len(rep_rows),
+            "patients": n_pat,
+            "positives": {n: int(sum(r[1 + i] for r in lab_rows)) for i, n in enumerate(ABNORMALITIES)},
+        }
     _write_csv(out / "segmentation.csv", ["path", "label", "patient_id", "split"], seg_rows)
     _write_json(out / "omniabnorm" / "cot.json", omni_records)
-    _write_json(out / "phantom_manifest.json", {
-        "generator": "trainers.data.phantom", "seed": seed, "shape_DHW": list(shape),
-        "array_layout": "NIfTI (x, y, z) = (W, H, D); affines map to RAS+ world (+x = patient right)",
-        "abnormalities": list(ABNORMALITIES), "lesion_ids": LESION_IDS, "lesion_priority": list(LESION_PRIORITY),
-        "anatomy_regions": {str(k): v for k, v in ANATOMY_REGIONS.items()},
-        "segmentation_target": seg_target, "volumes": manifest_vols,
-    })
+    _write_json(
+        out / "phantom_manifest.json",
+        {
+            "generator": "trainers.data.phantom",
+            "seed": seed,
+            "shape_DHW": list(shape),
+            "array_layout": "NIfTI (x, y, z) = (W, H, D); affines map to RAS+ world (+x = patient right)",
+            "abnormalities": list(ABNORMALITIES),
+            "lesion_ids": LESION_IDS,
+            "lesion_priority": list(LESION_PRIORITY),
+            "anatomy_regions": {str(k): v for k, v in ANATOMY_REGIONS.items()},
+            "segmentation_target": seg_target,
+            "volumes": manifest_vols,
+        },
+    )
     return {
         "out_dir": str(out),
         "seed": seed,
@@ -2038,8 +2379,25 @@ def generate_cohort(
 
 
 METADATA_COLUMNS = [
-    "VolumeName", "Manufacturer", "ManufacturerModelName", "SeriesDescription", "PatientSex", "PatientAge",
-    "StudyDate", "ConvolutionKernel", "SliceThickness", "ReconstructionDiameter", "XYSpacing", "ZSpacing",
-    "RescaleSlope", "RescaleIntercept", "RescaleType", "Rows", "Columns", "NumberOfSlices", "Orientation",
-    "ContrastAgent", "KVP",
+    "VolumeName",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "SeriesDescription",
+    "PatientSex",
+    "PatientAge",
+    "StudyDate",
+    "ConvolutionKernel",
+    "SliceThickness",
+    "ReconstructionDiameter",
+    "XYSpacing",
+    "ZSpacing",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "Rows",
+    "Columns",
+    "NumberOfSlices",
+    "Orientation",
+    "ContrastAgent",
+    "KVP",
 ]

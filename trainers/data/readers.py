@@ -24,12 +24,14 @@ import json
 import logging
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
 
 from hf_models.configuration_rect import CT_RATE_ABNORMALITIES
+
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +151,9 @@ def drop_unusable(rows: list[dict], path_keys: Iterable[str], what: str, on_miss
     if problems and on_missing == "raise":
         raise MissingFilesError(what, problems)
     if problems:
-        logger.warning("%s: skipped %d row(s) with %d missing/unreadable file(s)", what, len(rows) - len(kept),
-                       len(problems))
+        logger.warning(
+            "%s: skipped %d row(s) with %d missing/unreadable file(s)", what, len(rows) - len(kept), len(problems)
+        )
     return kept
 
 
@@ -223,8 +226,7 @@ def read_ct_rate(
     labels = {r["VolumeName"]: r for r in read_csv_rows(labels_path, ["VolumeName", *CT_RATE_ABNORMALITIES])}
     metadata_path = data / "metadata" / f"{split}_metadata.csv"
     metadata = {
-        r["VolumeName"]: r
-        for r in read_csv_rows(metadata_path, ["VolumeName", "RescaleSlope", "RescaleIntercept"])
+        r["VolumeName"]: r for r in read_csv_rows(metadata_path, ["VolumeName", "RescaleSlope", "RescaleIntercept"])
     }
     cot_by_volume: dict[str, list[dict]] = defaultdict(list)
     if cot:
@@ -235,7 +237,9 @@ def read_ct_rate(
     for name, path in ((labels, labels_path), (metadata, metadata_path)):
         absent = sorted(set(report_names) - set(name))
         if absent:
-            raise DatasetFormatError(f"{path}: no row for {len(absent)} volume(s) of the reports CSV, e.g. {absent[:5]}")
+            raise DatasetFormatError(
+                f"{path}: no row for {len(absent)} volume(s) of the reports CSV, e.g. {absent[:5]}"
+            )
 
     rows = []
     for report in reports:
@@ -283,7 +287,9 @@ def read_ct_rate(
         row["prior_rescale_slope"] = prior["rescale_slope"] if prior else None
         row["prior_rescale_intercept"] = prior["rescale_intercept"] if prior else None
 
-    kept = drop_unusable(rows, ["volume_path", "anatomy_mask_path", "lesion_mask_path"], f"CT-RATE {split}", on_missing)
+    kept = drop_unusable(
+        rows, ["volume_path", "anatomy_mask_path", "lesion_mask_path"], f"CT-RATE {split}", on_missing
+    )
     return to_dataset(kept, len(rows) - len(kept), streaming)
 
 

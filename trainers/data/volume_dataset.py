@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -91,7 +92,9 @@ class CachedVolumeDataset(torch.utils.data.Dataset):
         if self.text_column:
             example["text"] = row[self.text_column]
             if self.region_mentions_fn is not None:
-                example["region_mentions"] = torch.tensor(self.region_mentions_fn(row[self.text_column]), dtype=torch.float32)
+                example["region_mentions"] = torch.tensor(
+                    self.region_mentions_fn(row[self.text_column]), dtype=torch.float32
+                )
         if self.prior_column:
             prior = row.get(self.prior_column)
             if prior:
