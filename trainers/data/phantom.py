@@ -79,6 +79,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from hf_models.configuration_rect import CT_RATE_ABNORMALITIES
 
@@ -2074,6 +2075,7 @@ def generate_cohort(
     prevalence: float | Mapping[str, float] | None = None,
     vary_depth: bool = False,
     seg_target: str = SEGMENTATION_TARGET,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Write a phantom chest-CT cohort (CT-RATE layout + OmniAbnorm, segmentation CSV, Libra JSON) to `out_dir`.
 
@@ -2089,6 +2091,7 @@ def generate_cohort(
         prevalence: one number for every abnormality, or a per-name mapping (default `PREVALENCE`).
         vary_depth: vary the number of slices per volume by ±15 % (as real scans do) instead of exactly D.
         seg_target: abnormality whose binary masks back the segmentation CSV.
+        progress: show a tqdm progress bar over patients (both splits).
 
     Returns:
         A summary: counts, label prevalence, paths, elapsed seconds.
@@ -2116,6 +2119,7 @@ def generate_cohort(
     seg_rows: list[list] = []
     per_split: dict[str, dict[str, list]] = {}
     n_volumes = 0
+    bar = tqdm(total=n_train + n_val, desc="phantom cohort", unit="patient", disable=not progress)
     for split_code, (split, n_pat) in enumerate((("train", n_train), ("valid", n_val))):
         rep_rows, lab_rows, meta_rows, cot, libra = [], [], [], [], []
         for pid in range(1, n_pat + 1):
@@ -2330,6 +2334,7 @@ def generate_cohort(
                         ],
                     }
                 )
+            bar.update(1)
         _write_csv(
             data / "radiology_text_reports" / f"{split}_reports.csv",
             ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"],
@@ -2348,6 +2353,7 @@ def generate_cohort(
             "patients": n_pat,
             "positives": {n: int(sum(r[1 + i] for r in lab_rows)) for i, n in enumerate(ABNORMALITIES)},
         }
+    bar.close()
     _write_csv(out / "segmentation.csv", ["path", "label", "patient_id", "split"], seg_rows)
     _write_json(out / "omniabnorm" / "cot.json", omni_records)
     _write_json(
