@@ -345,3 +345,20 @@ def test_lesion_masks_round_trip_through_the_processor_in_every_stored_orientati
         assert np.array_equal(restored, original)  # same grid size: nearest resampling is exact
         assert np.allclose(out["volume_meta"][0]["original_affine"], image.affine)
     assert len(orientations) >= 2, orientations
+
+
+def test_dataset_prepare_fills_the_cache_and_transform_runs_per_example(small_cohort, tmp_path):
+    rows = read_ct_rate(small_cohort, "train")
+    cache = VolumeCache(tmp_path / "cache", processor())
+
+    def flip(example):
+        return {**example, "pixel_values": example["pixel_values"].flip(-1), "flipped": True}
+
+    dataset = CachedVolumeDataset(rows, cache, prior_column="prior_volume_path", transform=flip)
+    assert dataset.prepare(progress=False) == cache.misses > 0
+    assert dataset.prepare(progress=False) == 0  # everything is there now
+    misses = cache.misses
+    example = dataset[0]
+    assert cache.misses == misses and example["flipped"]
+    plain = CachedVolumeDataset(rows, cache)[0]
+    assert torch.equal(example["pixel_values"], plain["pixel_values"].flip(-1))

@@ -29,6 +29,8 @@ class CachedVolumeDataset(torch.utils.data.Dataset):
         text_column: a text column to include as `text`, or None.
         region_mentions_fn: text → `(num_regions,)` 0/1 vector, for the region alignment loss.
         prior_column: a column with the prior scan's path (None values → the current scan stands in).
+        transform: a callable applied to each example dict after loading (augmentation), in the DataLoader worker;
+            it receives the example described above and returns the (possibly new) example dict.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class CachedVolumeDataset(torch.utils.data.Dataset):
         text_column: str | None = None,
         region_mentions_fn: Callable[[str], Sequence[int]] | None = None,
         prior_column: str | None = None,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ):
         columns = set(rows.column_names)
         wanted = [volume_column, text_column, lesion_column, prior_column]
@@ -64,6 +67,7 @@ class CachedVolumeDataset(torch.utils.data.Dataset):
         self.text_column = text_column
         self.region_mentions_fn = region_mentions_fn
         self.prior_column = prior_column
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -107,4 +111,34 @@ class CachedVolumeDataset(torch.utils.data.Dataset):
                 )["pixel_values"]
             else:
                 example["prior_pixel_values"] = processed["pixel_values"]
+        if self.transform is not None:
+            example = self.transform(example)
         return example
+
+    def prepare(self, progress: bool = True) -> int:
+        """Process and store every volume (and prior) that the cache lacks, with a tqdm bar; returns how many
+        entries were filled. Run it once before training so DataLoader workers only ever read."""
+        from tqdm.auto import tqdm
+
+        filled = 0
+        for index in tqdm(range(len(self.rows)), desc="caching volumes", unit="volume", disable=not progress):
+            misses = self.cache.misses
+            row = self.rows[index]
+            slope, intercept = self._rescale(row)
+            self.cache.get(
+                row[self.volume_column],
+                anatomy_mask_path=row.get("anatomy_mask_path") if self.anatomy else None,
+                lesion_mask_path=row.get(self.lesion_column) if self.lesion_column else None,
+                rescale_slope=slope,
+                rescale_intercept=intercept,
+            )
+            if self.prior_column and row.get(self.prior_column):
+                prior_slope = row.get("prior_rescale_slope")
+                prior_intercept = row.get("prior_rescale_intercept")
+                self.cache.get(
+                    row[self.prior_column],
+                    rescale_slope=1.0 if prior_slope is None else float(prior_slope),
+                    rescale_intercept=0.0 if prior_intercept is None else float(prior_intercept),
+                )
+            filled += self.cache.misses - misses
+        return filled
