@@ -15,6 +15,7 @@ from .modeling_rect import (
     ReCTVolumeClassifierOutput,
 )
 from .processing_rect import ReCTProcessor
+from .volume_geometry_rect import VolumeMetadata
 
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "ReCTImageProcessor",
     "ReCTProcessor",
     "load_volume",
+    "VolumeMetadata",
     "register_auto_classes",
 ]

@@ -29,6 +29,7 @@ import importlib
 import math
 import os
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ import numpy as np
 import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
+
+from .volume_geometry_rect import VolumeMetadata
 
 
 __all__ = [
@@ -997,18 +1000,18 @@ class ReCTImageProcessor(BaseImageProcessor):
             outputs[key] = torch.from_numpy(full)
 
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
-        outputs["volume_meta"] = {
-            "source": path,
-            "original_shape": [int(s) for s in source.shape],
-            "original_affine": affine.tolist(),
-            "original_spacing": [float(s) for s in spacing],
-            "processed_shape": list(self.volume_size),
-            "processed_affine": plan["affine"].tolist(),
-            "orientation": CANONICAL_ORIENTATION,
-            "rescale_slope": slope,
-            "rescale_intercept": intercept,
-            "steps": plan["steps"],
-        }
+        outputs["volume_meta"] = VolumeMetadata(
+            source=path,
+            original_shape=[int(s) for s in source.shape],
+            original_affine=affine.tolist(),
+            original_spacing=[float(s) for s in spacing],
+            processed_shape=list(self.volume_size),
+            processed_affine=plan["affine"].tolist(),
+            orientation=CANONICAL_ORIENTATION,
+            rescale_slope=slope,
+            rescale_intercept=intercept,
+            steps=plan["steps"],
+        )
         return outputs
 
     @staticmethod
@@ -1230,7 +1233,8 @@ class ReCTImageProcessor(BaseImageProcessor):
         Raises:
             ValueError: batch size or grid shape does not match `volume_meta`.
         """
-        metas = [volume_meta] if isinstance(volume_meta, dict) else list(volume_meta)
+        metas = [volume_meta] if isinstance(volume_meta, Mapping) else list(volume_meta)
+        metas = [VolumeMetadata.coerce(meta, f"volume_meta[{i}]") for i, meta in enumerate(metas)]
         items = list(masks) if isinstance(masks, (list, tuple)) else [m for m in masks]
         if len(items) != len(metas):
             raise ValueError(f"masks: expected one mask per volume_meta entry ({len(metas)}), found {len(items)}")
@@ -1303,6 +1307,7 @@ class ReCTImageProcessor(BaseImageProcessor):
             ValueError: the mask is not on the original grid (use `post_process_masks` first) or the path is not NIfTI.
         """
         nib = _optional_import("nibabel", "writing NIfTI masks")
+        volume_meta = VolumeMetadata.coerce(volume_meta, "save_mask: volume_meta")
         array = _to_array(mask, "save_mask: mask")
         original_shape = tuple(volume_meta["original_shape"])
         if array.ndim == 4 and array.shape[0] == 1:

@@ -19,6 +19,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 import hf_models.image_processing_rect as rect
+from hf_models import VolumeMetadata
 from hf_models.image_processing_rect import NAMED_WINDOWS, ReCTImageProcessor, load_volume
 
 
@@ -249,7 +250,7 @@ def test_masks_round_trip_to_original_grid(tmp_path, layout, settings):
     assert meta["source"] == volume_path and meta["original_shape"] == list(labels.shape)
     np.testing.assert_allclose(meta["original_affine"], affine)
     assert [step["op"] for step in meta["steps"]] == ["reorient", "resample", "crop_pad"]
-    json.dumps(meta)  # plain JSON types only
+    json.dumps(meta.to_dict())  # plain JSON types only
 
     restored = processor.post_process_masks(out["anatomy_mask"], out["volume_meta"])[0]
     assert restored.shape == labels.shape and restored.dtype == np.int64
@@ -261,6 +262,39 @@ def test_masks_round_trip_to_original_grid(tmp_path, layout, settings):
     np.testing.assert_allclose(reloaded.affine, affine, atol=1e-5)
     assert reloaded.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(np.asarray(reloaded.dataobj), restored)
+
+
+def test_volume_metadata_reads_like_a_dict_and_round_trips_through_json(tmp_path):
+    volume = np.random.default_rng(13).normal(0, 100, size=(9, 8, 7)).astype(np.float32)
+    labels = (volume > 0).astype(np.uint8)
+    processor = ReCTImageProcessor(volume_size=[4, 6, 6])
+    out = processor((volume, np.diag([0.8, 0.8, 2.0, 1.0])), anatomy_mask=labels)
+    meta = out["volume_meta"][0]
+    assert isinstance(meta, VolumeMetadata)
+    assert meta["orientation"] == meta.orientation == "LPS" and meta.get("source") is None
+    assert meta.get("not_a_field", 7) == 7 and "steps" in meta and "not_a_field" not in meta
+    assert list(meta.keys()) == list(dict(meta)) and len(meta) == len(dict(meta))
+    with pytest.raises(KeyError):
+        meta["not_a_field"]
+    as_dict = meta.to_dict()
+    assert json.loads(json.dumps(as_dict)) == as_dict  # plain JSON types only
+    as_dict["steps"][0]["op"] = "changed"  # a deep copy: the record is untouched
+    assert meta.steps[0]["op"] == "reorient"
+    rebuilt = VolumeMetadata.from_dict(json.loads(json.dumps(meta.to_dict())))
+    assert rebuilt == meta and rebuilt == meta.to_dict() and rebuilt is not meta
+    # post_process_masks and save_mask take the record or its dict form alike
+    from_record = processor.post_process_masks(out["anatomy_mask"], [meta])[0]
+    from_dict = processor.post_process_masks(out["anatomy_mask"], [meta.to_dict()])[0]
+    np.testing.assert_array_equal(from_record, from_dict)
+    np.testing.assert_array_equal(processor.post_process_masks(out["anatomy_mask"], meta.to_dict())[0], from_dict)
+    written = processor.save_mask(from_dict, meta.to_dict(), tmp_path / "m.nii.gz")
+    np.testing.assert_array_equal(np.asarray(nib.load(written).dataobj), from_record)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['extra'\]"):
+        VolumeMetadata.from_dict({**meta.to_dict(), "extra": 1})
+    with pytest.raises(ValueError, match=r"missing required key\(s\) \['original_affine'\]"):
+        VolumeMetadata.from_dict({k: v for k, v in meta.to_dict().items() if k != "original_affine"})
+    with pytest.raises(ValueError, match=r"volume_meta\[0\]: expected the record returned by the processor"):
+        processor.post_process_masks(out["anatomy_mask"], [{"steps": []}])
 
 
 def test_crop_pad_records_amounts_and_pads_with_air():
@@ -377,7 +411,7 @@ def test_batch_output_and_overrides():
     out = processor(volumes, anatomy_mask=masks, lesion_mask=masks)
     assert out["pixel_values"].shape == (2, 2, 4, 8, 8) and out["pixel_values"].dtype == torch.float32
     assert out["anatomy_mask"].shape == (2, 1, 4, 8, 8) and out["lesion_mask"].dtype == torch.int64
-    assert len(out["volume_meta"]) == 2 and isinstance(out["volume_meta"][0], dict)
+    assert len(out["volume_meta"]) == 2 and isinstance(out["volume_meta"][0], VolumeMetadata)
     assert [m["original_shape"] for m in out["volume_meta"]] == [[10, 9, 8], [7, 12, 5]]
     as_numpy = processor(volumes, return_tensors="np")
     assert isinstance(as_numpy["pixel_values"], np.ndarray)
@@ -728,19 +762,24 @@ def test_dicom_empty_folder_and_no_dicom(tmp_path):
 def test_hub_loader_requires_only_torch_transformers_numpy():
     from transformers.dynamic_module_utils import get_imports
 
-    required = set(get_imports(REPO_ROOT / "hf_models" / "image_processing_rect.py"))
-    assert required - set(sys.stdlib_module_names) == {"numpy", "torch", "transformers"}
+    for name in ("image_processing_rect.py", "volume_geometry_rect.py"):
+        required = set(get_imports(REPO_ROOT / "hf_models" / name))
+        assert required - set(sys.stdlib_module_names) <= {"numpy", "torch", "transformers"}, name
 
 
 def test_file_works_alone_without_project_packages(tmp_path):
     import shutil
 
-    shutil.copy(REPO_ROOT / "hf_models" / "image_processing_rect.py", tmp_path / "image_processing_rect.py")
+    package = tmp_path / "hub_files"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name in ("image_processing_rect.py", "volume_geometry_rect.py"):
+        shutil.copy(REPO_ROOT / "hf_models" / name, package / name)
     script = textwrap.dedent(
         """
         import sys
         import numpy as np
-        import image_processing_rect as m
+        import hub_files.image_processing_rect as m
         loaded = [name for name in ("nibabel", "pydicom", "hf_models", "monai", "torchio") if name in sys.modules]
         assert not loaded, loaded
         from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
