@@ -4,14 +4,157 @@ One function registers each subcommand's arguments (`add_<name>_parser`) and one
 `COMMANDS` lists them and `main` wires them into argparse. To add a subcommand, write the two functions and
 append a `(name, help, add_parser, run)` entry to `COMMANDS`. Heavy imports happen inside the run functions so
 that `rect-vlm --help` stays fast.
+
+Errors: a mistake in what the user asked for (a bad argument value, a missing or empty input folder, an output
+folder that cannot be written, a malformed dataset) is printed as ONE line that names the argument or path and
+says what was expected, and the exit code is 2, as argparse does for its own errors. `--debug` shows the
+traceback instead. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+#: Exit code of a user's mistake (argparse uses the same).
+USAGE_EXIT_CODE = 2
+
+
+class UsageError(ValueError):
+    """A mistake in what the user asked for; its message names the argument or path and what was expected."""
+
+
+class CommandFailed(RuntimeError):
+    """A command could not finish for a reason its message explains in full (exit code 1, no traceback)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quiet imports
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def silence_optional_kernel_probe() -> None:
+    """Drop bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" import-time warning.
+
+    Why: `transformers.Trainer` imports peft, which imports bitsandbytes; on a CPU with AVX512-BF16,
+    `bitsandbytes/backends/cpu/ops.py` then tries, at import, to fetch an optional 4-bit matmul kernel from the Hub
+    through the `kernels` package and logs a warning when it cannot (package absent, or `HF_HUB_OFFLINE=1`).
+    bitsandbytes has no setting that skips the probe, and the fallback it uses instead is its own native kernel;
+    nothing here runs 4-bit CPU matmuls. So the one message is filtered, by its logger and its exact prefix,
+    before bitsandbytes is imported; every other bitsandbytes message still shows.
+    """
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropMessage) for f in logger.filters):
+        logger.addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument types and path checks (each names what it expected)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _integer(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _integer(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _integer(text, 0)
+
+
+def voxel_count(text: str) -> int:
+    """argparse type: a volume size along one axis, >= 4 voxels (the phantom's smallest drawable size)."""
+    return _integer(text, 4)
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0.0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def writable_folder(path: str | os.PathLike, argument: str) -> Path:
+    """Create `path` (with parents) if needed and check that a file can be written in it.
+
+    Raises:
+        UsageError: the folder cannot be created or written to (the message names `argument` and the path).
+    """
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{argument} {str(folder)!r}: is a file; expected a folder to write into")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UsageError(
+            f"{argument} {str(folder)!r}: cannot write there ({reason}); "
+            "expected a folder that can be created and written to"
+        ) from err
+    return folder
+
+
+def cohort_folder(path: str | os.PathLike, argument: str) -> Path:
+    """Check that `path` is a CT-RATE-layout cohort root (holds `dataset/`), as `rect-vlm synth` writes.
+
+    Raises:
+        UsageError: the folder is missing, is a file, is empty, or holds no `dataset/` folder.
+    """
+    folder = Path(path).expanduser()
+    expected = "expected a cohort root holding dataset/ (write one with `rect-vlm synth --out DIR`)"
+    if not folder.exists():
+        raise UsageError(f"{argument} {str(folder)!r}: no such folder; {expected}")
+    if not folder.is_dir():
+        raise UsageError(f"{argument} {str(folder)!r}: is a file; {expected}")
+    if not any(folder.iterdir()):
+        raise UsageError(f"{argument} {str(folder)!r}: folder is empty; {expected}")
+    if not (folder / "dataset").is_dir():
+        raise UsageError(f"{argument} {str(folder)!r}: has no dataset/ folder; {expected}")
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -22,29 +165,31 @@ from collections.abc import Callable, Sequence
 def add_synth_parser(parser: argparse.ArgumentParser) -> None:
     from_default = "(default: %(default)s)"
     parser.add_argument("--out", required=True, help="cohort root folder to write (created if missing)")
-    parser.add_argument("--n-train", type=int, default=8, help=f"training patients {from_default}")
-    parser.add_argument("--n-val", type=int, default=4, help=f"validation patients {from_default}")
-    parser.add_argument("--seed", type=int, default=0, help=f"random seed; same seed → identical files {from_default}")
+    parser.add_argument("--n-train", type=non_negative_int, default=8, help=f"training patients {from_default}")
+    parser.add_argument("--n-val", type=non_negative_int, default=4, help=f"validation patients {from_default}")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help=f"random seed; same seed → identical files {from_default}"
+    )
     parser.add_argument(
         "--shape",
-        type=int,
+        type=voxel_count,
         nargs=3,
         metavar=("D", "H", "W"),
         default=[64, 128, 128],
         help=f"voxels per volume: slices, rows, columns {from_default}",
     )
     parser.add_argument(
-        "--p-prior", type=float, default=0.35, help=f"fraction of patients with a follow-up scan {from_default}"
+        "--p-prior", type=probability, default=0.35, help=f"fraction of patients with a follow-up scan {from_default}"
     )
     parser.add_argument(
         "--p-second-recon",
-        type=float,
+        type=probability,
         default=0.15,
         help=f"fraction of scans with a second reconstruction {from_default}",
     )
     parser.add_argument(
         "--prevalence",
-        type=float,
+        type=probability,
         default=None,
         help="one prevalence for all 18 abnormalities (default: the per-label table)",
     )
@@ -57,13 +202,13 @@ def add_synth_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from trainers.data.phantom import generate_cohort
+    out = writable_folder(args.out, "--out")
+    from trainers.data.phantom import LESION_IDS, generate_cohort
 
-    for name in ("n_train", "n_val"):
-        if getattr(args, name) < 0:
-            raise SystemExit(f"rect-vlm synth: --{name.replace('_', '-')} must be >= 0")
+    if args.seg_target not in LESION_IDS:
+        raise UsageError(f"--seg-target {args.seg_target!r}: expected one of {list(LESION_IDS)}")
     summary = generate_cohort(
-        args.out,
+        out,
         n_train=args.n_train,
         n_val=args.n_val,
         seed=args.seed,
@@ -73,6 +218,7 @@ def run_synth(args: argparse.Namespace) -> int:
         prevalence=args.prevalence,
         vary_depth=args.vary_depth,
         seg_target=args.seg_target,
+        progress=True,
     )
     print(json.dumps(summary, indent=1))
     return 0
@@ -86,27 +232,34 @@ def run_synth(args: argparse.Namespace) -> int:
 def add_train_classifier_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cohort", required=True, help="cohort root (holds dataset/ and masks/)")
     parser.add_argument("--out", required=True, help="output folder: model/, summary.json, cache/")
-    parser.add_argument("--labels", nargs="+", default=None, help="label names (default: the 5 easy phantom labels)")
-    parser.add_argument("--max-steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--attention-type", choices=["divided", "joint"], default="divided")
+    parser.add_argument("--labels", nargs="+", default=None, help="label names (default: the recipe's)")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="training steps (default: the recipe's)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default: the recipe's)")
+    parser.add_argument(
+        "--learning-rate", type=positive_float, default=None, help="peak learning rate (default: the recipe's)"
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--attention-type", choices=["divided", "joint"], default=None)
 
 
 def run_train_classifier(args: argparse.Namespace) -> int:
+    cohort = cohort_folder(args.cohort, "--cohort")
+    out = writable_folder(args.out, "--out")
+    from hf_models import CT_RATE_ABNORMALITIES
     from trainers.classification import ClassifierRecipe, train_classifier
 
-    recipe = ClassifierRecipe(
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        attention_type=args.attention_type,
-    )
+    overrides = {
+        name: getattr(args, name)
+        for name in ("max_steps", "batch_size", "learning_rate", "attention_type")
+        if getattr(args, name) is not None
+    }
     if args.labels:
-        recipe.label_names = tuple(args.labels)
-    summary = train_classifier(args.cohort, args.out, recipe)
+        unknown = [n for n in args.labels if n not in CT_RATE_ABNORMALITIES]
+        if unknown:
+            raise UsageError(f"--labels: unknown label name(s) {unknown}; expected names from {CT_RATE_ABNORMALITIES}")
+        overrides["label_names"] = tuple(args.labels)
+    recipe = ClassifierRecipe(seed=args.seed, **overrides)
+    summary = train_classifier(cohort, out, recipe)
     print(json.dumps({k: summary[k] for k in ("train_loss", "train_seconds", "valid_auroc")}, indent=1))
     return 0
 
@@ -117,14 +270,39 @@ def run_train_classifier(args: argparse.Namespace) -> int:
 
 
 def add_demo_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo_output", help="working folder (default: %(default)s)")
-    parser.add_argument("--max-steps", type=int, default=None, help="training steps (default: the recipe's)")
+    parser.add_argument(
+        "--out",
+        default="demo_out",
+        help="working folder; a second run reuses its cohort and cache (default: %(default)s)",
+    )
+    parser.add_argument("--n-train", type=positive_int, default=None, help="training patients (default: the demo's)")
+    parser.add_argument("--n-val", type=positive_int, default=None, help="held-out patients (default: the demo's)")
+    parser.add_argument(
+        "--shape",
+        type=voxel_count,
+        nargs=3,
+        metavar=("D", "H", "W"),
+        default=None,
+        help="voxels per generated volume (default: the demo's)",
+    )
+    parser.add_argument("--seed", type=non_negative_int, default=None, help="cohort and training seed")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="training steps (default: the recipe's)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default: the recipe's)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    out = writable_folder(args.out, "--out")
     from trainers.demo import run_demo as demo
 
-    demo(args.out, max_steps=args.max_steps)
+    demo(
+        out,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        shape=tuple(args.shape) if args.shape else None,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+    )
     return 0
 
 
@@ -155,20 +333,64 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callab
 ]
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad argument prints one line (no usage block) and points to `--help`; exit code 2."""
+
+    def error(self, message: str):
+        self.exit(USAGE_EXIT_CODE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rect-vlm", description="ReCT-VLM: 3D CT vision-language models.")
+    parser = OneLineErrorParser(prog="rect-vlm", description="ReCT-VLM: 3D CT vision-language models.")
+    debug_help = "show the full traceback of any error"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, help_text, add, run in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add(p)
+        # Also accepted after the subcommand; SUPPRESS keeps the global value when it is not repeated there.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
         p.set_defaults(_run=run)
     return parser
 
 
+def _user_error_message(err: BaseException) -> str | None:
+    """The one-line message for a user's mistake, or None when `err` is not one."""
+    if isinstance(err, UsageError):
+        return str(err)
+    # Dataset errors can only come from the readers once they are imported; checking `sys.modules` keeps this
+    # module free of their heavy imports.
+    readers = sys.modules.get("trainers.data.readers")
+    if readers is not None and isinstance(err, readers.MissingFilesError):
+        path, reason = err.problems[0]
+        return f"{len(err.problems)} file(s) are missing or unreadable, e.g. {path}: {reason}"
+    if readers is not None and isinstance(err, readers.DatasetFormatError):
+        return str(err).splitlines()[0]
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
-    return int(args._run(args) or 0)
+    silence_optional_kernel_probe()
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"rect-vlm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except CommandFailed as err:
+        if args.debug:
+            raise
+        print(f"rect-vlm {args.command}: failed: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        message = _user_error_message(err)
+        if message is None or args.debug:
+            raise
+        print(f"rect-vlm {args.command}: error: {message}", file=sys.stderr)
+        return USAGE_EXIT_CODE
 
 
 if __name__ == "__main__":
