@@ -28,8 +28,10 @@ test: lint
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# `make demo DEMO_OUT="some folder"` writes elsewhere; a second run in the same folder reuses its cohort and cache.
+DEMO_OUT ?= demo_out
 demo: $(STAMP)
-	$(VENV)/bin/rect-vlm demo
+	$(VENV)/bin/rect-vlm demo --out "$(DEMO_OUT)" $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/encoder.py
