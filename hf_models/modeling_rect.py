@@ -2,10 +2,15 @@
 
 Tensor layout throughout: `pixel_values (batch, channels, depth, height, width)` in the processor's canonical
 orientation (depth = inferior→superior, height = anterior→posterior, width = patient right→left).
+
+Shaped like transformers' SigLIP: sub-models are built with `_from_config` (attention implementation and dtype
+propagate), attention goes through `ALL_ATTENTION_FUNCTIONS.get_interface`, hidden states and attentions are captured
+by `_can_record_outputs` hooks, and the classifier is a head on the vision tower alone.
 """
 
+import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -15,8 +20,12 @@ from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.import_utils import is_torchdynamo_compiling
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_rect import ReCTConfig, ReCTVisionConfig
 
@@ -27,32 +36,30 @@ from .configuration_rect import ReCTConfig, ReCTVisionConfig
 
 
 @dataclass
-class ReCTVisionModelOutput(ModelOutput):
+class ReCTVisionModelOutput(BaseModelOutputWithPooling):
     r"""
     Args:
         last_hidden_state (`torch.FloatTensor` of shape `(batch, 1 + num_patches, hidden_size)`):
             Final-layer tokens after the last LayerNorm; index 0 is CLS, the rest are patch tokens ordered
             (depth, height, width) over the patch grid.
         pooler_output (`torch.FloatTensor` of shape `(batch, hidden_size)`): global feature (the CLS token).
+            [`ReCTModel.get_image_features`] replaces it by the projected embedding `(batch, projection_dim)`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, with `output_hidden_states=True`): the embeddings
+            plus the output of every layer, each `(batch, 1 + num_patches, hidden_size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, with `output_attentions=True` and eager attention): per
+            layer the attention probabilities. Joint attention: `(batch, heads, 1 + N, 1 + N)`. Divided attention:
+            the within-slab attention `(batch * grid_depth, heads, 1 + grid_height * grid_width, 1 + grid_height *
+            grid_width)`.
         region_features (`torch.FloatTensor` of shape `(batch, num_regions, hidden_size)`, *optional*):
             one feature per anatomy region; zero where the region is absent. `None` without `anatomy_mask`.
         region_present (`torch.BoolTensor` of shape `(batch, num_regions)`, *optional*):
             whether region r (id r + 1) covers at least one patch token. `None` without `anatomy_mask`.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*): embeddings plus the output of every layer, each
-            `(batch, 1 + num_patches, hidden_size)`.
-        attentions (`tuple(torch.FloatTensor)`, *optional*): per layer, the attention probabilities. Joint attention:
-            `(batch, heads, 1 + N, 1 + N)`. Divided attention: the within-slab attention
-            `(batch * grid_depth, heads, 1 + grid_height * grid_width, 1 + grid_height * grid_width)`.
-        depth_attentions (`tuple(torch.FloatTensor)`, *optional*): divided attention only, per layer the
-            along-z attention `(batch * grid_height * grid_width, heads, grid_depth, grid_depth)`.
+        depth_attentions (`tuple(torch.FloatTensor)`, *optional*): divided attention with `output_attentions=True`,
+            per layer the along-z attention `(batch * grid_height * grid_width, heads, grid_depth, grid_depth)`.
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    pooler_output: torch.FloatTensor | None = None
     region_features: torch.FloatTensor | None = None
     region_present: torch.BoolTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     depth_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -80,8 +87,8 @@ class ReCTFeatureExtractionOutput(ModelOutput):
 class ReCTOutput(ModelOutput):
     r"""
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*): symmetric InfoNCE over the batch plus
-            `region_alignment_weight` × the region alignment loss (when `region_mentions` is given).
+        loss (`torch.FloatTensor` of shape `()`, *optional*, with `return_loss=True`): symmetric InfoNCE over the
+            batch plus `region_alignment_weight` × the region alignment loss (when `region_mentions` is given).
         logits_per_image (`torch.FloatTensor` of shape `(image_batch, text_batch)`): scaled cosine similarities.
         logits_per_text (`torch.FloatTensor` of shape `(text_batch, image_batch)`): the transpose.
         text_embeds (`torch.FloatTensor` of shape `(batch, projection_dim)`): L2-normalised text embeddings.
@@ -117,8 +124,8 @@ class ReCTOutput(ModelOutput):
 class ReCTVolumeClassifierOutput(ModelOutput):
     r"""
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*): BCE-with-logits over all labels (multi-label), or
-            cross-entropy / MSE for the other `problem_type`s.
+        loss (`torch.FloatTensor` of shape `()`, *optional*): with `labels`: BCE-with-logits over all labels
+            (multi-label), cross-entropy (single-label) or MSE (regression), per `config.problem_type`.
         logits (`torch.FloatTensor` of shape `(batch, num_labels)`).
         pooler_output (`torch.FloatTensor` of shape `(batch, hidden_size)`): the vision CLS feature.
         hidden_states, attentions: as in [`ReCTVisionModelOutput`].
@@ -180,18 +187,18 @@ class ReCTAttention(nn.Module):
         hidden_states: torch.Tensor,
         key_value_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        output_attentions: bool = False,
+        **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states `(batch, q_len, hidden)`, key_value_states `(batch, kv_len, hidden)`."""
+        """hidden_states `(batch, q_len, hidden)`, key_value_states `(batch, kv_len, hidden)` → output, weights."""
         kv = hidden_states if key_value_states is None else key_value_states
         batch, q_len, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
         key = self.k_proj(kv).view(batch, kv.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
         value = self.v_proj(kv).view(batch, kv.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-        attention_interface: Callable = eager_attention_forward
-        if self.config._attn_implementation not in (None, "eager") and not output_attentions:
-            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
         attn_output, attn_weights = attention_interface(
             self,
             query,
@@ -201,9 +208,10 @@ class ReCTAttention(nn.Module):
             dropout=self.dropout if self.training else 0.0,
             scaling=self.scaling,
             is_causal=False,
+            **kwargs,
         )
         attn_output = self.o_proj(attn_output.reshape(batch, q_len, -1))
-        return attn_output, (attn_weights if output_attentions else None)
+        return attn_output, attn_weights
 
 
 class ReCTMLP(nn.Module):
@@ -265,7 +273,8 @@ class ReCTPatchEmbeddings(nn.Module):
             raise ValueError(
                 f"`pixel_values` spatial size {spatial} must be divisible by `patch_size` {self.patch_size}"
             )
-        # (B, C, D, H, W) → (B, hidden, d, h, w) with d = D / pd etc.; tokens ordered (d, h, w).
+        # (B, C, D, H, W) → (B, hidden, d, h, w) with d = D / pd etc.; tokens ordered (d, h, w). Inputs stored in
+        # a compact dtype (float16 caches) are cast here, on the model's device.
         embeddings = self.projection(pixel_values.to(self.projection.weight.dtype))
         grid = tuple(embeddings.shape[2:])
         embeddings = embeddings.flatten(2).transpose(1, 2)
@@ -280,8 +289,8 @@ class ReCTLayer(GradientCheckpointingLayer):
     `"joint"`: full self-attention over all 1 + N tokens. `"divided"` (slice-aware, as TimeSformer's divided
     space–time attention with z as time): each patch token first attends along z to the tokens at the same
     (height, width) position in every slab, then within its axial slab of `h × w` tokens; the CLS token joins
-    every slab (one copy per slab, averaged afterwards). Per layer this costs
-    O(N·d + N·h·w) instead of O(N²) attention scores.
+    every slab (one copy per slab, averaged afterwards). Per layer this costs O(N·d + N·h·w) instead of O(N²)
+    attention scores. Every reshape keeps the batch axis outermost, so a sample never attends to another.
     """
 
     def __init__(self, config: ReCTVisionConfig):
@@ -296,14 +305,10 @@ class ReCTLayer(GradientCheckpointingLayer):
         self.mlp = ReCTMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(
-        self, hidden_states: torch.Tensor, grid: tuple[int, int, int], output_attentions: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        depth_weights = None
+    def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int, int], **kwargs) -> torch.Tensor:
+        """hidden_states `(batch, 1 + d*h*w, hidden)` over the patch grid `(d, h, w)` → same shape."""
         if self.attention_type == "joint":
-            attn_out, attn_weights = self.attention(
-                self.layernorm_before(hidden_states), output_attentions=output_attentions
-            )
+            attn_out, _ = self.attention(self.layernorm_before(hidden_states), **kwargs)
             hidden_states = hidden_states + self.dropout(attn_out)
         else:
             batch, _, hidden = hidden_states.shape
@@ -311,19 +316,16 @@ class ReCTLayer(GradientCheckpointingLayer):
             cls, tokens = hidden_states[:, :1], hidden_states[:, 1:]
             # Along z: sequences of length d, one per (height, width) position.
             columns = tokens.reshape(batch, d, h * w, hidden).transpose(1, 2).reshape(batch * h * w, d, hidden)
-            depth_out, depth_weights = self.depth_attention(
-                self.depth_layernorm(columns), output_attentions=output_attentions
-            )
+            depth_out, _ = self.depth_attention(self.depth_layernorm(columns), **kwargs)
             depth_out = depth_out.reshape(batch, h * w, d, hidden).transpose(1, 2).reshape(batch, d * h * w, hidden)
             tokens = tokens + self.dropout(depth_out)
             # Within each axial slab: sequences of 1 + h*w tokens, CLS copied into every slab.
             slabs = torch.cat([cls.repeat_interleave(d, dim=0), tokens.reshape(batch * d, h * w, hidden)], dim=1)
-            slab_out, attn_weights = self.attention(self.layernorm_before(slabs), output_attentions=output_attentions)
+            slab_out, _ = self.attention(self.layernorm_before(slabs), **kwargs)
             cls_out = slab_out[:, 0].reshape(batch, d, hidden).mean(dim=1, keepdim=True)
             slab_out = slab_out[:, 1:].reshape(batch, d * h * w, hidden)
             hidden_states = torch.cat([cls, tokens], dim=1) + self.dropout(torch.cat([cls_out, slab_out], dim=1))
-        hidden_states = hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
-        return hidden_states, attn_weights, depth_weights
+        return hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
 
 
 class ReCTRegionAttention(nn.Module):
@@ -331,7 +333,8 @@ class ReCTRegionAttention(nn.Module):
 
     One learned query per anatomy region cross-attends only to the patch tokens that lie in that region. A region
     that covers no token is absent: its attention row is left unmasked (so no all-masked softmax, never NaN) and
-    its feature is zeroed afterwards.
+    its feature is zeroed afterwards. Everything here has static shapes (no data-dependent Python values), so the
+    encoder exports with `torch.export`; the id range of a mask is checked eagerly and by the processor.
     """
 
     def __init__(self, config: ReCTVisionConfig):
@@ -341,7 +344,8 @@ class ReCTRegionAttention(nn.Module):
         self.min_fraction = config.region_patch_fraction
         self.region_queries = nn.Parameter(torch.zeros(config.num_regions, config.hidden_size))
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = ReCTAttention(config)
+        # Not named `attention`: output capture records the encoder layers' `.attention` modules by that name.
+        self.cross_attention = ReCTAttention(config)
 
     def region_membership(self, anatomy_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Downsample region ids to the patch grid by voxel fraction (never by interpolating ids).
@@ -358,21 +362,21 @@ class ReCTRegionAttention(nn.Module):
             anatomy_mask = anatomy_mask[:, 0]
         if anatomy_mask.is_floating_point():
             raise ValueError(f"`anatomy_mask` must hold integer region ids, got dtype {anatomy_mask.dtype}")
-        batch, depth, height, width = anatomy_mask.shape
+        ids = anatomy_mask.long()
+        if not is_torchdynamo_compiling():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi > self.num_regions:
+                raise ValueError(
+                    f"`anatomy_mask` ids must be in 0..{self.num_regions} (`num_regions`), found range {lo}..{hi}"
+                )
+        batch, depth, height, width = ids.shape
         pd, ph, pw = self.patch_size
         d, h, w = depth // pd, height // ph, width // pw
-        ids = anatomy_mask.long()
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi > self.num_regions:
-            raise ValueError(
-                f"`anatomy_mask` ids must be in 0..{self.num_regions} (`num_regions`), found range {lo}..{hi}"
-            )
-        # (B, d, pd, h, ph, w, pw) → (B * N, voxels per patch); count ids per token with one bincount.
-        ids = ids.reshape(batch, d, pd, h, ph, w, pw).permute(0, 1, 3, 5, 2, 4, 6).reshape(batch * d * h * w, -1)
-        classes = self.num_regions + 1
-        offsets = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1) * classes
-        counts = torch.bincount((ids + offsets).flatten(), minlength=ids.shape[0] * classes)
-        fraction = counts.reshape(batch, d * h * w, classes)[..., 1:].float() / ids.shape[1]
+        # (B, d, pd, h, ph, w, pw) → (B, N, voxels per patch); count ids per token with one scatter-add.
+        ids = ids.reshape(batch, d, pd, h, ph, w, pw).permute(0, 1, 3, 5, 2, 4, 6).reshape(batch, d * h * w, -1)
+        counts = torch.zeros(batch, d * h * w, self.num_regions + 1, device=ids.device)
+        counts.scatter_add_(2, ids, torch.ones_like(ids, dtype=counts.dtype))
+        fraction = counts[..., 1:] / ids.shape[-1]
         membership = (fraction >= self.min_fraction).transpose(1, 2)
         return membership, membership.any(dim=-1)
 
@@ -381,147 +385,16 @@ class ReCTRegionAttention(nn.Module):
         membership, present = self.region_membership(anatomy_mask)
         if membership.shape[-1] != tokens.shape[1]:
             raise ValueError(
-                f"`anatomy_mask` covers {membership.shape[-1]} patch tokens but `pixel_values` has {tokens.shape[1]}; "
-                "the mask must have the volume's (depth, height, width)"
+                f"`anatomy_mask` covers {membership.shape[-1]} patch tokens but `pixel_values` has "
+                f"{tokens.shape[1]}; the mask must have the volume's (depth, height, width)"
             )
         allowed = membership | ~present.unsqueeze(-1)
         additive = torch.zeros(allowed.shape, dtype=tokens.dtype, device=tokens.device)
         additive = additive.masked_fill(~allowed, torch.finfo(tokens.dtype).min).unsqueeze(1)
         queries = self.region_queries.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        features, _ = self.attention(queries, key_value_states=tokens, attention_mask=additive)
+        features, _ = self.cross_attention(queries, key_value_states=tokens, attention_mask=additive)
         features = self.layernorm(features) * present.unsqueeze(-1).to(features.dtype)
         return features, present
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Pre-trained base
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class ReCTPreTrainedModel(PreTrainedModel):
-    config_class = ReCTConfig
-    base_model_prefix = "rect"
-    main_input_name = "pixel_values"
-    input_modalities = ("image", "text")
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["ReCTLayer", "ReCTRegionAttention"]
-    _supports_sdpa = True
-    _supports_attention_backend = True
-    # Auto classes written into the saved `config.json` `auto_map`, beyond AutoConfig/AutoModel.
-    _extra_auto_classes: tuple[str, ...] = ()
-    _auto_class = "AutoModel"
-
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        std = getattr(self.config, "initializer_range", None)
-        if std is None:
-            std = self.config.vision_config.initializer_range
-        if isinstance(module, ReCTPatchEmbeddings):
-            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
-            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
-        elif isinstance(module, ReCTRegionAttention):
-            init.trunc_normal_(module.region_queries, mean=0.0, std=std)
-        elif isinstance(module, ReCTContrastiveHead):
-            init.constant_(module.logit_scale, module.logit_scale_init)
-            init.constant_(module.region_logit_scale, module.region_logit_scale_init)
-            init.zeros_(module.region_logit_bias)
-
-    def auto_map(self) -> dict[str, str]:
-        """The `auto_map` a folder saved from this class needs: every Auto class resolves to this class."""
-        model_ref = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
-        config_ref = f"{type(self.config).__module__.split('.')[-1]}.{type(self.config).__name__}"
-        entries = {"AutoConfig": config_ref, "AutoModel": model_ref}
-        entries.update({auto_class: model_ref for auto_class in self._extra_auto_classes})
-        return entries
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        # A config object shared between models (or reloaded from another class's folder) may carry a stale
-        # auto_map; rebuild it for exactly this class so AutoModel returns what was saved.
-        self.config.auto_map = self.auto_map()
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Vision encoder
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class ReCTVisionModel(ReCTPreTrainedModel):
-    """3D CT vision encoder: Conv3d patches → slice-aware (or joint) transformer → global, local, region features."""
-
-    config_class = ReCTVisionConfig
-    base_model_prefix = "vision_model"
-    input_modalities = ("image",)
-
-    def __init__(self, config: ReCTVisionConfig):
-        super().__init__(config)
-        self.embeddings = ReCTPatchEmbeddings(config)
-        self.layers = nn.ModuleList([ReCTLayer(config) for _ in range(config.num_hidden_layers)])
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.region_attention = ReCTRegionAttention(config) if config.num_regions > 0 else None
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.projection
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        anatomy_mask: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ReCTVisionModelOutput | tuple:
-        r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch, channels, depth, height, width)`): processed CT;
-                every spatial size must be divisible by `patch_size`.
-            anatomy_mask (`torch.LongTensor` of shape `(batch, 1, depth, height, width)`, *optional*): region ids
-                0..`num_regions` on the same grid as `pixel_values`; enables `region_features`.
-        """
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if anatomy_mask is not None and tuple(anatomy_mask.shape[-3:]) != tuple(pixel_values.shape[-3:]):
-            raise ValueError(
-                f"`anatomy_mask` spatial shape {tuple(anatomy_mask.shape[-3:])} must equal `pixel_values` spatial "
-                f"shape {tuple(pixel_values.shape[-3:])}"
-            )
-
-        hidden_states, grid = self.embeddings(pixel_values)
-        all_hidden = (hidden_states,) if output_hidden_states else None
-        all_attn = () if output_attentions else None
-        all_depth_attn = () if output_attentions and self.config.attention_type == "divided" else None
-        for layer in self.layers:
-            hidden_states, attn, depth_attn = layer(hidden_states, grid, output_attentions=output_attentions)
-            if output_hidden_states:
-                all_hidden += (hidden_states,)
-            if output_attentions:
-                all_attn += (attn,)
-                if all_depth_attn is not None:
-                    all_depth_attn += (depth_attn,)
-        last_hidden_state = self.layernorm(hidden_states)
-        pooled = last_hidden_state[:, 0]
-
-        region_features = region_present = None
-        if anatomy_mask is not None:
-            if self.region_attention is None:
-                raise ValueError("`anatomy_mask` was given but the config has `num_regions=0`")
-            region_features, region_present = self.region_attention(last_hidden_state[:, 1:], anatomy_mask)
-
-        output = ReCTVisionModelOutput(
-            last_hidden_state=last_hidden_state,
-            pooler_output=pooled,
-            region_features=region_features,
-            region_present=region_present,
-            hidden_states=all_hidden,
-            attentions=all_attn,
-            depth_attentions=all_depth_attn,
-        )
-        return output if return_dict else output.to_tuple()
 
 
 class ReCTProjectionHead(nn.Module):
@@ -540,58 +413,6 @@ class ReCTProjectionHead(nn.Module):
             region_embeds = F.normalize(self.region_projection(vision_outputs.region_features), dim=-1)
             region_embeds = region_embeds * vision_outputs.region_present.unsqueeze(-1).to(region_embeds.dtype)
         return image_embeds, region_embeds
-
-
-class ReCTForFeatureExtraction(ReCTPreTrainedModel):
-    """Vision encoder + projections → L2-normalised global and region embeddings (for retrieval and reuse)."""
-
-    config_class = ReCTVisionConfig
-    base_model_prefix = "vision_model"
-    input_modalities = ("image",)
-
-    def __init__(self, config: ReCTVisionConfig):
-        super().__init__(config)
-        self.vision_model = ReCTVisionModel(config)
-        self.projection = ReCTProjectionHead(config.hidden_size, config.projection_dim)
-        self.post_init()
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        anatomy_mask: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ReCTFeatureExtractionOutput | tuple:
-        r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch, channels, depth, height, width)`).
-            anatomy_mask (`torch.LongTensor` of shape `(batch, 1, depth, height, width)`, *optional*).
-        """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        vision = self.vision_model(
-            pixel_values,
-            anatomy_mask,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        image_embeds, region_embeds = self.projection(vision)
-        output = ReCTFeatureExtractionOutput(
-            image_embeds=image_embeds,
-            region_embeds=region_embeds,
-            region_present=vision.region_present,
-            last_hidden_state=vision.last_hidden_state,
-            hidden_states=vision.hidden_states,
-            attentions=vision.attentions,
-        )
-        return output if return_dict else output.to_tuple()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Contrastive dual encoder
-# ----------------------------------------------------------------------------------------------------------------
 
 
 class ReCTContrastiveHead(nn.Module):
@@ -633,19 +454,209 @@ def region_alignment_loss(
     return (per_region * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-class ReCTModel(ReCTPreTrainedModel):
-    """CLIP-style dual encoder: 3D CT vision tower + any BERT-like text tower, with region–report alignment."""
+# ----------------------------------------------------------------------------------------------------------------
+# Pre-trained base
+# ----------------------------------------------------------------------------------------------------------------
 
+
+class ReCTPreTrainedModel(PreTrainedModel):
+    config: ReCTConfig
     config_class = ReCTConfig
+    base_model_prefix = "rect"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ReCTLayer", "ReCTRegionAttention"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    # The losses are means over the batch; they do not normalise by `num_items_in_batch`. Saying so makes the
+    # `Trainer` divide by the accumulation steps, so gradient accumulation gives the same gradients as a big batch
+    # (a `forward(**kwargs)` would otherwise be taken to accept loss kwargs).
+    accepts_loss_kwargs = False
+    _can_record_outputs = {
+        "hidden_states": ReCTLayer,
+        "attentions": OutputRecorder(ReCTAttention, index=1, layer_name="attention"),
+        "depth_attentions": OutputRecorder(ReCTAttention, index=1, layer_name="depth_attention"),
+    }
+    # Auto classes written into the saved `config.json` `auto_map`, beyond AutoConfig/AutoModel.
+    _extra_auto_classes: tuple[str, ...] = ()
+    _auto_class = "AutoModel"
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        config = self.config
+        std = getattr(config, "initializer_range", None)
+        if std is None:
+            std = config.vision_config.initializer_range
+        if isinstance(module, ReCTPatchEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+        elif isinstance(module, ReCTRegionAttention):
+            init.trunc_normal_(module.region_queries, mean=0.0, std=std)
+        elif isinstance(module, ReCTContrastiveHead):
+            init.constant_(module.logit_scale, module.logit_scale_init)
+            init.constant_(module.region_logit_scale, module.region_logit_scale_init)
+            init.zeros_(module.region_logit_bias)
+
+    def auto_map(self) -> dict[str, str]:
+        """The `auto_map` a folder saved from this class needs: every Auto class resolves to this class."""
+        model_ref = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+        config_ref = f"{type(self.config).__module__.split('.')[-1]}.{type(self.config).__name__}"
+        entries = {"AutoConfig": config_ref, "AutoModel": model_ref}
+        entries.update({auto_class: model_ref for auto_class in self._extra_auto_classes})
+        return entries
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # A config object shared between models (or reloaded from another class's folder) may carry a stale
+        # auto_map; rebuild it for exactly this class so AutoModel returns what was saved.
+        self.config.auto_map = self.auto_map()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision encoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ReCTVisionModel(ReCTPreTrainedModel):
+    """3D CT vision encoder: Conv3d patches → slice-aware (or joint) transformer → global, local, region features."""
+
+    config: ReCTVisionConfig
+    config_class = ReCTVisionConfig
+    base_model_prefix = "vision_model"
+    input_modalities = ("image",)
+
+    def __init__(self, config: ReCTVisionConfig):
+        super().__init__(config)
+        self.embeddings = ReCTPatchEmbeddings(config)
+        self.layers = nn.ModuleList([ReCTLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.region_attention = ReCTRegionAttention(config) if config.num_regions > 0 else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.projection
+
+    def forward(
+        self, pixel_values: torch.Tensor, anatomy_mask: torch.Tensor | None = None, **kwargs
+    ) -> ReCTVisionModelOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, depth, height, width)`): processed CT;
+                every spatial size must be divisible by `patch_size`.
+            anatomy_mask (`torch.LongTensor` of shape `(batch, 1, depth, height, width)`, *optional*): region ids
+                0..`num_regions` on the same grid as `pixel_values`; enables `region_features`.
+            kwargs: `output_hidden_states`, `output_attentions` (with divided attention this also returns
+                `depth_attentions`), `return_dict`, and attention-implementation arguments.
+        """
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        if output_attentions and self.config.attention_type == "divided":
+            kwargs.setdefault("output_depth_attentions", True)
+        return self._encode(pixel_values, anatomy_mask, **kwargs)
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def _encode(
+        self, pixel_values: torch.Tensor, anatomy_mask: torch.Tensor | None = None, **kwargs
+    ) -> ReCTVisionModelOutput:
+        if anatomy_mask is not None and tuple(anatomy_mask.shape[-3:]) != tuple(pixel_values.shape[-3:]):
+            raise ValueError(
+                f"`anatomy_mask` spatial shape {tuple(anatomy_mask.shape[-3:])} must equal `pixel_values` spatial "
+                f"shape {tuple(pixel_values.shape[-3:])}"
+            )
+        hidden_states, grid = self.embeddings(pixel_values)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, grid, **kwargs)
+        last_hidden_state = self.layernorm(hidden_states)
+
+        region_features = region_present = None
+        if anatomy_mask is not None:
+            if self.region_attention is None:
+                raise ValueError("`anatomy_mask` was given but the config has `num_regions=0`")
+            region_features, region_present = self.region_attention(last_hidden_state[:, 1:], anatomy_mask)
+        return ReCTVisionModelOutput(
+            last_hidden_state=last_hidden_state,
+            pooler_output=last_hidden_state[:, 0],
+            region_features=region_features,
+            region_present=region_present,
+        )
+
+
+class ReCTForFeatureExtraction(ReCTPreTrainedModel):
+    """Vision encoder + projections → L2-normalised global and region embeddings (for retrieval and reuse).
+
+    Loads from a [`ReCTModel`] folder too (its `vision_config`, vision tower and image projections).
+    """
+
+    config: ReCTVisionConfig
+    config_class = ReCTVisionConfig
+    base_model_prefix = "vision_model"
+    input_modalities = ("image",)
+
+    def __init__(self, config: ReCTVisionConfig):
+        super().__init__(config)
+        self.vision_model = ReCTVisionModel._from_config(config)
+        self.projection = ReCTProjectionHead(config.hidden_size, config.projection_dim)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.get_input_embeddings()
+
+    @can_return_tuple
+    def forward(
+        self, pixel_values: torch.Tensor, anatomy_mask: torch.Tensor | None = None, **kwargs
+    ) -> ReCTFeatureExtractionOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, depth, height, width)`).
+            anatomy_mask (`torch.LongTensor` of shape `(batch, 1, depth, height, width)`, *optional*).
+        """
+        vision = self.vision_model(pixel_values, anatomy_mask, **kwargs)
+        image_embeds, region_embeds = self.projection(vision)
+        return ReCTFeatureExtractionOutput(
+            image_embeds=image_embeds,
+            region_embeds=region_embeds,
+            region_present=vision.region_present,
+            last_hidden_state=vision.last_hidden_state,
+            hidden_states=vision.hidden_states,
+            attentions=vision.attentions,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Contrastive dual encoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ReCTModel(ReCTPreTrainedModel):
+    """CLIP-style dual encoder: 3D CT vision tower + any BERT-like text tower, with region–report alignment.
+
+    Also the zero-shot classifier: [`~ReCTModel.zero_shot_logits`] scores findings from positive and negative
+    text prompts, with no labelled training.
+    """
+
+    main_input_name = "input_ids"
 
     def __init__(self, config: ReCTConfig):
         super().__init__(config)
-        self.vision_model = ReCTVisionModel(config.vision_config)
+        self.vision_model = ReCTVisionModel._from_config(config.vision_config)
+        # Any BERT-like encoder, built as LLaVA builds its towers: the sub-config carries the attention
+        # implementation and dtype chosen for the whole model.
         self.text_model = AutoModel.from_config(config.text_config)
+        if config.text_pooling != "pooler" and isinstance(getattr(self.text_model, "pooler", None), nn.Module):
+            # BERT-style pooler layers would never get a gradient (DDP with find_unused_parameters=False fails on
+            # them); BERT-family models skip a `None` pooler.
+            self.text_model.pooler = None
         self.projection = ReCTProjectionHead(config.vision_config.hidden_size, config.projection_dim)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.contrastive_head = ReCTContrastiveHead(config.logit_scale_init_value)
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.text_model.set_input_embeddings(value)
 
     def _pool_text(self, text_outputs, attention_mask: torch.Tensor | None) -> torch.Tensor:
         pooling = self.config.text_pooling
@@ -664,33 +675,49 @@ class ReCTModel(ReCTPreTrainedModel):
         weights = attention_mask.unsqueeze(-1).to(tokens.dtype)
         return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
-    def encode_text(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, ModelOutput]:
-        """→ projected (not normalised) text features `(batch, P)` and the text tower's output."""
-        text_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            text_kwargs["token_type_ids"] = token_type_ids
-        text_outputs = self.text_model(**text_kwargs, return_dict=True)
-        return self.text_projection(self._pool_text(text_outputs, attention_mask)), text_outputs
-
+    @can_return_tuple
     def get_text_features(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Projected text features `(batch, projection_dim)`, before L2 normalisation (as CLIP)."""
-        return self.encode_text(input_ids, attention_mask, token_type_ids)[0]
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        r"""The text tower's output with the projected (not yet L2-normalised) text embedding
+        `(batch, projection_dim)` in `pooler_output`, as CLIP's `get_text_features` in transformers 5.
 
-    def get_image_features(self, pixel_values: torch.Tensor, anatomy_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Projected global image features `(batch, projection_dim)`, before L2 normalisation (as CLIP)."""
-        vision = self.vision_model(pixel_values, anatomy_mask, return_dict=True)
-        return self.projection.visual_projection(vision.pooler_output)
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq_len)`), attention_mask, token_type_ids: tokenised
+                text (a report, a prompt).
+        """
+        text_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            text_kwargs["token_type_ids"] = token_type_ids
+        text_outputs = self.text_model(**text_kwargs, **kwargs, return_dict=True)
+        projected = self.text_projection(self._pool_text(text_outputs, attention_mask))
+        return BaseModelOutputWithPooling(
+            last_hidden_state=text_outputs.last_hidden_state,
+            pooler_output=projected,
+            hidden_states=getattr(text_outputs, "hidden_states", None),
+            attentions=getattr(text_outputs, "attentions", None),
+        )
 
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, anatomy_mask: torch.Tensor | None = None, **kwargs
+    ) -> ReCTVisionModelOutput:
+        r"""The vision tower's output with the projected (not yet L2-normalised) global image embedding
+        `(batch, projection_dim)` in `pooler_output`.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, depth, height, width)`).
+            anatomy_mask (`torch.LongTensor` of shape `(batch, 1, depth, height, width)`, *optional*).
+        """
+        vision = self.vision_model(pixel_values, anatomy_mask, **kwargs, return_dict=True)
+        vision.pooler_output = self.projection.visual_projection(vision.pooler_output)
+        return vision
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -699,12 +726,9 @@ class ReCTModel(ReCTPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         anatomy_mask: torch.Tensor | None = None,
         region_mentions: torch.Tensor | None = None,
-        return_loss: bool = True,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        return_loss: bool | None = None,
         **kwargs,
-    ) -> ReCTOutput | tuple:
+    ) -> ReCTOutput:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): tokenised reports, paired row by row with
@@ -713,23 +737,20 @@ class ReCTModel(ReCTPreTrainedModel):
             anatomy_mask (`torch.LongTensor` of shape `(batch, 1, depth, height, width)`, *optional*).
             region_mentions (`torch.Tensor` of shape `(batch, num_regions)`, *optional*): 1 where the report
                 mentions region r (id r + 1); adds the region alignment loss (needs `anatomy_mask`).
-            return_loss (`bool`, defaults to `True`): compute `loss` (needs batch ≥ 2 for a meaningful InfoNCE).
+            return_loss (`bool`, *optional*): compute `loss` (as CLIP: off unless asked; InfoNCE needs batch ≥ 2
+                to mean anything). Training collators pass `return_loss=True`.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if input_ids is None or pixel_values is None:
             raise ValueError("ReCTModel.forward needs both `input_ids` and `pixel_values`")
         if region_mentions is not None and anatomy_mask is None:
             raise ValueError("`region_mentions` needs `anatomy_mask`: region features come from the anatomy mask")
-        vision = self.vision_model(
-            pixel_values,
-            anatomy_mask,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        vision = self.vision_model(pixel_values, anatomy_mask, **kwargs, return_dict=True)
         image_embeds, region_embeds = self.projection(vision)
-        text_features, text_outputs = self.encode_text(input_ids, attention_mask, token_type_ids)
-        text_embeds = F.normalize(text_features, dim=-1)
+        text_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            text_kwargs["token_type_ids"] = token_type_ids
+        text_outputs = self.text_model(**text_kwargs, **kwargs, return_dict=True)
+        text_embeds = F.normalize(self.text_projection(self._pool_text(text_outputs, attention_mask)), dim=-1)
 
         head = self.contrastive_head
         logits_per_text = head.scale(head.logit_scale) * text_embeds @ image_embeds.t()
@@ -751,7 +772,7 @@ class ReCTModel(ReCTPreTrainedModel):
                 region_loss = region_alignment_loss(region_logits, region_mentions, vision.region_present)
                 loss = loss + self.config.region_alignment_weight * region_loss
 
-        output = ReCTOutput(
+        return ReCTOutput(
             loss=loss,
             logits_per_image=logits_per_text.t(),
             logits_per_text=logits_per_text,
@@ -765,7 +786,58 @@ class ReCTModel(ReCTPreTrainedModel):
             vision_model_output=vision,
             text_model_output=text_outputs,
         )
-        return output if return_dict else output.to_tuple()
+
+    @torch.no_grad()
+    def zero_shot_logits(
+        self,
+        pixel_values: torch.Tensor,
+        positive_prompts: Mapping[str, torch.Tensor],
+        negative_prompts: Mapping[str, torch.Tensor],
+        anatomy_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""Zero-shot finding scores from text prompts: one positive and one negative prompt per finding.
+
+        For each finding f the volume's scaled cosine similarity to its positive prompt ("pleural effusion is
+        present") and to its negative prompt ("no pleural effusion") are compared as a two-way softmax, as CT-CLIP
+        scores findings; the returned logit is their difference, so `sigmoid(logit)` is the probability of the
+        positive prompt.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, depth, height, width)`).
+            positive_prompts, negative_prompts (`dict` / `BatchEncoding`): tokenised prompts (`input_ids`,
+                `attention_mask`, optionally `token_type_ids`), each `(num_findings, seq_len)`, row f for finding f
+                (e.g. `processor(text=[...], padding=True)`).
+            anatomy_mask (`torch.LongTensor` of shape `(batch, 1, depth, height, width)`, *optional*).
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch, num_findings)`: logit that finding f is present.
+
+        Raises:
+            TypeError: prompts given as strings (tokenise them first). ValueError: missing `input_ids`, or a
+                different number of positive and negative prompts.
+        """
+        encoded = []
+        for name, prompts in (("positive_prompts", positive_prompts), ("negative_prompts", negative_prompts)):
+            if isinstance(prompts, (str, list, tuple)):
+                raise TypeError(
+                    f"`{name}` must be tokenised (a dict with `input_ids` and `attention_mask`); tokenise the prompt "
+                    "strings with the ReCTProcessor or the text tokenizer first"
+                )
+            if "input_ids" not in prompts:
+                raise ValueError(f"`{name}` must contain `input_ids`, got keys {sorted(prompts)}")
+            features = self.get_text_features(
+                prompts["input_ids"], prompts.get("attention_mask"), prompts.get("token_type_ids")
+            ).pooler_output
+            encoded.append(F.normalize(features, dim=-1))
+        positive, negative = encoded
+        if positive.shape[0] != negative.shape[0]:
+            raise ValueError(
+                f"one negative prompt per positive prompt: got {positive.shape[0]} positive and "
+                f"{negative.shape[0]} negative prompts"
+            )
+        image = F.normalize(self.get_image_features(pixel_values, anatomy_mask).pooler_output, dim=-1)
+        scale = self.contrastive_head.scale(self.contrastive_head.logit_scale)
+        return scale * (image @ positive.t() - image @ negative.t())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -774,124 +846,104 @@ class ReCTModel(ReCTPreTrainedModel):
 
 
 class ReCTForVolumeClassification(ReCTPreTrainedModel):
-    """Multi-label abnormality classifier (18 CT-RATE labels by default) on the 3D vision encoder.
+    """Abnormality classifier (18 CT-RATE labels by default, multi-label) on the 3D vision encoder alone.
 
-    The head reads the CLS feature, concatenated (per `config.classifier_pooling`) with the mean and the max of the
-    patch tokens. The text tower of the wrapped
-    [`ReCTModel`] gives a text-prompted zero-shot head, [`~ReCTForVolumeClassification.zero_shot_logits`].
+    Shaped like `SiglipForImageClassification`: the vision tower (`_from_config`) and a linear head that reads the CLS
+    feature, concatenated (per `config.classifier_pooling`) with the mean and the max of the patch tokens. Text
+    prompts and zero-shot scoring live on [`ReCTModel`]. `from_pretrained` on a [`ReCTModel`],
+    [`ReCTForFeatureExtraction`] or [`ReCTVisionModel`] folder loads the pre-trained encoder and reports the head as
+    newly initialised.
     """
 
-    config_class = ReCTConfig
+    base_model_prefix = "vision_model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
     _auto_class = "AutoModelForImageClassification"
     _extra_auto_classes = ("AutoModelForImageClassification",)
 
     def __init__(self, config: ReCTConfig):
         super().__init__(config)
-        self.rect = ReCTModel(config)
+        self.num_labels = config.num_labels
+        # The head reads CLS/mean/max token features only, so the tower is built without region queries (they
+        # would never get a gradient); a pre-trained encoder's region weights are reported as unused on loading.
+        vision_config = copy.deepcopy(config.vision_config)
+        vision_config.num_regions = 0
+        self.vision_model = ReCTVisionModel._from_config(vision_config)
         hidden = config.vision_config.hidden_size
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(len(config.classifier_pooling.split("_")) * hidden, config.num_labels)
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.get_input_embeddings()
+
+    @can_return_tuple
     def forward(
-        self,
-        pixel_values: torch.Tensor,
-        anatomy_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ReCTVolumeClassifierOutput | tuple:
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
+    ) -> ReCTVolumeClassifierOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch, channels, depth, height, width)`).
-            anatomy_mask (`torch.LongTensor` of shape `(batch, 1, depth, height, width)`, *optional*).
-            labels (`torch.Tensor`, *optional*): `(batch, num_labels)` 0/1 for multi-label (BCE, weighted by
-                `config.pos_weight` when set), `(batch,)` class ids for single-label, `(batch,)`/`(batch, 1)` floats
-                for regression.
+            labels (`torch.Tensor`, *optional*): `(batch, num_labels)` 0/1 floats for multi-label (BCE, weighted by
+                `config.pos_weight` when set), `(batch,)` integer class ids for single-label, floats for
+                regression. An unset `config.problem_type` is inferred from the first labels, as transformers does.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        vision = self.rect.vision_model(
-            pixel_values,
-            anatomy_mask,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        if kwargs.get("anatomy_mask") is not None:
+            raise ValueError(
+                "ReCTForVolumeClassification reads CLS/mean/max token features and takes no `anatomy_mask`; "
+                "region features come from ReCTVisionModel / ReCTModel"
+            )
+        kwargs.pop("anatomy_mask", None)
+        vision = self.vision_model(pixel_values, **kwargs, return_dict=True)
         tokens = vision.last_hidden_state
         pooled = {"cls": tokens[:, 0], "mean": tokens[:, 1:].mean(dim=1), "max": tokens[:, 1:].amax(dim=1)}
         features = torch.cat([pooled[name] for name in self.config.classifier_pooling.split("_")], dim=-1)
         logits = self.classifier(self.dropout(features))
-
-        loss = None
-        if labels is not None:
-            loss = self.classification_loss(logits, labels)
-        output = ReCTVolumeClassifierOutput(
+        loss = None if labels is None else self.classification_loss(logits, labels)
+        return ReCTVolumeClassifierOutput(
             loss=loss,
             logits=logits,
             pooler_output=vision.pooler_output,
             hidden_states=vision.hidden_states,
             attentions=vision.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
     def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        problem = self.config.problem_type
+        """Loss per `config.problem_type`, inferred on first use as `ForSequenceClassificationLoss` does."""
+        config = self.config
+        if config.problem_type is None:
+            if self.num_labels == 1:
+                config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                config.problem_type = "single_label_classification"
+            else:
+                config.problem_type = "multi_label_classification"
+        problem = config.problem_type
         if problem == "multi_label_classification":
             if tuple(labels.shape) != tuple(logits.shape):
                 raise ValueError(
                     f"multi-label `labels` must be (batch, num_labels) = {tuple(logits.shape)}, "
-                    f"got {tuple(labels.shape)}"
+                    f"got {tuple(labels.shape)} (integer class ids `(batch,)` mean single-label)"
                 )
-            pos_weight = getattr(self.config, "pos_weight", None)
+            pos_weight = config.pos_weight
             if pos_weight is not None:
-                if len(pos_weight) != logits.shape[-1]:
-                    raise ValueError(
-                        f"`config.pos_weight` has {len(pos_weight)} entries, expected num_labels={logits.shape[-1]}"
-                    )
                 pos_weight = torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
             return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), pos_weight=pos_weight)
         if problem == "single_label_classification":
+            if labels.is_floating_point():
+                raise ValueError(
+                    f"single-label `labels` must be integer class ids of shape (batch,), got dtype {labels.dtype}"
+                )
             return F.cross_entropy(logits, labels.long().view(-1))
         if problem == "regression":
-            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(logits.shape[0], -1).squeeze(-1))
-        raise ValueError(f"unsupported `problem_type` {problem!r}")
-
-    def zero_shot_logits(
-        self,
-        pixel_values: torch.Tensor,
-        prompts: dict,
-        anatomy_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        r"""Text-prompted zero-shot scores.
-
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch, channels, depth, height, width)`).
-            prompts (`dict` / `BatchEncoding`): tokenised prompts (`input_ids`, `attention_mask`, optionally
-                `token_type_ids`), shape `(num_prompts, seq_len)`, e.g. from `ReCTProcessor(text=[...])`. Give a
-                positive and a negative prompt per finding and compare their scores.
-
-        Returns:
-            `torch.FloatTensor` of shape `(batch, num_prompts)`: scaled cosine similarity of each volume to each
-            prompt (the same scale as `logits_per_image`).
-        """
-        if isinstance(prompts, (str, list, tuple)):
-            raise TypeError(
-                "`prompts` must be tokenised (a dict with `input_ids` and `attention_mask`); tokenise the prompt "
-                "strings with the ReCTProcessor or the text tokenizer first"
-            )
-        if "input_ids" not in prompts:
-            raise ValueError(f"`prompts` must contain `input_ids`, got keys {sorted(prompts)}")
-        model = self.rect
-        image_embeds = F.normalize(model.get_image_features(pixel_values, anatomy_mask), dim=-1)
-        text_embeds = F.normalize(
-            model.get_text_features(
-                prompts["input_ids"], prompts.get("attention_mask"), prompts.get("token_type_ids")
-            ),
-            dim=-1,
+            labels = labels.to(logits.dtype)
+            if self.num_labels == 1:
+                return F.mse_loss(logits.squeeze(-1), labels.view(-1))
+            return F.mse_loss(logits, labels)
+        raise ValueError(
+            f"unsupported `problem_type` {problem!r}; expected 'multi_label_classification', "
+            "'single_label_classification' or 'regression'"
         )
-        return model.contrastive_head.scale(model.contrastive_head.logit_scale) * image_embeds @ text_embeds.t()
 
 
 __all__ = [

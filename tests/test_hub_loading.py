@@ -61,7 +61,7 @@ def outputs_of(model, inputs) -> dict[str, torch.Tensor]:
             )
             return {"logits_per_image": out.logits_per_image, "region_embeds": out.region_embeds}
         if isinstance(model, ReCTForVolumeClassification):
-            return {"logits": model(inputs["pixel_values"], inputs["anatomy_mask"]).logits}
+            return {"logits": model(inputs["pixel_values"]).logits}
         if isinstance(model, ReCTForFeatureExtraction):
             out = model(inputs["pixel_values"], inputs["anatomy_mask"])
             return {"image_embeds": out.image_embeds, "region_embeds": out.region_embeds}
@@ -157,10 +157,10 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
                             anatomy_mask=inputs["anatomy_mask"], return_loss=False)
                 results[name] = out.logits_per_image
             elif name == "classifier":
-                results[name] = model(inputs["pixel_values"], inputs["anatomy_mask"]).logits
+                results[name] = model(inputs["pixel_values"]).logits
                 clf = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
                 classes["classifier_auto_clf"] = [type(clf).__name__]
-                results["classifier_auto_clf"] = clf(inputs["pixel_values"], inputs["anatomy_mask"]).logits
+                results["classifier_auto_clf"] = clf(inputs["pixel_values"]).logits
             elif name == "extractor":
                 results[name] = model(inputs["pixel_values"], inputs["anatomy_mask"]).image_embeds
             else:

@@ -1,9 +1,19 @@
-"""Vision encoder, feature extractor, contrastive model and classifier on tiny configs (table-driven)."""
+"""Model test suite: every model class × the common checks, as a table (transformers' `ModelTesterMixin`, peft's
+`TEST_CASES`), then the checks that belong to one class.
 
+A case is (model class, attention type): its config, its inputs for a batch, and the output tensors that must agree
+between two runs. Every common check runs on every case.
+"""
+
+import copy
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+from torch.nn import functional as F
 
 from hf_models import (
     ReCTConfig,
@@ -16,26 +26,11 @@ from hf_models import (
 from tests.conftest import tiny_text_kwargs, tiny_vision_kwargs
 
 
-ATTENTION_TYPES = ["divided", "joint"]
-BATCH = 2
+SPATIAL = (8, 32, 32)  # tiny_vision_kwargs: patch (2, 8, 8) → grid (4, 4, 4) = 64 tokens
+NUM_REGIONS = 5
 
 
-def make_inputs(seed: int = 0, with_mask: bool = True, regions=(1, 2, 3)):
-    g = torch.Generator().manual_seed(seed)
-    pixel_values = torch.rand(BATCH, 1, 8, 32, 32, generator=g)
-    mask = None
-    if with_mask:
-        # Region ids laid out in blocks so each listed region covers whole patches.
-        mask = torch.zeros(BATCH, 1, 8, 32, 32, dtype=torch.long)
-        for i, region in enumerate(regions):
-            mask[:, :, :, (i * 8) : (i + 1) * 8, :16] = region
-    input_ids = torch.randint(1000, 2000, (BATCH, 9), generator=g)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 6:] = 0
-    return pixel_values, mask, input_ids, attention_mask
-
-
-def rect_config(attention_type: str, **overrides) -> ReCTConfig:
+def rect_config(attention_type: str = "divided", **overrides) -> ReCTConfig:
     return ReCTConfig(
         vision_config=tiny_vision_kwargs(attention_type=attention_type),
         text_config=tiny_text_kwargs(),
@@ -44,231 +39,465 @@ def rect_config(attention_type: str, **overrides) -> ReCTConfig:
     )
 
 
-def seeded(cls, config, seed=0):
-    torch.manual_seed(seed)
-    return cls(config).eval()
+def make_batch(batch: int, seed: int = 0, with_mask: bool = True) -> dict[str, torch.Tensor]:
+    """Volumes, anatomy masks whose regions 1..3 cover whole patches, and tokenised texts with some padding."""
+    g = torch.Generator().manual_seed(seed)
+    pixel_values = torch.rand(batch, 1, *SPATIAL, generator=g)
+    inputs = {"pixel_values": pixel_values}
+    if with_mask:
+        mask = torch.zeros(batch, 1, *SPATIAL, dtype=torch.long)
+        for i, region in enumerate((1, 2, 3)):
+            mask[:, :, :, i * 8 : (i + 1) * 8, :16] = region
+        mask[0, :, :, 24:, 16:] = 4  # sample 0 has one region more than the others
+        inputs["anatomy_mask"] = mask
+    input_ids = torch.randint(1000, 2000, (batch, 9), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[-1, 6:] = 0
+    inputs.update(input_ids=input_ids, attention_mask=attention_mask)
+    return inputs
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-@pytest.mark.parametrize("with_mask", [True, False])
-def test_vision_model_shapes_and_backward(attention_type, with_mask):
-    config = ReCTVisionConfig(**tiny_vision_kwargs(attention_type=attention_type))
-    model = seeded(ReCTVisionModel, config).train()
-    pixel_values, mask, _, _ = make_inputs(with_mask=with_mask)
-    out = model(pixel_values, mask, output_hidden_states=True, output_attentions=True)
+@dataclass
+class ModelCase:
+    """One model class on one attention type: how to build it, feed it and compare its outputs."""
+
+    cls: type
+    attention_type: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.cls.__name__}-{self.attention_type}"
+
+    def config(self):
+        if self.cls in (ReCTVisionModel, ReCTForFeatureExtraction):
+            return ReCTVisionConfig(**tiny_vision_kwargs(attention_type=self.attention_type))
+        return rect_config(self.attention_type)
+
+    def build(self, seed: int = 0, config=None):
+        torch.manual_seed(seed)
+        return self.cls(config if config is not None else self.config()).eval()
+
+    def inputs(self, batch: int = 2, seed: int = 0, with_labels: bool = False) -> dict[str, Any]:
+        data = make_batch(batch, seed)
+        if self.cls is ReCTModel:
+            data["region_mentions"] = (torch.arange(batch * NUM_REGIONS).reshape(batch, NUM_REGIONS) % 3 == 0).float()
+            data["return_loss"] = with_labels
+            return data
+        data.pop("input_ids"), data.pop("attention_mask")
+        if self.cls is ReCTForVolumeClassification:
+            data.pop("anatomy_mask")
+            if with_labels:
+                data["labels"] = (torch.arange(batch * 18).reshape(batch, 18) % 5 == 0).float()
+        return data
+
+    def per_sample_outputs(self, output) -> dict[str, torch.Tensor]:
+        """Outputs whose row b depends on sample b alone (what batch independence compares)."""
+        if self.cls is ReCTModel:
+            return {"image_embeds": output.image_embeds, "text_embeds": output.text_embeds,
+                    "region_logits": output.region_logits}  # fmt: skip
+        if self.cls is ReCTForVolumeClassification:
+            return {"logits": output.logits}
+        if self.cls is ReCTForFeatureExtraction:
+            return {"image_embeds": output.image_embeds, "region_embeds": output.region_embeds}
+        return {"last_hidden_state": output.last_hidden_state, "region_features": output.region_features}
+
+    def scalar(self, output) -> torch.Tensor:
+        """A loss, or a fixed random projection of the outputs (a plain sum of LayerNorm outputs has no gradient)."""
+        if getattr(output, "loss", None) is not None:
+            return output.loss
+        total = 0.0
+        for index, value in enumerate(self.per_sample_outputs(output).values()):
+            weights = torch.randn(value.shape, generator=torch.Generator().manual_seed(index))
+            total = total + (value.float() * weights).sum()
+        return total
+
+
+CASES = [
+    ModelCase(cls, attention_type)
+    for cls in (ReCTVisionModel, ReCTForFeatureExtraction, ReCTModel, ReCTForVolumeClassification)
+    for attention_type in ("divided", "joint")
+]
+cases = pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+
+
+def assert_outputs_close(a: dict, b: dict, atol: float, rtol: float = 1e-5):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=rtol, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Common checks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@cases
+def test_forward_backward_every_used_parameter_gets_a_gradient(case):
+    """DDP with `find_unused_parameters=False` needs a gradient on every trainable parameter the task uses."""
+    model = case.build().train()
+    output = model(**case.inputs(with_labels=True))
+    loss = case.scalar(output)
+    assert torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    # The vision tower's region queries serve only region features; without a loss on them they idle.
+    allowed = {"ReCTVisionModel", "ReCTForFeatureExtraction"}
+    if case.cls.__name__ in allowed:
+        missing = [n for n in missing if "region_attention" not in n]
+    assert not missing, missing
+
+
+@cases
+def test_batch_independence(case):
+    """A sample's outputs do not depend on the rest of the batch (divided attention reshapes across it)."""
+    model = case.build()
+    batch = case.inputs(batch=3)
+    with torch.no_grad():
+        together = case.per_sample_outputs(model(**batch))
+        for i in range(3):
+            single = {k: v[i : i + 1] if torch.is_tensor(v) and v.ndim and k != "return_loss" else v
+                      for k, v in batch.items()}  # fmt: skip
+            alone = case.per_sample_outputs(model(**single))
+            assert_outputs_close({k: v[i : i + 1] for k, v in together.items()}, alone, atol=1e-5)
+
+
+@cases
+def test_dict_and_tuple_outputs_agree(case):
+    model = case.build()
+    inputs = case.inputs(with_labels=True)
+    with torch.no_grad():
+        as_dict = model(**inputs)
+        as_tuple = model(**inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    expected = as_dict.to_tuple()
+    assert len(as_tuple) == len(expected)
+
+    def flat(items):
+        for item in items:
+            if isinstance(item, tuple):
+                yield from flat(item)
+            else:
+                yield item
+
+    for a, b in zip(flat(as_tuple), flat(expected)):
+        torch.testing.assert_close(a, b)
+
+
+@cases
+def test_eager_and_sdpa_agree(case):
+    model = case.build()
+    inputs = case.inputs()
+    results = {}
+    for implementation in ("eager", "sdpa"):
+        model.set_attn_implementation(implementation)
+        vision = model if isinstance(model, ReCTVisionModel) else model.vision_model
+        assert vision.config._attn_implementation == implementation
+        with torch.no_grad():
+            results[implementation] = case.per_sample_outputs(model(**inputs))
+    assert_outputs_close(results["eager"], results["sdpa"], atol=1e-5)
+
+
+@cases
+def test_gradient_checkpointing_gives_the_same_gradients(case):
+    gradients = []
+    for checkpointing in (False, True):
+        model = case.build().train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            vision = model if isinstance(model, ReCTVisionModel) else model.vision_model
+            assert all(layer.gradient_checkpointing for layer in vision.layers)
+        case.scalar(model(**case.inputs(with_labels=True))).backward()
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[0][name], gradients[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@cases
+def test_bf16_forward_is_finite_and_close_to_fp32(case):
+    model = case.build()
+    inputs = case.inputs()
+    with torch.no_grad():
+        reference = case.per_sample_outputs(model(**inputs))
+        model.to(torch.bfloat16)
+        half = {
+            k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()
+        }
+        lowered = case.per_sample_outputs(model(**half))
+    for name, value in lowered.items():
+        assert value.dtype in (torch.bfloat16, torch.bool), name
+        assert torch.isfinite(value.float()).all(), name
+        similarity = F.cosine_similarity(value.float().flatten(), reference[name].float().flatten(), dim=0)
+        assert similarity > 0.99, (name, similarity)
+
+
+@cases
+def test_save_and_reload_is_bit_identical(case, tmp_path):
+    model = case.build()
+    inputs = case.inputs()
+    with torch.no_grad():
+        expected = case.per_sample_outputs(model(**inputs))
+    model.save_pretrained(tmp_path)
+    reloaded = case.cls.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        got = case.per_sample_outputs(reloaded(**inputs))
+    assert_outputs_close(expected, got, atol=0.0, rtol=0.0)
+
+
+@cases
+def test_builds_on_the_meta_device_at_seed_size(case):
+    config = ReCTVisionConfig() if case.cls in (ReCTVisionModel, ReCTForFeatureExtraction) else ReCTConfig()
+    config = copy.deepcopy(config)
+    vision = config if isinstance(config, ReCTVisionConfig) else config.vision_config
+    vision.attention_type = case.attention_type
+    with torch.device("meta"):
+        model = case.cls(config)
+    tower = model if isinstance(model, ReCTVisionModel) else model.vision_model
+    assert tower.embeddings.position_embeddings.shape == (1, 1 + 16 * 32 * 32, 768)
+    assert tower.embeddings.position_embeddings.is_meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gradient accumulation through the HF Trainer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Volumes(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        self.batch = ModelCase(ReCTForVolumeClassification, "divided").inputs(batch=n, seed=3, with_labels=True)
+
+    def __len__(self):
+        return self.batch["pixel_values"].shape[0]
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+@pytest.mark.parametrize("attention_type", ["divided", "joint"])
+def test_trainer_gradient_accumulation_matches_one_big_batch(attention_type, tmp_path):
+    """2 × batch 2 with accumulation must step exactly like 1 × batch 4 (the Trainer divides by the steps only when
+    the model says it does not normalise by `num_items_in_batch`)."""
+    from transformers import Trainer, TrainingArguments
+
+    case = ModelCase(ReCTForVolumeClassification, attention_type)
+    assert case.cls.accepts_loss_kwargs is False
+    deltas = []
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        model = case.build().train()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"b{batch_size}"),
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            learning_rate=1.0,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            max_grad_norm=0.0,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+        )
+        Trainer(model=model, args=args, train_dataset=_Volumes(4)).train()
+        deltas.append({n: before[n] - p.detach() for n, p in model.named_parameters()})
+    assert any(d.abs().sum() > 0 for d in deltas[0].values())
+    for name in deltas[0]:
+        torch.testing.assert_close(deltas[0][name], deltas[1][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Base → head loading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "source_cls", [ReCTVisionModel, ReCTForFeatureExtraction, ReCTModel], ids=lambda c: c.__name__
+)
+def test_classifier_loads_a_pretrained_encoder_and_reports_the_new_head(source_cls, tmp_path):
+    source = ModelCase(source_cls, "divided").build(seed=5)
+    source.save_pretrained(tmp_path)
+    classifier, info = ReCTForVolumeClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert sorted(info["missing_keys"]) == ["classifier.bias", "classifier.weight"]
+    assert not info["mismatched_keys"]
+    # region queries (not used by the head) and the text side are reported, never silently kept or dropped
+    assert all(not key.startswith("vision_model.layers") for key in info["unexpected_keys"])
+    encoder = source if isinstance(source, ReCTVisionModel) else source.vision_model
+    pixel_values = make_batch(2)["pixel_values"]
+    with torch.no_grad():
+        expected = encoder(pixel_values).last_hidden_state
+        got = classifier.eval().vision_model(pixel_values).last_hidden_state
+    assert torch.equal(expected, got)
+    assert classifier.config.num_labels == 18 and classifier.config.id2label[2] == "Cardiomegaly"
+
+
+def test_feature_extractor_and_encoder_load_from_a_contrastive_folder(tmp_path):
+    model = ModelCase(ReCTModel, "divided").build(seed=2)
+    model.save_pretrained(tmp_path)
+    inputs = make_batch(2)
+    extractor = ReCTForFeatureExtraction.from_pretrained(tmp_path).eval()
+    encoder = ReCTVisionModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        full = model(**inputs)
+        torch.testing.assert_close(
+            extractor(inputs["pixel_values"], inputs["anatomy_mask"]).image_embeds, full.image_embeds
+        )
+        torch.testing.assert_close(
+            encoder(inputs["pixel_values"]).last_hidden_state, full.vision_model_output.last_hidden_state
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-class checks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention_type", ["divided", "joint"])
+def test_vision_outputs_hidden_states_and_attentions(attention_type):
+    model = ModelCase(ReCTVisionModel, attention_type).build()
+    model.set_attn_implementation("eager")
+    inputs = make_batch(2)
+    out = model(inputs["pixel_values"], inputs["anatomy_mask"], output_hidden_states=True, output_attentions=True)
     n = 4 * 4 * 4
-    assert out.last_hidden_state.shape == (BATCH, 1 + n, 32)
-    assert out.pooler_output.shape == (BATCH, 32)
-    assert len(out.hidden_states) == config.num_hidden_layers + 1
-    assert len(out.attentions) == config.num_hidden_layers
+    assert out.last_hidden_state.shape == (2, 1 + n, 32) and out.pooler_output.shape == (2, 32)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert len(out.attentions) == model.config.num_hidden_layers
     if attention_type == "joint":
-        assert out.attentions[0].shape == (BATCH, 4, 1 + n, 1 + n)
+        assert out.attentions[0].shape == (2, 4, 1 + n, 1 + n)
         assert out.depth_attentions is None
     else:
-        assert out.attentions[0].shape == (BATCH * 4, 4, 1 + 16, 1 + 16)
-        assert out.depth_attentions[0].shape == (BATCH * 16, 4, 4, 4)
-    if with_mask:
-        assert out.region_features.shape == (BATCH, 5, 32)
-        assert out.region_present.tolist() == [[True, True, True, False, False]] * BATCH
-    else:
-        assert out.region_features is None and out.region_present is None
-    # Random weights: a plain sum of LayerNorm outputs has zero gradient.
-    weights = torch.randn(out.last_hidden_state.shape, generator=torch.Generator().manual_seed(1))
-    loss = (out.last_hidden_state * weights).sum() + ((out.region_features**2).sum() if with_mask else 0)
-    loss.backward()
-    grads = [p.grad for n_, p in model.named_parameters() if p.requires_grad and p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-    assert model.embeddings.projection.weight.grad.abs().sum() > 0
+        assert out.attentions[0].shape == (2 * 4, 4, 1 + 16, 1 + 16)
+        assert out.depth_attentions[0].shape == (2 * 16, 4, 4, 4)
+    assert out.region_features.shape == (2, NUM_REGIONS, 32)
+    assert out.region_present.tolist() == [[True] * 4 + [False], [True] * 3 + [False] * 2]
+    plain = model(inputs["pixel_values"])
+    assert plain.region_features is None and plain.hidden_states is None and plain.attentions is None
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-@pytest.mark.parametrize("with_mask", [True, False])
-def test_feature_extraction_embeddings_are_normalised(attention_type, with_mask):
-    model = seeded(ReCTForFeatureExtraction, ReCTVisionConfig(**tiny_vision_kwargs(attention_type=attention_type)))
-    pixel_values, mask, _, _ = make_inputs(with_mask=with_mask)
-    out = model(pixel_values, mask)
-    assert out.image_embeds.shape == (BATCH, 16)
-    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(BATCH))
-    if with_mask:
-        norms = out.region_embeds.norm(dim=-1)
-        torch.testing.assert_close(norms[:, :3], torch.ones(BATCH, 3))
-        assert torch.all(norms[:, 3:] == 0)
-    else:
-        assert out.region_embeds is None
-    out.image_embeds.sum().backward()
+def test_feature_embeddings_are_unit_length_and_absent_regions_zero():
+    model = ModelCase(ReCTForFeatureExtraction, "divided").build()
+    inputs = make_batch(2)
+    out = model(inputs["pixel_values"], inputs["anatomy_mask"])
+    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(2))
+    norms = out.region_embeds.norm(dim=-1)
+    torch.testing.assert_close(norms[1, :3], torch.ones(3))
+    assert torch.all(norms[1, 3:] == 0)
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-@pytest.mark.parametrize("with_mask", [True, False])
-def test_contrastive_model_loss_and_backward(attention_type, with_mask):
-    model = seeded(ReCTModel, rect_config(attention_type)).train()
-    pixel_values, mask, input_ids, attention_mask = make_inputs(with_mask=with_mask)
-    mentions = torch.tensor([[1, 0, 1, 1, 1], [0, 1, 0, 1, 0]]) if with_mask else None
-    out = model(
-        input_ids=input_ids,
-        pixel_values=pixel_values,
-        attention_mask=attention_mask,
-        anatomy_mask=mask,
-        region_mentions=mentions,
-    )
-    assert out.logits_per_image.shape == (BATCH, BATCH)
+def test_contrastive_loss_terms_temperature_and_return_loss_default():
+    model = ModelCase(ReCTModel, "divided").build().train()
+    assert ReCTModel.main_input_name == "input_ids"
+    inputs = ModelCase(ReCTModel, "divided").inputs(with_labels=True)
+    out = model(**inputs)
     torch.testing.assert_close(out.logits_per_text, out.logits_per_image.t())
-    assert out.text_embeds.shape == out.image_embeds.shape == (BATCH, 16)
-    assert torch.isfinite(out.loss)
-    if with_mask:
-        assert out.region_logits.shape == (BATCH, 5)
-        expected = out.contrastive_loss + model.config.region_alignment_weight * out.region_loss
-        torch.testing.assert_close(out.loss, expected)
-    else:
-        assert out.region_loss is None
-        torch.testing.assert_close(out.loss, out.contrastive_loss)
-    out.loss.backward()
-    assert model.contrastive_head.logit_scale.grad is not None
-    assert model.text_projection.weight.grad.abs().sum() > 0
-    if with_mask:
-        assert model.vision_model.region_attention.region_queries.grad[:3].abs().sum() > 0
-    # the learnable temperature starts at 1 / 0.07
+    expected = out.contrastive_loss + model.config.region_alignment_weight * out.region_loss
+    torch.testing.assert_close(out.loss, expected)
     assert math.isclose(model.contrastive_head.logit_scale.exp().item(), 1 / 0.07, rel_tol=1e-5)
+    inputs.pop("return_loss")
+    assert model(**inputs).loss is None  # CLIP's default: no loss unless asked
 
 
-def test_get_features_match_forward_embeddings():
-    model = seeded(ReCTModel, rect_config("divided"))
-    pixel_values, _, input_ids, attention_mask = make_inputs(with_mask=False)
-    out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
-    image = torch.nn.functional.normalize(model.get_image_features(pixel_values), dim=-1)
-    text = torch.nn.functional.normalize(model.get_text_features(input_ids, attention_mask), dim=-1)
-    torch.testing.assert_close(image, out.image_embeds)
-    torch.testing.assert_close(text, out.text_embeds)
+def test_get_features_return_projected_embeddings_in_pooler_output():
+    model = ModelCase(ReCTModel, "divided").build()
+    inputs = make_batch(2, with_mask=False)
+    out = model(**inputs)
+    image = model.get_image_features(inputs["pixel_values"])
+    text = model.get_text_features(inputs["input_ids"], inputs["attention_mask"])
+    assert image.pooler_output.shape == text.pooler_output.shape == (2, 16)
+    assert image.last_hidden_state.shape == (2, 65, 32)
+    torch.testing.assert_close(F.normalize(image.pooler_output, dim=-1), out.image_embeds)
+    torch.testing.assert_close(F.normalize(text.pooler_output, dim=-1), out.text_embeds)
+    assert isinstance(model.get_image_features(inputs["pixel_values"], return_dict=False), tuple)
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-def test_absent_region_gives_zero_features_and_finite_loss(attention_type):
-    model = seeded(ReCTModel, rect_config(attention_type))
-    pixel_values, _, input_ids, attention_mask = make_inputs(with_mask=False)
-    # Sample 0 has regions 1 and 2; sample 1 has only background; region 5 is absent everywhere.
-    mask = torch.zeros(BATCH, 1, 8, 32, 32, dtype=torch.long)
+def test_absent_regions_give_zero_features_and_never_nan():
+    model = ModelCase(ReCTModel, "divided").build()
+    inputs = make_batch(2)
+    mask = torch.zeros(2, 1, *SPATIAL, dtype=torch.long)
     mask[0, :, :, :16] = 1
     mask[0, :, :, 16:] = 2
-    mentions = torch.ones(BATCH, 5)
-    out = model(
-        input_ids=input_ids,
-        pixel_values=pixel_values,
-        attention_mask=attention_mask,
-        anatomy_mask=mask,
-        region_mentions=mentions,
-    )
+    inputs["anatomy_mask"] = mask
+    mentions = torch.ones(2, NUM_REGIONS)
+    out = model(**inputs, region_mentions=mentions, return_loss=True)
     vision = out.vision_model_output
     assert vision.region_present.tolist() == [[True, True, False, False, False], [False] * 5]
     assert torch.all(vision.region_features[1] == 0) and torch.all(vision.region_features[0, 2:] == 0)
-    assert torch.isfinite(out.loss) and torch.isfinite(out.region_loss)
-    # Absent regions do not enter the loss: changing their mention targets changes nothing.
-    mentions_flipped = mentions.clone()
-    mentions_flipped[:, 2:] = 0
-    mentions_flipped[1] = 0
-    out2 = model(
-        input_ids=input_ids,
-        pixel_values=pixel_values,
-        attention_mask=attention_mask,
-        anatomy_mask=mask,
-        region_mentions=mentions_flipped,
-    )
-    torch.testing.assert_close(out.region_loss, out2.region_loss)
-    # A batch with no region at all: region loss is exactly zero, not NaN, and still backpropagates.
-    empty = torch.zeros_like(mask)
-    out3 = model.train()(
-        input_ids=input_ids,
-        pixel_values=pixel_values,
-        attention_mask=attention_mask,
-        anatomy_mask=empty,
-        region_mentions=mentions,
-    )
-    assert out3.region_loss.item() == 0.0
-    out3.loss.backward()
+    # absent regions do not enter the loss: changing their targets changes nothing
+    flipped = mentions.clone()
+    flipped[:, 2:] = 0
+    flipped[1] = 0
+    torch.testing.assert_close(out.region_loss, model(**inputs, region_mentions=flipped, return_loss=True).region_loss)
+    # no region at all: an exact zero that still backpropagates
+    inputs["anatomy_mask"] = torch.zeros_like(mask)
+    empty = model.train()(**inputs, region_mentions=mentions, return_loss=True)
+    assert empty.region_loss.item() == 0.0
+    empty.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-@pytest.mark.parametrize("with_mask", [True, False])
-def test_classifier_loss_and_zero_shot(attention_type, with_mask):
-    model = seeded(ReCTForVolumeClassification, rect_config(attention_type)).train()
-    assert model.config.num_labels == 18 and model.config.id2label[2] == "Cardiomegaly"
-    pixel_values, mask, input_ids, attention_mask = make_inputs(with_mask=with_mask)
-    labels = torch.zeros(BATCH, 18)
-    labels[0, 2] = 1
-    out = model(pixel_values, mask, labels=labels)
-    assert out.logits.shape == (BATCH, 18)
-    expected = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels)
-    torch.testing.assert_close(out.loss, expected)
-    out.loss.backward()
-    assert model.classifier.weight.grad.abs().sum() > 0
-    scores = model.eval().zero_shot_logits(
-        pixel_values, {"input_ids": input_ids, "attention_mask": attention_mask}, mask
-    )
-    assert scores.shape == (BATCH, BATCH) and torch.isfinite(scores).all()
+def test_zero_shot_scores_findings_from_positive_and_negative_prompts():
+    model = ModelCase(ReCTModel, "divided").build()
+    inputs = make_batch(2)
+    g = torch.Generator().manual_seed(4)
+    positive = {"input_ids": torch.randint(1000, 2000, (3, 5), generator=g)}
+    negative = {"input_ids": torch.randint(1000, 2000, (3, 5), generator=g)}
+    logits = model.zero_shot_logits(inputs["pixel_values"], positive, negative)
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    # swapping the prompts negates the evidence
+    torch.testing.assert_close(model.zero_shot_logits(inputs["pixel_values"], negative, positive), -logits)
     with pytest.raises(TypeError, match="tokenise"):
-        model.zero_shot_logits(pixel_values, ["pleural effusion"])
+        model.zero_shot_logits(inputs["pixel_values"], ["pleural effusion"], negative)
+    with pytest.raises(ValueError, match="one negative prompt per positive"):
+        model.zero_shot_logits(inputs["pixel_values"], positive, {"input_ids": negative["input_ids"][:2]})
 
 
-def test_classifier_pos_weight_changes_loss():
-    config = rect_config("divided", pos_weight=[3.0] * 18)
-    model = seeded(ReCTForVolumeClassification, config)
-    pixel_values, _, _, _ = make_inputs(with_mask=False)
-    labels = torch.ones(BATCH, 18)
-    out = model(pixel_values, labels=labels)
-    plain = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels)
-    torch.testing.assert_close(out.loss, 3.0 * plain)
-    with pytest.raises(ValueError, match="pos_weight"):
-        rect_config("divided", pos_weight=[1.0, 2.0])
+def test_classifier_holds_only_the_vision_tower_and_its_head():
+    model = ModelCase(ReCTForVolumeClassification, "divided").build()
+    assert [name for name, _ in model.named_children()] == ["vision_model", "dropout", "classifier"]
+    assert model.vision_model.region_attention is None
+    assert not any("text" in name for name, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="anatomy_mask"):
+        model(**make_batch(2, with_mask=True))
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-def test_eager_and_sdpa_agree(attention_type):
-    pixel_values, mask, input_ids, attention_mask = make_inputs()
-    outputs = {}
-    for impl in ("eager", "sdpa"):
-        config = rect_config(attention_type)
-        config._attn_implementation = impl
-        config.vision_config._attn_implementation = impl
-        model = seeded(ReCTModel, config)
-        assert model.vision_model.config._attn_implementation == impl
-        outputs[impl] = model(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, anatomy_mask=mask
-        )
-    vision_e, vision_s = outputs["eager"].vision_model_output, outputs["sdpa"].vision_model_output
-    torch.testing.assert_close(vision_e.last_hidden_state, vision_s.last_hidden_state, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(vision_e.region_features, vision_s.region_features, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(
-        outputs["eager"].logits_per_image, outputs["sdpa"].logits_per_image, atol=1e-5, rtol=1e-5
-    )
+def test_classifier_infers_problem_type_from_labels():
+    pixel_values = make_batch(2)["pixel_values"]
+    multi = ModelCase(ReCTForVolumeClassification, "divided").build()
+    assert multi.config.problem_type is None and multi.config.num_labels == 18
+    labels = torch.zeros(2, 18)
+    labels[0, 2] = 1
+    out = multi(pixel_values, labels=labels)
+    torch.testing.assert_close(out.loss, F.binary_cross_entropy_with_logits(out.logits, labels))
+    assert multi.config.problem_type == "multi_label_classification"
+
+    single = ReCTForVolumeClassification(rect_config(id2label={0: "normal", 1: "abnormal", 2: "artefact"})).eval()
+    targets = torch.tensor([2, 0])
+    out = single(pixel_values, labels=targets)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, targets))
+    assert single.config.problem_type == "single_label_classification"
+
+    regression = ReCTForVolumeClassification(rect_config(num_labels=1)).eval()
+    out = regression(pixel_values, labels=torch.tensor([0.5, 2.0]))
+    torch.testing.assert_close(out.loss, F.mse_loss(out.logits.squeeze(-1), torch.tensor([0.5, 2.0])))
+
+    with pytest.raises(ValueError, match="multi-label `labels`"):
+        multi(pixel_values, labels=torch.zeros(2, 3))
 
 
-@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-def test_gradient_checkpointing_gives_same_gradients(attention_type):
-    pixel_values, mask, input_ids, attention_mask = make_inputs()
-    grads = []
-    for checkpointing in (False, True):
-        model = seeded(ReCTModel, rect_config(attention_type)).train()
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-            assert all(layer.gradient_checkpointing for layer in model.vision_model.layers)
-        out = model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            anatomy_mask=mask,
-            region_mentions=torch.ones(BATCH, 5),
-        )
-        out.loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+def test_classifier_pos_weight_scales_positive_terms():
+    model = ReCTForVolumeClassification(rect_config(pos_weight=[3.0] * 18)).eval()
+    labels = torch.ones(2, 18)
+    out = model(make_batch(2)["pixel_values"], labels=labels)
+    torch.testing.assert_close(out.loss, 3.0 * F.binary_cross_entropy_with_logits(out.logits, labels))
+    with pytest.raises(StrictDataclassClassValidationError, match="pos_weight"):
+        rect_config(pos_weight=[1.0, 2.0])
 
 
 def test_position_embeddings_interpolate_to_other_volume_sizes():
-    model = seeded(ReCTVisionModel, ReCTVisionConfig(**tiny_vision_kwargs()))
-    out = model(torch.rand(1, 1, 12, 48, 24))
-    assert out.last_hidden_state.shape == (1, 1 + 6 * 6 * 3, 32)
+    model = ModelCase(ReCTVisionModel, "divided").build()
+    assert model(torch.rand(1, 1, 12, 48, 24)).last_hidden_state.shape == (1, 1 + 6 * 6 * 3, 32)
     with pytest.raises(ValueError, match="divisible by `patch_size`"):
         model(torch.rand(1, 1, 9, 32, 32))
     with pytest.raises(ValueError, match="channels"):
@@ -276,8 +505,9 @@ def test_position_embeddings_interpolate_to_other_volume_sizes():
 
 
 def test_bad_anatomy_masks_are_rejected():
-    model = seeded(ReCTVisionModel, ReCTVisionConfig(**tiny_vision_kwargs()))
-    pixel_values, mask, _, _ = make_inputs()
+    model = ModelCase(ReCTVisionModel, "divided").build()
+    inputs = make_batch(2)
+    pixel_values, mask = inputs["pixel_values"], inputs["anatomy_mask"]
     with pytest.raises(ValueError, match="0..5"):
         model(pixel_values, mask + 6)
     with pytest.raises(ValueError, match="spatial shape"):
@@ -286,40 +516,52 @@ def test_bad_anatomy_masks_are_rejected():
         model(pixel_values, mask.float())
 
 
-def test_models_build_on_meta_device():
-    with torch.device("meta"):
-        model = ReCTForVolumeClassification(ReCTConfig())  # seed geometry, BERT-base text tower
-    assert model.rect.vision_model.embeddings.position_embeddings.shape == (1, 1 + 16 * 32 * 32, 768)
-    assert model.rect.vision_model.embeddings.position_embeddings.is_meta
+def test_vision_encoder_exports_with_torch_export():
+    model = ModelCase(ReCTVisionModel, "divided").build()
+    inputs = make_batch(2)
+    args = (inputs["pixel_values"], inputs["anatomy_mask"])
+    program = torch.export.export(model, args)
+    exported = program.module()(*args)
+    with torch.no_grad():
+        eager = model(*args)
+    torch.testing.assert_close(exported.last_hidden_state, eager.last_hidden_state)
+    torch.testing.assert_close(exported.region_features, eager.region_features)
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, error, match",
     [
-        (dict(volume_size=[10, 512, 512]), "divisible by `patch_size`"),
-        (dict(volume_size=[64, 512]), "volume_size"),
-        (dict(patch_size=[4, 0, 16]), "patch_size"),
-        (dict(hidden_size=100, num_attention_heads=12), "num_attention_heads"),
-        (dict(attention_type="axial"), "attention_type"),
-        (dict(num_hidden_layers=0), "num_hidden_layers"),
-        (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob"),
-        (dict(region_patch_fraction=0.0), "region_patch_fraction"),
+        (dict(volume_size=[10, 512, 512]), StrictDataclassClassValidationError, "divisible by `patch_size`"),
+        (dict(volume_size=[64, 512]), ValueError, "volume_size"),
+        (dict(patch_size=[4, 0, 16]), ValueError, "patch_size"),
+        (dict(hidden_size=100, num_attention_heads=12), StrictDataclassClassValidationError, "num_attention_heads"),
+        (dict(attention_type="axial"), StrictDataclassFieldValidationError, "attention_type"),
+        (dict(num_hidden_layers=0), StrictDataclassFieldValidationError, "num_hidden_layers"),
+        (dict(hidden_dropout_prob=1.5), StrictDataclassFieldValidationError, "hidden_dropout_prob"),
+        (dict(region_patch_fraction=0.0), StrictDataclassFieldValidationError, "region_patch_fraction"),
+        (dict(hidden_size="wide"), StrictDataclassFieldValidationError, "hidden_size"),
     ],
 )
-def test_vision_config_rejects_impossible_values(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_vision_config_rejects_impossible_values(kwargs, error, match):
+    with pytest.raises(error, match=match):
         ReCTVisionConfig(**kwargs)
 
 
-def test_rect_config_validation_and_defaults():
-    config = ReCTConfig(vision_config=tiny_vision_kwargs(), text_config=tiny_text_kwargs())
+def test_config_assignment_is_validated_too():
+    config = ReCTVisionConfig(**tiny_vision_kwargs())
+    with pytest.raises(StrictDataclassFieldValidationError, match="attention_type"):
+        config.attention_type = "axial"
+
+
+def test_rect_config_defaults_round_trip_and_validation():
+    config = rect_config()
     assert isinstance(config.vision_config, ReCTVisionConfig)
     assert config.text_config.model_type == "bert"
-    assert config.problem_type == "multi_label_classification"
+    assert config.problem_type is None
     assert config.label2id["Pleural effusion"] == 12
-    with pytest.raises(ValueError, match="text_pooling"):
+    with pytest.raises(StrictDataclassFieldValidationError, match="text_pooling"):
         ReCTConfig(text_pooling="max")
-    with pytest.raises(ValueError, match="projection_dim"):
+    with pytest.raises(StrictDataclassFieldValidationError, match="projection_dim"):
         ReCTConfig(projection_dim=0)
     reloaded = ReCTConfig.from_dict(config.to_dict())
     assert reloaded.vision_config.volume_size == [8, 32, 32]
