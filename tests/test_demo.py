@@ -1,0 +1,136 @@
+"""`rect-vlm demo` end to end at a reduced size, as a user runs it (a subprocess in a temporary working folder), and
+the rule that decides when a second run reuses the cohort it left behind."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainers.cli import UsageError
+from trainers.demo import COHORT_STAMP, generator_fingerprint, prepare_cohort, stale_cohort_reason
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: The demo at a size that runs in seconds: 6 + 3 patients of 16×32×32 voxels, 3 training steps of 4 volumes.
+SMALL = ["--n-train", "6", "--n-val", "3", "--shape", "16", "32", "32", "--max-steps", "3", "--batch-size", "4"]
+
+#: A tqdm bar line (bars go to stderr and are expected there); anything else on stderr is a stray message.
+TQDM_LINE = re.compile(r"^[^|]*\|[^|]*\|.*\[.*\]\s*$")
+
+
+def run_demo_command(out: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "trainers.cli", "demo", "--out", str(out), *SMALL],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def stray_stderr(proc: subprocess.CompletedProcess) -> list[str]:
+    lines = [line.strip() for line in proc.stderr.replace("\r", "\n").splitlines()]
+    return [line for line in lines if line and not TQDM_LINE.match(line)]
+
+
+def test_demo_from_a_relative_out_with_spaces_then_reused_through_an_absolute_path(tmp_path):
+    # First run: relative --out holding a space, from a working folder that is neither the repo nor --out.
+    first = run_demo_command("demo out", cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert stray_stderr(first) == [], "the demo printed warnings or other messages to stderr"
+    out = tmp_path / "demo out"
+    summary = json.loads((out / "demo_summary.json").read_text())
+
+    model = out / "classifier" / "model"
+    saved = {p.name for p in model.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_rect.py", "configuration_rect.py"} <= saved
+    assert {"processor_config.json", "tokenizer.json"} <= saved
+    assert Path(summary["paths"]["model"]) == model.resolve()
+    assert summary["cohort"]["reused"] is False
+    assert summary["fresh_process"]["max_abs_diff"] <= 1e-5
+    assert summary["fresh_process"]["volumes"] >= 3
+    assert set(summary["stage_seconds"]) == {"phantom cohort", "fine-tuning", "Hub folder", "fresh-process check"}
+    assert "macro" in summary["valid_auroc"]
+    for text in ("held-out AUROC", "max |p_fresh - p_here|", "Stage times:", f"Everything is in {out.resolve()}"):
+        assert text in first.stdout
+
+    cohort_files = {p: p.stat().st_mtime_ns for p in (out / "cohort").rglob("*") if p.is_file()}
+    cache_files = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*") if p.is_file()}
+    assert cache_files, "the demo cached no processed volumes"
+
+    # Second run: the same folder by its absolute path, from another working folder → reuses cohort and cache.
+    (tmp_path / "elsewhere").mkdir()
+    second = run_demo_command(out.resolve(), cwd=tmp_path / "elsewhere")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert stray_stderr(second) == []
+    assert "reused:" in second.stdout and " 0 new" in second.stdout
+    assert json.loads((out / "demo_summary.json").read_text())["cohort"]["reused"] is True
+    assert {p: p.stat().st_mtime_ns for p in (out / "cohort").rglob("*") if p.is_file()} == cohort_files
+    assert {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*") if p.is_file()} == cache_files
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# When a cohort is reused
+# ----------------------------------------------------------------------------------------------------------------
+
+TINY = {"n_train": 2, "n_val": 1, "seed": 3, "shape": [8, 24, 24], "p_second_recon": 0.0}
+
+
+@pytest.fixture
+def stamped_cohort(tmp_path) -> Path:
+    folder = tmp_path / "cohort"
+    stamp = prepare_cohort(folder, dict(TINY), progress=False)
+    assert stamp["reused"] is False and stamp["complete"] is True
+    return folder
+
+
+def test_same_parameters_reuse_the_cohort(stamped_cohort):
+    assert stale_cohort_reason(stamped_cohort, dict(TINY), generator_fingerprint()) is None
+    before = {p: p.stat().st_mtime_ns for p in stamped_cohort.rglob("*") if p.is_file()}
+    assert prepare_cohort(stamped_cohort, dict(TINY), progress=False)["reused"] is True
+    assert {p: p.stat().st_mtime_ns for p in stamped_cohort.rglob("*") if p.is_file()} == before
+
+
+def test_other_parameters_regenerate_it(stamped_cohort):
+    reason = stale_cohort_reason(stamped_cohort, {**TINY, "n_train": 3}, generator_fingerprint())
+    assert reason == "it was made with other parameters (n_train 2 → 3)"
+    stamp = prepare_cohort(stamped_cohort, {**TINY, "n_train": 3}, progress=False)
+    assert stamp["reused"] is False and stamp["parameters"]["n_train"] == 3
+    assert (stamped_cohort / "dataset" / "train" / "train_3").is_dir()
+
+
+def test_another_generator_regenerates_it(stamped_cohort):
+    assert (
+        stale_cohort_reason(stamped_cohort, dict(TINY), "0" * 16) == "the phantom generator changed since it was made"
+    )
+
+
+def test_a_missing_volume_regenerates_it(stamped_cohort):
+    next((stamped_cohort / "dataset" / "valid").rglob("*.nii.gz")).unlink()
+    reason = stale_cohort_reason(stamped_cohort, dict(TINY), generator_fingerprint())
+    assert reason.startswith("it is incomplete (")
+    assert prepare_cohort(stamped_cohort, dict(TINY), progress=False)["reused"] is False
+    assert stale_cohort_reason(stamped_cohort, dict(TINY), generator_fingerprint()) is None
+
+
+def test_an_interrupted_generation_regenerates_it(stamped_cohort):
+    stamp = json.loads((stamped_cohort / COHORT_STAMP).read_text())
+    (stamped_cohort / COHORT_STAMP).write_text(json.dumps({**stamp, "complete": False}))
+    reason = stale_cohort_reason(stamped_cohort, dict(TINY), generator_fingerprint())
+    assert reason == "an earlier run stopped while generating it"
+
+
+def test_a_folder_the_demo_did_not_write_is_left_alone(tmp_path):
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    (folder / "my_scan.nii.gz").write_bytes(b"precious")
+    with pytest.raises(UsageError, match=r"holds files that the demo did not write .*choose another --out"):
+        prepare_cohort(folder, dict(TINY), progress=False)
+    assert (folder / "my_scan.nii.gz").read_bytes() == b"precious"
