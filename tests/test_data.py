@@ -1,12 +1,15 @@
 """Readers, processed-volume cache, collators and the orientation round trip, on a generated phantom cohort."""
 
 import csv
+import hashlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 import textwrap
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import nibabel as nib
@@ -15,15 +18,17 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from hf_models import CT_RATE_ABNORMALITIES, ReCTImageProcessor
+from hf_models import CT_RATE_ABNORMALITIES, ReCTConfig, ReCTForVolumeClassification, ReCTImageProcessor
+from tests.conftest import tiny_text_kwargs, tiny_vision_kwargs
 from trainers.data.anatomy_terms import region_mentions
-from trainers.data.cache import VolumeCache
+from trainers.data.cache import CacheEntryError, VolumeCache, VolumeSource
 from trainers.data.collators import (
     ClassificationCollator,
     ContrastiveCollator,
     GenerationCollator,
     LocalizationCollator,
 )
+from trainers.data.mapped_storage import is_mapped
 from trainers.data.readers import (
     DatasetFormatError,
     MissingFilesError,
@@ -187,23 +192,46 @@ def processor() -> ReCTImageProcessor:
     return ReCTImageProcessor(volume_size=[8, 32, 32], windows=["lung", "mediastinum"])
 
 
-def test_cache_serves_what_the_processor_makes(small_cohort, tmp_path):
+def meta_dict(volume_meta) -> dict:
+    """The per-volume record as a JSON-able dict, whichever type the processor returns."""
+    return volume_meta.to_dict() if hasattr(volume_meta, "to_dict") else volume_meta
+
+
+# storage dtype → the largest rounding error allowed on windowed values in [0, 1] (half a unit in the last place)
+STORAGE_TOLERANCE = {"float32": 0.0, "float16": 2**-12, "bfloat16": 2**-9}
+
+
+@pytest.mark.parametrize("storage_dtype", sorted(STORAGE_TOLERANCE))
+def test_cache_serves_what_the_processor_makes(small_cohort, tmp_path, storage_dtype):
     row = read_ct_rate(small_cohort, "train")[0]
-    cache = VolumeCache(tmp_path / "cache", processor())
-    args = (row["volume_path"], row["anatomy_mask_path"], None, row["rescale_slope"], row["rescale_intercept"])
-    first = cache.get(*args)
-    second = cache.get(*args)
+    cache = VolumeCache(tmp_path / "cache", processor(), storage_dtype=storage_dtype)
+    source = VolumeSource(
+        row["volume_path"],
+        anatomy_mask_path=row["anatomy_mask_path"],
+        rescale_slope=row["rescale_slope"],
+        rescale_intercept=row["rescale_intercept"],
+    )
+    first = cache.get(source)  # processed and stored
+    second = cache.get(source)  # read back (memory-mapped)
     assert (cache.misses, cache.hits) == (1, 1)
+    assert is_mapped(second["pixel_values"]) and is_mapped(second["anatomy_mask"])
+    assert second["lesion_mask"] is None and first["lesion_mask"] is None
     direct = processor().process_volume(
         row["volume_path"],
         anatomy_mask=row["anatomy_mask_path"],
         rescale_slope=row["rescale_slope"],
         rescale_intercept=row["rescale_intercept"],
     )
-    assert torch.equal(first["pixel_values"], direct["pixel_values"])
-    assert torch.equal(second["pixel_values"], direct["pixel_values"])
+    # a miss serves exactly what a hit serves: the stored dtype, the same bits, the same metadata type
+    for name in ("pixel_values", "anatomy_mask"):
+        assert first[name].dtype == second[name].dtype and torch.equal(first[name], second[name])
+    assert second["pixel_values"].dtype == getattr(torch, storage_dtype)
+    assert type(first["volume_meta"]) is type(second["volume_meta"])
+    assert meta_dict(first["volume_meta"]) == meta_dict(second["volume_meta"])
+    assert meta_dict(second["volume_meta"]) == json.loads(json.dumps(meta_dict(direct["volume_meta"])))
+    error = (second["pixel_values"].float() - direct["pixel_values"]).abs().max().item()
+    assert error <= STORAGE_TOLERANCE[storage_dtype]  # float16: ≤ 2.4e-4, well inside the 1e-3 budget
     assert torch.equal(second["anatomy_mask"].long(), direct["anatomy_mask"])
-    assert second["volume_meta"] == json.loads(json.dumps(direct["volume_meta"]))
 
 
 def test_cache_invalidates_on_setting_change_and_on_file_change(small_cohort, tmp_path):
@@ -211,7 +239,7 @@ def test_cache_invalidates_on_setting_change_and_on_file_change(small_cohort, tm
     volume = tmp_path / "ct.nii.gz"
     shutil.copy(rows[0]["volume_path"], volume)
     cache = VolumeCache(tmp_path / "cache", processor())
-    before = cache.get(volume)["pixel_values"]
+    before = cache.get(volume)["pixel_values"].clone()
     # another window → another fingerprint → recomputed, different tensor
     other = VolumeCache(
         tmp_path / "cache", ReCTImageProcessor(volume_size=[8, 32, 32], windows=["bone", "mediastinum"])
@@ -224,6 +252,8 @@ def test_cache_invalidates_on_setting_change_and_on_file_change(small_cohort, tm
     assert cache.misses == 2 and cache.hits == 0
     assert not torch.equal(after["pixel_values"], before)
     assert torch.equal(after["pixel_values"], processor().process_volume(str(volume))["pixel_values"])
+    # another rescale is another entry
+    assert VolumeSource(volume, rescale_intercept=-1024.0) not in cache and VolumeSource(volume) in cache
     # content identity: same bytes under a new mtime is still a hit
     content = VolumeCache(tmp_path / "cache", processor(), identity="content")
     content.get(volume)
@@ -261,11 +291,20 @@ def test_crash_mid_write_leaves_no_entry_that_is_read_later(small_cohort, tmp_pa
     assert torch.equal(result["pixel_values"], processor().process_volume(volume)["pixel_values"])
 
 
-def test_cache_rejects_bad_options(tmp_path):
+def test_cache_rejects_bad_options_sources_and_damaged_entries(small_cohort, tmp_path):
     with pytest.raises(ValueError, match="identity"):
         VolumeCache(tmp_path, processor(), identity="mtime")
     with pytest.raises(ValueError, match="storage_dtype"):
         VolumeCache(tmp_path, processor(), storage_dtype="int8")
+    cache = VolumeCache(tmp_path / "cache", processor())
+    with pytest.raises(TypeError, match="VolumeSource or a volume path, found int"):
+        cache.get(3)
+    volume = read_ct_rate(small_cohort, "train")[0]["volume_path"]
+    cache.get(volume)
+    entry = cache.entry_path(cache.key(volume))
+    entry.write_bytes(entry.read_bytes()[:100])  # damaged by something else than this cache
+    with pytest.raises(CacheEntryError, match=f"cache entry {entry}: not a readable entry"):
+        cache.get(volume)
 
 
 # ---- dataset + collators ---------------------------------------------------------------------------------------
@@ -323,6 +362,117 @@ def test_dataset_and_collators_build_model_inputs(small_cohort, tmp_path, minilm
         ClassificationCollator()(examples)
 
 
+def test_dataset_prepare_fills_the_cache_and_transform_runs_per_example(small_cohort, tmp_path):
+    rows = read_ct_rate(small_cohort, "train")
+    cache = VolumeCache(tmp_path / "cache", processor())
+
+    def flip(example):
+        return {**example, "pixel_values": example["pixel_values"].flip(-1), "flipped": True}
+
+    dataset = CachedVolumeDataset(rows, cache, prior_column="prior_volume_path", transform=flip)
+    assert dataset.prepare(progress=False) == cache.misses >= len(rows)
+    priors = [row["prior_volume_path"] for row in rows if row["prior_volume_path"]]
+    assert priors and all(dataset.sources(row)[1] in cache for row in rows if row["prior_volume_path"])
+    assert dataset.prepare(progress=False) == 0  # everything is there now
+    misses = cache.misses
+    example = dataset[0]
+    assert cache.misses == misses and example["flipped"]
+    plain = CachedVolumeDataset(rows, cache)[0]
+    assert torch.equal(example["pixel_values"], plain["pixel_values"].flip(-1))
+
+
+def keep_examples(examples: list) -> list:
+    """A DataLoader collate_fn that delivers the examples as the dataset made them (one volume per item)."""
+    return examples
+
+
+def add_noise_in_place(example: dict) -> dict:
+    example["pixel_values"].add_(0.5)  # in place, on the memory-mapped cache entry
+    return example
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_worker_examples_reach_the_main_process_as_file_mappings_and_never_write_the_cache(small_cohort, tmp_path):
+    rows = read_ct_rate(small_cohort, "train", lesion_masks=True)
+    cache = VolumeCache(tmp_path / "cache", processor(), storage_dtype="float16")
+    dataset = CachedVolumeDataset(rows, cache, anatomy=True, lesion_column="lesion_mask_path")
+    dataset.prepare(progress=False)
+    entries = sorted(cache.root.rglob("*.safetensors"))
+    digests = [file_digest(p) for p in entries]
+    expected = [dataset[i] for i in range(len(dataset))]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=keep_examples)
+    received = [batch[0] for batch in loader]
+    for got, want in zip(received, expected, strict=True):
+        for name in ("pixel_values", "anatomy_mask", "lesion_mask"):
+            # the main process maps the worker's entry file: no copy through shared memory
+            assert is_mapped(got[name]) and not got[name].is_shared()
+            assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name])
+        got["pixel_values"].mul_(0)  # copy-on-write: the consumer's writes stay private
+    # a transform writing in place in the workers leaves the entries as they were, too
+    noisy = CachedVolumeDataset(rows, cache, anatomy=True, transform=add_noise_in_place)
+    loader = torch.utils.data.DataLoader(noisy, batch_size=1, num_workers=2, collate_fn=keep_examples)
+    for batch, want in zip(loader, expected, strict=True):
+        assert torch.equal(batch[0]["pixel_values"], want["pixel_values"] + 0.5)
+    assert [file_digest(p) for p in entries] == digests
+    assert torch.equal(dataset[0]["pixel_values"], expected[0]["pixel_values"])
+
+
+def test_a_mapping_whose_file_was_replaced_is_sent_as_a_copy(small_cohort, tmp_path):
+    rows = read_ct_rate(small_cohort, "train")
+    cache = VolumeCache(tmp_path / "cache", processor())
+    cache.get(rows[0]["volume_path"])
+    entry = cache.entry_path(cache.key(rows[0]["volume_path"]))
+    pixel_values = cache.get(rows[0]["volume_path"])["pixel_values"]
+    kept = pixel_values.clone()
+    # another entry renamed over this one (as a concurrent writer of the same key would): the receiver must not map
+    # the new file in place of the bytes the sender holds
+    cache.get(rows[1]["volume_path"])
+    os.replace(cache.entry_path(cache.key(rows[1]["volume_path"])), entry)
+    received = pickle.loads(ForkingPickler.dumps(pixel_values))
+    assert torch.equal(received, kept) and not is_mapped(received)
+
+
+def test_collators_in_workers_stack_into_shared_memory_and_keep_float16(small_cohort, tmp_path):
+    rows = read_ct_rate(small_cohort, "train")
+    cache = VolumeCache(tmp_path / "cache", processor(), storage_dtype="float16")
+    dataset = CachedVolumeDataset(rows, cache, anatomy=True, label_indices=[2, 12])
+    dataset.prepare(progress=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=1, collate_fn=ClassificationCollator())
+    batch = next(iter(loader))
+    expected = ClassificationCollator()([dataset[i] for i in range(3)])
+    assert batch["pixel_values"].dtype == torch.float16 and batch["anatomy_mask"].dtype == torch.uint8
+    assert batch["pixel_values"].is_shared() and batch["anatomy_mask"].is_shared()
+    for name in ("pixel_values", "anatomy_mask", "labels"):
+        assert torch.equal(batch[name], expected[name])
+
+
+def test_float16_cache_trains_the_classifier_like_float32(small_cohort, tmp_path):
+    rows = read_ct_rate(small_cohort, "train")
+    losses = {}
+    for dtype in ("float32", "float16"):
+        cache = VolumeCache(tmp_path / "cache", processor(), storage_dtype=dtype)
+        dataset = CachedVolumeDataset(rows, cache, label_indices=[2, 12])
+        batch = ClassificationCollator()([dataset[i] for i in range(4)])
+        assert batch["pixel_values"].dtype == getattr(torch, dtype)
+        torch.manual_seed(0)
+        config = ReCTConfig(
+            vision_config=tiny_vision_kwargs(in_channels=2),
+            text_config=tiny_text_kwargs(),
+            projection_dim=16,
+            id2label={0: "Cardiomegaly", 1: "Pleural effusion"},
+        )
+        model = ReCTForVolumeClassification(config)
+        output = model(**batch)
+        output.loss.backward()
+        assert output.logits.dtype == torch.float32 and torch.isfinite(output.loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        losses[dtype] = output.loss.item()
+    assert losses["float16"] == pytest.approx(losses["float32"], abs=1e-3)
+
+
 def test_region_mentions_from_report_text():
     mentions = region_mentions("No pleural effusion. A 14 mm nodule in the right lower lobe. Heart size is normal.")
     assert [i + 1 for i, m in enumerate(mentions) if m] == [4, 7, 19]
@@ -345,20 +495,3 @@ def test_lesion_masks_round_trip_through_the_processor_in_every_stored_orientati
         assert np.array_equal(restored, original)  # same grid size: nearest resampling is exact
         assert np.allclose(out["volume_meta"][0]["original_affine"], image.affine)
     assert len(orientations) >= 2, orientations
-
-
-def test_dataset_prepare_fills_the_cache_and_transform_runs_per_example(small_cohort, tmp_path):
-    rows = read_ct_rate(small_cohort, "train")
-    cache = VolumeCache(tmp_path / "cache", processor())
-
-    def flip(example):
-        return {**example, "pixel_values": example["pixel_values"].flip(-1), "flipped": True}
-
-    dataset = CachedVolumeDataset(rows, cache, prior_column="prior_volume_path", transform=flip)
-    assert dataset.prepare(progress=False) == cache.misses > 0
-    assert dataset.prepare(progress=False) == 0  # everything is there now
-    misses = cache.misses
-    example = dataset[0]
-    assert cache.misses == misses and example["flipped"]
-    plain = CachedVolumeDataset(rows, cache)[0]
-    assert torch.equal(example["pixel_values"], plain["pixel_values"].flip(-1))

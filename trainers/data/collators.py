@@ -1,11 +1,16 @@
 """Batch collators, one per task, producing exactly the keyword arguments the ReCT models take.
 
-Volumes of one batch must share a shape (the image processor makes them so); masks stay uint8 (the models accept
-any integer ids) to keep seed-size batches small; text is padded by the tokenizer, with attention masks.
+Volumes of one batch must share a shape (the image processor makes them so) and keep their dtype (float16 cache
+entries stay float16; the models cast `pixel_values` to their own dtype); masks stay uint8 (the models accept any
+integer ids) to keep seed-size batches small; text is padded by the tokenizer, with attention masks.
+
+In a DataLoader worker, batches are stacked straight into shared memory (as torch's `default_collate` does), so
+sending the batch to the main process copies nothing more: one copy per volume, from the page cache into the batch.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +34,18 @@ def stack_field(examples: list[dict[str, Any]], key: str, optional: bool = False
     shapes = {tuple(v.shape) for v in values}
     if len(shapes) > 1:
         raise ValueError(f"collator: `{key}` shapes differ within the batch: {sorted(shapes)}")
-    return torch.stack(values)
+    return stack(values)
+
+
+def stack(values: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack(values)`; in a DataLoader worker, into a new shared-memory tensor, which torch then sends to the
+    main process as it is (stacking into private memory would cost a second copy into shared memory)."""
+    if torch.utils.data.get_worker_info() is None or values[0].device.type != "cpu":
+        return torch.stack(values)
+    dtype = functools.reduce(torch.promote_types, (value.dtype for value in values))  # what torch.stack gives
+    storage = torch.UntypedStorage._new_shared(len(values) * values[0].numel() * dtype.itemsize)
+    out = torch.empty(0, dtype=dtype).set_(storage).view(len(values), *values[0].shape)
+    return torch.stack(values, out=out)
 
 
 def volume_fields(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -125,7 +141,7 @@ class GenerationCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = volume_fields(examples)
         if any(example.get("prior_pixel_values") is not None for example in examples):
-            batch["prior_pixel_values"] = torch.stack(
+            batch["prior_pixel_values"] = stack(
                 [torch.as_tensor(e.get("prior_pixel_values", e["pixel_values"])) for e in examples]
             )
         pad_id = self.tokenizer.pad_token_id

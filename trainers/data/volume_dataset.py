@@ -7,16 +7,17 @@ from typing import Any
 
 import torch
 
-from .cache import VolumeCache
+from .cache import VolumeCache, VolumeSource
 
 
 class CachedVolumeDataset(torch.utils.data.Dataset):
     """Rows of a reader's `datasets.Dataset` → examples of processed tensors, decoded once via a `VolumeCache`.
 
-    An example holds `pixel_values (C, D, H, W)` and, as asked: `anatomy_mask` / `lesion_mask` `(1, D, H, W)`
-    uint8, `labels` (the reader's `labels`, optionally a subset of columns), `text` (the row's `text_column`),
-    `region_mentions` (from `region_mentions_fn(text)`), `prior_pixel_values` (the row's prior scan, or the
-    current one when there is none).
+    An example holds `pixel_values (C, D, H, W)` in the cache's storage dtype and, as asked: `anatomy_mask` /
+    `lesion_mask` `(1, D, H, W)` uint8, `labels` (the reader's `labels`, optionally a subset of columns), `text`
+    (the row's `text_column`), `region_mentions` (from `region_mentions_fn(text)`), `prior_pixel_values` (the
+    row's prior scan, or the current one when there is none). Tensors read from the cache are zero-copy views of
+    the entry files; in DataLoader workers they reach the main process without a copy.
 
     Args:
         rows: a reader's dataset (CT-RATE, segmentation, Libra …).
@@ -30,7 +31,12 @@ class CachedVolumeDataset(torch.utils.data.Dataset):
         region_mentions_fn: text → `(num_regions,)` 0/1 vector, for the region alignment loss.
         prior_column: a column with the prior scan's path (None values → the current scan stands in).
         transform: a callable applied to each example dict after loading (augmentation), in the DataLoader worker;
-            it receives the example described above and returns the (possibly new) example dict.
+            it receives the example described above and returns the (possibly new) example dict. Writing into the
+            example's tensors in place is safe: the cache files are mapped copy-on-write.
+
+    Raises:
+        KeyError: `rows` lack a column that the options need.
+        ValueError: `region_mentions_fn` without `text_column`.
     """
 
     def __init__(
@@ -72,19 +78,28 @@ class CachedVolumeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _rescale(self, row: dict) -> tuple[float, float]:
-        return float(row.get("rescale_slope") or 1.0), float(row.get("rescale_intercept") or 0.0)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.rows[int(index)]
-        slope, intercept = self._rescale(row)
-        processed = self.cache.get(
+    def sources(self, row: dict) -> tuple[VolumeSource, VolumeSource | None]:
+        """The cache sources of one row: its volume (with the masks asked for) and its prior scan, if any."""
+        volume = VolumeSource(
             row[self.volume_column],
             anatomy_mask_path=row.get("anatomy_mask_path") if self.anatomy else None,
             lesion_mask_path=row.get(self.lesion_column) if self.lesion_column else None,
-            rescale_slope=slope,
-            rescale_intercept=intercept,
+            rescale_slope=_number(row.get("rescale_slope"), 1.0),
+            rescale_intercept=_number(row.get("rescale_intercept"), 0.0),
         )
+        prior = None
+        if self.prior_column and row.get(self.prior_column):
+            prior = VolumeSource(
+                row[self.prior_column],
+                rescale_slope=_number(row.get("prior_rescale_slope"), 1.0),
+                rescale_intercept=_number(row.get("prior_rescale_intercept"), 0.0),
+            )
+        return volume, prior
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.rows[int(index)]
+        volume, prior = self.sources(row)
+        processed = self.cache.get(volume)
         example: dict[str, Any] = {"pixel_values": processed["pixel_values"]}
         if self.anatomy:
             example["anatomy_mask"] = processed["anatomy_mask"]
@@ -100,45 +115,27 @@ class CachedVolumeDataset(torch.utils.data.Dataset):
                     self.region_mentions_fn(row[self.text_column]), dtype=torch.float32
                 )
         if self.prior_column:
-            prior = row.get(self.prior_column)
-            if prior:
-                prior_slope = row.get("prior_rescale_slope")
-                prior_intercept = row.get("prior_rescale_intercept")
-                example["prior_pixel_values"] = self.cache.get(
-                    prior,
-                    rescale_slope=1.0 if prior_slope is None else float(prior_slope),
-                    rescale_intercept=0.0 if prior_intercept is None else float(prior_intercept),
-                )["pixel_values"]
-            else:
-                example["prior_pixel_values"] = processed["pixel_values"]
+            example["prior_pixel_values"] = (
+                self.cache.get(prior)["pixel_values"] if prior is not None else processed["pixel_values"]
+            )
         if self.transform is not None:
             example = self.transform(example)
         return example
 
     def prepare(self, progress: bool = True) -> int:
         """Process and store every volume (and prior) that the cache lacks, with a tqdm bar; returns how many
-        entries were filled. Run it once before training so DataLoader workers only ever read."""
+        entries were filled. Run it once before training so that DataLoader workers only ever read."""
         from tqdm.auto import tqdm
 
         filled = 0
         for index in tqdm(range(len(self.rows)), desc="caching volumes", unit="volume", disable=not progress):
-            misses = self.cache.misses
-            row = self.rows[index]
-            slope, intercept = self._rescale(row)
-            self.cache.get(
-                row[self.volume_column],
-                anatomy_mask_path=row.get("anatomy_mask_path") if self.anatomy else None,
-                lesion_mask_path=row.get(self.lesion_column) if self.lesion_column else None,
-                rescale_slope=slope,
-                rescale_intercept=intercept,
-            )
-            if self.prior_column and row.get(self.prior_column):
-                prior_slope = row.get("prior_rescale_slope")
-                prior_intercept = row.get("prior_rescale_intercept")
-                self.cache.get(
-                    row[self.prior_column],
-                    rescale_slope=1.0 if prior_slope is None else float(prior_slope),
-                    rescale_intercept=0.0 if prior_intercept is None else float(prior_intercept),
-                )
-            filled += self.cache.misses - misses
+            for source in self.sources(self.rows[index]):
+                if source is not None and source not in self.cache:
+                    self.cache.get(source)
+                    filled += 1
         return filled
+
+
+def _number(value: Any, default: float) -> float:
+    """A rescale value from a row: missing (None or empty) → the default; 0.0 is kept."""
+    return default if value is None or value == "" else float(value)
