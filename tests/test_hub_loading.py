@@ -169,10 +169,11 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
     image_processor = AutoImageProcessor.from_pretrained(root / "classifier", trust_remote_code=True)
     classes["processor"] = [type(processor).__name__, type(processor.image_processor).__name__,
                             type(image_processor).__name__]
-    batch = processor(volumes=[str(root / "ct.nii.gz")], text=["No pleural effusion."])
+    batch = processor(images=[str(root / "ct.nii.gz")], text=["No pleural effusion."], return_tensors="pt")
     results["processed_pixel_values"] = batch["pixel_values"]
     results["processed_input_ids"] = batch["input_ids"]
-    results["image_processor_pixel_values"] = image_processor(str(root / "ct.nii.gz"))["pixel_values"]
+    image_out = image_processor(str(root / "ct.nii.gz"), return_tensors="pt")
+    results["image_processor_pixel_values"] = image_out["pixel_values"]
     modules = sorted(m for m in sys.modules if m.split(".")[0] in {"hf_models", "conversion", "trainers"})
     torch.save(results, root / "results.pt")
     (root / "classes.json").write_text(json.dumps({"classes": classes, "project_modules": modules}))
@@ -202,7 +203,7 @@ def test_fresh_process_loads_every_folder_with_trust_remote_code(tmp_path, minil
     )
     processor.save_pretrained(tmp_path / "classifier")
     write_volume(tmp_path / "ct.nii.gz")
-    batch = processor(volumes=[str(tmp_path / "ct.nii.gz")], text=["No pleural effusion."])
+    batch = processor(images=[str(tmp_path / "ct.nii.gz")], text=["No pleural effusion."], return_tensors="pt")
     expected["processed_pixel_values"] = batch["pixel_values"]
     expected["processed_input_ids"] = batch["input_ids"]
     expected["image_processor_pixel_values"] = batch["pixel_values"]

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -19,6 +20,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 import hf_models.image_processing_rect as rect
+import hf_models.volume_reading_rect as reading
 from hf_models import VolumeMetadata
 from hf_models.image_processing_rect import NAMED_WINDOWS, ReCTImageProcessor, load_volume
 
@@ -129,7 +131,7 @@ def test_image_resampling_equals_trilinear_interpolate(in_shape, out_shape, dtyp
     rng = np.random.default_rng(0)
     hu = rng.normal(0, 300, size=in_shape).astype(dtype)
     processor = ReCTImageProcessor(volume_size=list(out_shape[::-1]), windows=[[0, 8000]])
-    out = processor(hu)["pixel_values"][0, 0]
+    out = processor(hu, return_tensors="pt")["pixel_values"][0, 0]
     assert out.dtype == torch.float32
     canonical = torch.from_numpy(np.ascontiguousarray(hu.astype(np.float32).transpose(2, 1, 0)[:, ::-1, ::-1]))
     expected = F.interpolate(canonical[None, None], size=tuple(out_shape[::-1]), mode="trilinear", align_corners=False)
@@ -142,7 +144,7 @@ def test_masks_use_nearest_neighbour_only(dtype):
     volume = rng.normal(0, 100, size=(13, 11, 7)).astype(np.float32)
     labels = rng.integers(0, 7, size=(13, 11, 7)).astype(dtype)
     processor = ReCTImageProcessor(volume_size=[5, 8, 9])
-    out = processor(volume, anatomy_mask=labels, lesion_mask=(labels == 3))
+    out = processor(volume, anatomy_mask=labels, lesion_mask=(labels == 3), return_tensors="pt")
     mask = out["anatomy_mask"]
     assert mask.dtype == torch.int64 and tuple(mask.shape) == (1, 1, 5, 8, 9)
     canonical = torch.from_numpy(np.ascontiguousarray(labels.astype(np.float32).transpose(2, 1, 0)[:, ::-1, ::-1]))
@@ -158,7 +160,7 @@ def test_canonical_orientation_is_lps(layout):
     stored, stored_affine = as_layout(hu, affine, layout)
     stored_labels, _ = as_layout(labels, affine, layout)
     processor = ReCTImageProcessor(volume_size=list(hu.shape), windows=[[0, 4000]])
-    out = processor((stored, stored_affine), anatomy_mask=stored_labels)
+    out = processor((stored, stored_affine), anatomy_mask=stored_labels, return_tensors="pt")
     pixel_values, meta = out["pixel_values"][0, 0].numpy(), out["volume_meta"][0]
     # the same physical phantom gives the same canonical array, whatever the storage layout
     np.testing.assert_allclose(pixel_values, window(hu, 0, 4000), atol=1e-6)
@@ -188,7 +190,7 @@ def test_processed_affine_keeps_world_positions(angle):
     affine[:3, :3] = rotation @ np.diag([0.8, 2.0, -0.6])[:, [0, 2, 1]]  # voxel axes (x, z, y), z stored reversed
     affine[:3, 3] = [-30.0, 12.0, 5.0]
     volume = labels.astype(np.float32) * 500 + np.random.default_rng(12).normal(0, 5, shape).astype(np.float32)
-    out = ReCTImageProcessor(volume_size=[20, 24, 28])((volume, affine), anatomy_mask=labels)
+    out = ReCTImageProcessor(volume_size=[20, 24, 28])((volume, affine), anatomy_mask=labels, return_tensors="pt")
     meta = out["volume_meta"][0]
     assert nib.aff2axcodes(np.asarray(meta["processed_affine"])) == ("S", "P", "L")
     before = affine @ np.append(np.argwhere(labels == 1).mean(axis=0), 1.0)
@@ -245,7 +247,7 @@ def round_trip_case(tmp_path, layout):
 def test_masks_round_trip_to_original_grid(tmp_path, layout, settings):
     volume_path, mask_path, labels, affine = round_trip_case(tmp_path, layout)
     processor = ReCTImageProcessor(**settings)
-    out = processor(volume_path, anatomy_mask=mask_path)
+    out = processor(volume_path, anatomy_mask=mask_path, return_tensors="pt")
     meta = out["volume_meta"][0]
     assert meta["source"] == volume_path and meta["original_shape"] == list(labels.shape)
     np.testing.assert_allclose(meta["original_affine"], affine)
@@ -268,7 +270,7 @@ def test_volume_metadata_reads_like_a_dict_and_round_trips_through_json(tmp_path
     volume = np.random.default_rng(13).normal(0, 100, size=(9, 8, 7)).astype(np.float32)
     labels = (volume > 0).astype(np.uint8)
     processor = ReCTImageProcessor(volume_size=[4, 6, 6])
-    out = processor((volume, np.diag([0.8, 0.8, 2.0, 1.0])), anatomy_mask=labels)
+    out = processor((volume, np.diag([0.8, 0.8, 2.0, 1.0])), anatomy_mask=labels, return_tensors="pt")
     meta = out["volume_meta"][0]
     assert isinstance(meta, VolumeMetadata)
     assert meta["orientation"] == meta.orientation == "LPS" and meta.get("source") is None
@@ -302,7 +304,7 @@ def test_crop_pad_records_amounts_and_pads_with_air():
     processor = ReCTImageProcessor(
         volume_size=[5, 24, 10], resize_mode="crop_pad", windows=["wide", "lung"], allow_constant_volume=True
     )
-    out = processor(hu)
+    out = processor(hu, return_tensors="pt")
     step = out["volume_meta"][0]["steps"][2]
     assert step["op"] == "crop_pad"
     assert step["pad_before"] == [-2, 2, 2] and step["pad_after"] == [-2, 2, 2]
@@ -318,7 +320,7 @@ def test_logits_map_back_with_trilinear_and_crop_fill():
     volume = rng.normal(0, 100, size=(12, 10, 8)).astype(np.float32)
     affine = np.diag([-1.0, -1.0, 2.0, 1.0])
     processor = ReCTImageProcessor(volume_size=[8, 10, 10], resize_mode="crop_pad")  # crops W 12 → 10, no resampling
-    out = processor((volume, affine))
+    out = processor((volume, affine), return_tensors="pt")
     # logits that are a smooth function of the canonical grid come back as the same function of the original grid
     logits = torch.linspace(-3, 3, 8).view(1, 1, 8, 1, 1).expand(1, 2, 8, 10, 10).contiguous()
     restored = processor.post_process_masks(logits, out["volume_meta"])[0]
@@ -331,7 +333,7 @@ def test_logits_map_back_with_trilinear_and_crop_fill():
 
 def test_post_process_and_save_mask_reject_wrong_grids(tmp_path):
     processor = ReCTImageProcessor(volume_size=[4, 6, 6])
-    out = processor(np.random.default_rng(0).normal(size=(5, 7, 9)).astype(np.float32))
+    out = processor(np.random.default_rng(0).normal(size=(5, 7, 9)).astype(np.float32), return_tensors="pt")
     with pytest.raises(ValueError, match=r"masks\[0\].*\(channels, 4, 6, 6\)"):
         processor.post_process_masks(torch.zeros(1, 1, 4, 6, 7, dtype=torch.long), out["volume_meta"])
     with pytest.raises(ValueError, match="one mask per volume_meta"):
@@ -350,14 +352,14 @@ def test_windows_and_normalisation():
     volume = np.broadcast_to(hu[None, None, :], (2, 3, 7)).copy()  # (x, y, z): varies along z → D
     names = ["lung", "mediastinum", "abdomen", "bone", "brain", "wide"]
     processor = ReCTImageProcessor(volume_size=[7, 3, 2], windows=names + [[100, 50]])
-    pv = processor(volume)["pixel_values"][0]
+    pv = processor(volume, return_tensors="pt")["pixel_values"][0]
     assert pv.shape == (7, 7, 3, 2)
     for c, spec in enumerate(names + [[100, 50]]):
         center, width = NAMED_WINDOWS[spec] if isinstance(spec, str) else spec
         np.testing.assert_allclose(pv[c, :, 0, 0].numpy(), window(hu, center, width), atol=1e-6)
     normalised = ReCTImageProcessor(
         volume_size=[7, 3, 2], windows=["lung", "bone"], image_mean=[0.5, 0.25], image_std=[0.5, 0.25]
-    )(volume)["pixel_values"][0]
+    )(volume, return_tensors="pt")["pixel_values"][0]
     np.testing.assert_allclose(normalised[1, :, 0, 0].numpy(), (window(hu, 400, 1800) - 0.25) / 0.25, atol=1e-5)
 
 
@@ -380,7 +382,7 @@ def test_rescale_slope_intercept_and_nifti_scaling(tmp_path):
         processor.process_volume(stored, rescale_slope=0)
 
 
-def test_input_types_agree(tmp_path):
+def test_input_types_agree(tmp_path, monkeypatch):
     rng = np.random.default_rng(4)
     data = rng.integers(-1000, 1000, size=(11, 9, 6)).astype(np.int16)
     affine = np.diag([0.8, -0.8, 2.0, 1.0])
@@ -388,19 +390,17 @@ def test_input_types_agree(tmp_path):
     niigz = save_nifti(tmp_path / "v.nii.gz", data, affine)
     np.save(tmp_path / "v.npy", data)
     processor = ReCTImageProcessor(volume_size=[4, 6, 8])
-    reference = processor((data, affine))["pixel_values"]
+    reference = processor((data, affine), return_tensors="pt")["pixel_values"]
     for volume in (nii, niigz, nib.load(niigz), nib.Nifti1Image(data, affine), torch.from_numpy(data)):
         kwargs = {"affines": affine} if isinstance(volume, torch.Tensor) else {}
-        torch.testing.assert_close(processor(volume, **kwargs)["pixel_values"], reference)
-    npy = processor(str(tmp_path / "v.npy"))  # .npy carries no geometry: identity, 1 mm
+        torch.testing.assert_close(processor(volume, **kwargs, return_tensors="pt")["pixel_values"], reference)
+    npy = processor(str(tmp_path / "v.npy"), return_tensors="pt")  # .npy carries no geometry: identity, 1 mm
     assert npy["volume_meta"][0]["original_spacing"] == [1.0, 1.0, 1.0]
-    # the stdlib zlib path gives the same voxels as the optional libdeflate path
-    original = rect._LIBDEFLATE
-    try:
-        rect._LIBDEFLATE = None
-        np.testing.assert_array_equal(load_volume(niigz)[0], data)
-    finally:
-        rect._LIBDEFLATE = original
+    # the stdlib zlib path gives the same voxels as the isal path
+    assert reading.gzip_backend().__name__.endswith("isal_zlib")  # isal is a dependency of the project
+    monkeypatch.setattr(reading, "USE_ISAL", False)
+    assert reading.gzip_backend() is zlib
+    np.testing.assert_array_equal(load_volume(niigz)[0], data)
 
 
 def test_batch_output_and_overrides():
@@ -408,20 +408,20 @@ def test_batch_output_and_overrides():
     volumes = [rng.normal(size=(10, 9, 8)).astype(np.float32), rng.normal(size=(7, 12, 5)).astype(np.float32)]
     masks = [(v > 0).astype(np.uint8) for v in volumes]
     processor = ReCTImageProcessor(volume_size=[4, 8, 8], windows=["lung", "bone"])
-    out = processor(volumes, anatomy_mask=masks, lesion_mask=masks)
+    out = processor(volumes, anatomy_mask=masks, lesion_mask=masks, return_tensors="pt")
     assert out["pixel_values"].shape == (2, 2, 4, 8, 8) and out["pixel_values"].dtype == torch.float32
     assert out["anatomy_mask"].shape == (2, 1, 4, 8, 8) and out["lesion_mask"].dtype == torch.int64
     assert len(out["volume_meta"]) == 2 and isinstance(out["volume_meta"][0], VolumeMetadata)
     assert [m["original_shape"] for m in out["volume_meta"]] == [[10, 9, 8], [7, 12, 5]]
     as_numpy = processor(volumes, return_tensors="np")
     assert isinstance(as_numpy["pixel_values"], np.ndarray)
-    overridden = processor(volumes[0], volume_size=[2, 4, 4], windows=["wide"])
+    overridden = processor(volumes[0], volume_size=[2, 4, 4], windows=["wide"], return_tensors="pt")
     assert overridden["pixel_values"].shape == (1, 1, 2, 4, 4)
     assert processor.volume_size == [4, 8, 8]  # per-call overrides do not change the processor
     with pytest.raises(TypeError, match="do_resize"):
-        processor(volumes[0], do_resize=True)
+        processor(volumes[0], do_resize=True, return_tensors="pt")
     with pytest.raises(ValueError, match="anatomy_mask.*one mask per volume"):
-        processor(volumes, anatomy_mask=masks[:1])
+        processor(volumes, anatomy_mask=masks[:1], return_tensors="pt")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -449,7 +449,9 @@ def test_settings_round_trip_through_save_pretrained(tmp_path):
     assert loaded.to_dict() == processor.to_dict()
     assert loaded.to_json_string() == processor.to_json_string()  # deterministic: a cache may hash it
     volume = np.random.default_rng(6).normal(size=(9, 8, 7)).astype(np.float32)
-    torch.testing.assert_close(loaded(volume)["pixel_values"], processor(volume)["pixel_values"])
+    torch.testing.assert_close(
+        loaded(volume, return_tensors="pt")["pixel_values"], processor(volume, return_tensors="pt")["pixel_values"]
+    )
     assert ReCTImageProcessor.from_pretrained(tmp_path, volume_size=[8, 8, 8]).volume_size == [8, 8, 8]
     with pytest.raises(ValueError, match="volume_size"):
         ReCTImageProcessor.from_pretrained(tmp_path, volume_size=[0, 8, 8])
@@ -467,6 +469,8 @@ def test_defaults():
         "nan_policy": "raise",
         "fill_value_hu": -1024.0,
         "allow_constant_volume": False,
+        "gantry_tilt": "resample",
+        "slice_spacing": "raise",
         "image_processor_type": "ReCTImageProcessor",
     }
     assert processor.model_input_names == ["pixel_values"]
@@ -524,9 +528,10 @@ def small_nifti(tmp_path):
     return save_nifti(tmp_path / "ct.nii.gz", data, np.diag([0.7, 0.7, 2.0, 1.0])), data
 
 
-@pytest.mark.parametrize("inflate", ["libdeflate", "zlib"])
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("inflate", ["isal", "zlib"])
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
-def test_damaged_nifti_gz_names_the_file(tmp_path, monkeypatch, inflate, damage):
+def test_damaged_nifti_gz_names_the_file(tmp_path, monkeypatch, inflate, damage, streamed):
     data = np.random.default_rng(7).integers(-1000, 1000, size=(40, 30, 12)).astype(np.int16)
     path = save_nifti(tmp_path / "ct.nii.gz", data, np.eye(4))
     raw = bytearray(Path(path).read_bytes())
@@ -536,11 +541,11 @@ def test_damaged_nifti_gz_names_the_file(tmp_path, monkeypatch, inflate, damage)
         raw[len(raw) // 2 : len(raw) // 2 + 4] = b"\xff\x00\xff\x00"
     bad = tmp_path / f"{damage}.nii.gz"
     bad.write_bytes(bytes(raw))
-    if inflate == "zlib":
-        monkeypatch.setattr(rect, "_LIBDEFLATE", None)
+    monkeypatch.setattr(reading, "USE_ISAL", inflate == "isal")
+    monkeypatch.setattr(rect, "STREAM_MIN_BYTES", 0 if streamed else float("inf"))
     processor = ReCTImageProcessor(volume_size=[4, 4, 4])
     with pytest.raises(ValueError, match=rf"{bad.name} is truncated or corrupt.*shape \(40, 30, 12\)"):
-        processor(str(bad))
+        processor(str(bad), return_tensors="pt")
 
 
 def test_truncated_uncompressed_nifti(small_nifti, tmp_path):
@@ -560,7 +565,7 @@ def test_non_nifti_file_with_nifti_name(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(ValueError, match=rf"could not read NIfTI file .*{name}: expected a NIfTI"):
-        ReCTImageProcessor()(str(path))
+        ReCTImageProcessor()(str(path), return_tensors="pt")
 
 
 def test_missing_and_unsupported_paths(tmp_path):
@@ -570,30 +575,30 @@ def test_missing_and_unsupported_paths(tmp_path):
     other.write_bytes(b"ObjectType = Image")
     with pytest.raises(ValueError, match=r"scan.mha: expected a .nii/.nii.gz.*found suffix '.mha'"):
         load_volume(str(other))
-    with pytest.raises(TypeError, match=r"volumes\[0\].*found dict"):
-        ReCTImageProcessor()({"image": 1})
+    with pytest.raises(TypeError, match=r"images\[0\].*found dict"):
+        ReCTImageProcessor()({"image": 1}, return_tensors="pt")
 
 
 @pytest.mark.parametrize("shape", [(8, 9), (2, 8, 9, 7), (1, 8, 9, 7)])
 def test_2d_and_4d_arrays_are_rejected(shape):
     processor = ReCTImageProcessor(volume_size=[4, 4, 4])
-    with pytest.raises(ValueError, match=rf"volumes\[0\]: expected a 3D volume.*{len(shape)}D"):
-        processor(np.zeros(shape, dtype=np.float32) + np.arange(shape[-1]))
+    with pytest.raises(ValueError, match=rf"images\[0\]: expected a 3D volume.*{len(shape)}D"):
+        processor(np.zeros(shape, dtype=np.float32) + np.arange(shape[-1]), return_tensors="pt")
 
 
 def test_2d_nifti_names_the_file(tmp_path):
     path = save_nifti(tmp_path / "slice.nii.gz", np.arange(80, dtype=np.int16).reshape(8, 10), np.eye(4))
     with pytest.raises(ValueError, match=r"slice.nii.gz: expected a 3D volume.*2D"):
-        ReCTImageProcessor(volume_size=[4, 4, 4])(path)
+        ReCTImageProcessor(volume_size=[4, 4, 4])(path, return_tensors="pt")
 
 
 def test_4d_with_trailing_singleton_is_squeezed(tmp_path):
     data = np.random.default_rng(8).normal(size=(8, 9, 7, 1)).astype(np.float32)
     path = save_nifti(tmp_path / "time1.nii.gz", data, np.eye(4))
     processor = ReCTImageProcessor(volume_size=[4, 4, 4])
-    out = processor(path)
+    out = processor(path, return_tensors="pt")
     assert out["volume_meta"][0]["original_shape"] == [8, 9, 7]
-    torch.testing.assert_close(out["pixel_values"], processor(data[..., 0])["pixel_values"])
+    torch.testing.assert_close(out["pixel_values"], processor(data[..., 0], return_tensors="pt")["pixel_values"])
 
 
 def test_nan_and_inf_raise_with_file_and_count(tmp_path):
@@ -602,10 +607,10 @@ def test_nan_and_inf_raise_with_file_and_count(tmp_path):
     path = save_nifti(tmp_path / "nan.nii.gz", data, np.eye(4))
     processor = ReCTImageProcessor(volume_size=[4, 4, 4])
     with pytest.raises(ValueError, match=r"nan.nii.gz: expected finite voxel values, found 3 NaN/inf"):
-        processor(path)
+        processor(path, return_tensors="pt")
     clean = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
-    with pytest.raises(ValueError, match=r"volumes\[1\]: expected finite"):
-        processor([clean, data])
+    with pytest.raises(ValueError, match=r"images\[1\]: expected finite"):
+        processor([clean, data], return_tensors="pt")
 
 
 def test_nan_fill_policy_never_leaks_nan():
@@ -614,7 +619,7 @@ def test_nan_fill_policy_never_leaks_nan():
     processor = ReCTImageProcessor(
         volume_size=[8, 9, 7][::-1], nan_policy="fill", fill_value_hu=500, windows=[[0, 2000]]
     )
-    out = processor(data)["pixel_values"]
+    out = processor(data, return_tensors="pt")["pixel_values"]
     assert torch.isfinite(out).all()
     # identity affine: canonical = (z, y flipped, x flipped); back to the stored (x, y, z) layout to compare
     stored = out[0, 0].numpy().transpose(2, 1, 0)[::-1, ::-1, :]
@@ -625,49 +630,80 @@ def test_nan_fill_policy_never_leaks_nan():
 def test_constant_volume(tmp_path):
     path = save_nifti(tmp_path / "flat.nii.gz", np.full((6, 7, 5), -1024, dtype=np.int16), np.eye(4))
     with pytest.raises(ValueError, match=r"flat.nii.gz: .*constant volume.*-1024 HU.*allow_constant_volume"):
-        ReCTImageProcessor(volume_size=[4, 4, 4])(path)
-    out = ReCTImageProcessor(volume_size=[4, 4, 4], allow_constant_volume=True)(path)["pixel_values"]
+        ReCTImageProcessor(volume_size=[4, 4, 4])(path, return_tensors="pt")
+    out = ReCTImageProcessor(volume_size=[4, 4, 4], allow_constant_volume=True)(path, return_tensors="pt")[
+        "pixel_values"
+    ]
     assert torch.isfinite(out).all() and torch.allclose(out, torch.tensor(window(-1024, 0, 2000), dtype=torch.float32))
     # a varying volume whose probe voxels happen to be equal is not constant
     data = np.zeros((5, 5, 5), dtype=np.int16)
     data[1, 2, 3] = 7
-    assert ReCTImageProcessor(volume_size=[4, 4, 4])(data)["pixel_values"].shape == (1, 1, 4, 4, 4)
+    out = ReCTImageProcessor(volume_size=[4, 4, 4])(data, return_tensors="pt")
+    assert out["pixel_values"].shape == (1, 1, 4, 4, 4)
 
 
-def test_mask_shape_and_affine_mismatch(tmp_path, small_nifti):
+def test_mask_grid_mismatch_names_the_file_and_the_difference(tmp_path, small_nifti):
     path, data = small_nifti
     processor = ReCTImageProcessor(volume_size=[4, 4, 4])
     affine = np.diag([0.7, 0.7, 2.0, 1.0])
     wrong_shape = save_nifti(tmp_path / "mask_shape.nii.gz", np.zeros((12, 10, 5), np.uint8), affine)
     with pytest.raises(
         ValueError,
-        match=r"mask_shape.nii.gz: expected the shape of its volume \(12, 10, 6\), "
-        r"found \(12, 10, 5\)",
+        match=r"mask_shape.nii.gz: expected a mask on the voxel grid of its volume.*size mismatch.*"
+        r"\(12, 10, 5\) voxels.*\(12, 10, 6\)",
     ):
         processor(path, anatomy_mask=wrong_shape)
-    wrong_affine = save_nifti(
-        tmp_path / "mask_affine.nii.gz", np.zeros((12, 10, 6), np.uint8), np.diag([0.7, 0.7, 2.5, 1.0])
+    wrong_spacing = save_nifti(
+        tmp_path / "mask_spacing.nii.gz", np.zeros((12, 10, 6), np.uint8), np.diag([0.7, 0.7, 2.5, 1.0])
     )
-    with pytest.raises(ValueError, match=r"mask_affine.nii.gz: expected the affine of its volume .*found"):
-        processor(path, lesion_mask=wrong_affine)
+    with pytest.raises(ValueError, match=r"mask_spacing.nii.gz: .*not the volume's.*spacing \[0.7, 0.7, 2.5\]"):
+        processor(path, lesion_mask=wrong_spacing)
+    shifted_affine = affine.copy()
+    shifted_affine[:3, 3] = [0.0, 1.0, 0.0]
+    shifted = save_nifti(tmp_path / "mask_shifted.nii.gz", np.zeros((12, 10, 6), np.uint8), shifted_affine)
+    with pytest.raises(ValueError, match=r"mask_shifted.nii.gz: .*lie up to 1.000 mm.*offset by \[0.0, 1.0, 0.0\]"):
+        processor(path, lesion_mask=shifted)
     with pytest.raises(ValueError, match=r"anatomy_mask of .*ct.nii.gz: expected the shape"):
         processor(path, anatomy_mask=np.zeros((3, 3, 3), np.uint8))
     with pytest.raises(ValueError, match=r"lesion_mask of .*expected integer label values, found fractional"):
         processor(path, lesion_mask=np.full(data.shape, 0.5, np.float32))
-    # a bare array carries no geometry: it is taken to lie on its volume's grid
-    assert processor(path, anatomy_mask=np.ones(data.shape, np.uint8))["anatomy_mask"].min() == 1
+    # a bare array carries no geometry: it is taken to lie on its volume's stored grid
+    assert processor(path, anatomy_mask=np.ones(data.shape, np.uint8), return_tensors="pt")["anatomy_mask"].min() == 1
     # an explicit (array, affine) mask is checked
-    with pytest.raises(ValueError, match="expected the affine of its volume"):
+    with pytest.raises(ValueError, match="expected a mask on the voxel grid of its volume"):
         processor(path, anatomy_mask=(np.ones(data.shape, np.uint8), np.eye(4)))
+
+
+@pytest.mark.parametrize("layout", ["ras", "lps", "permuted"])
+def test_mask_on_the_same_grid_in_another_voxel_order_is_reoriented(tmp_path, layout):
+    hu, labels = canonical_phantom()
+    affine = canonical_affine(hu.shape)
+    volume, volume_affine = as_layout(hu, affine, "ras")
+    mask, mask_affine = as_layout(labels, affine, layout)
+    volume_path = save_nifti(tmp_path / "ct.nii.gz", volume, volume_affine)
+    mask_path = save_nifti(tmp_path / f"mask_{layout}.nii.gz", mask, mask_affine)
+    processor = ReCTImageProcessor(volume_size=[8, 10, 12])
+    out = processor(volume_path, anatomy_mask=mask_path, return_tensors="pt")
+    reference = processor(volume_path, anatomy_mask=as_layout(labels, affine, "ras")[0], return_tensors="pt")
+    assert torch.equal(out["anatomy_mask"], reference["anatomy_mask"])
+    # back on the volume's grid, the mask is the one nibabel reorients onto the volume's voxel order
+    restored = processor.post_process_masks(out["anatomy_mask"], out["volume_meta"])[0]
+    expected = nib.orientations.apply_orientation(
+        mask,
+        nib.orientations.ornt_transform(
+            nib.orientations.io_orientation(mask_affine), nib.orientations.io_orientation(volume_affine)
+        ),
+    )
+    assert dice(restored == 1, expected == 1) > 0.9 and dice(restored == 2, expected == 2) > 0.9
 
 
 def test_bad_affines_are_named():
     processor = ReCTImageProcessor(volume_size=[4, 4, 4])
     volume = np.random.default_rng(11).normal(size=(5, 6, 7)).astype(np.float32)
-    with pytest.raises(ValueError, match=r"volumes\[0\]: expected an invertible affine"):
-        processor(volume, affines=np.diag([1.0, 0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"images\[0\]: expected an invertible affine"):
+        processor(volume, affines=np.diag([1.0, 0.0, 1.0, 1.0]), return_tensors="pt")
     with pytest.raises(ValueError, match=r"affines: expected one per volume \(2\), found 1"):
-        processor([volume, volume], affines=[np.eye(4)])
+        processor([volume, volume], affines=[np.eye(4)], return_tensors="pt")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -695,7 +731,7 @@ def test_dicom_series_shape_hu_and_affine(tmp_path):
         ]
     )
     np.testing.assert_allclose(affine, expected, atol=1e-6)
-    out = ReCTImageProcessor(volume_size=[5, 128, 128])(str(folder))
+    out = ReCTImageProcessor(volume_size=[5, 128, 128])(str(folder), return_tensors="pt")
     meta = out["volume_meta"][0]
     assert meta["steps"][0]["permutation"] == [0, 1, 2] and meta["steps"][0]["flip"] == [False] * 3
     np.testing.assert_allclose(out["pixel_values"][0, 0].numpy(), window(array, 0, 2000), atol=1e-6)
@@ -742,7 +778,7 @@ def test_dicom_empty_folder_and_no_dicom(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty is empty"):
-        ReCTImageProcessor()(str(empty))
+        ReCTImageProcessor()(str(empty), return_tensors="pt")
     text_only = tmp_path / "text_only"
     text_only.mkdir()
     (text_only / "readme.txt").write_text("hello")
@@ -767,31 +803,93 @@ def test_hub_loader_requires_only_torch_transformers_numpy():
         assert required - set(sys.stdlib_module_names) <= {"numpy", "torch", "transformers"}, name
 
 
-def test_file_works_alone_without_project_packages(tmp_path):
-    import shutil
+HUB_FILES = {"image_processing_rect.py", "volume_reading_rect.py", "volume_geometry_rect.py"}
 
-    package = tmp_path / "hub_files"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    for name in ("image_processing_rect.py", "volume_geometry_rect.py"):
-        shutil.copy(REPO_ROOT / "hf_models" / name, package / name)
-    script = textwrap.dedent(
-        """
-        import sys
-        import numpy as np
-        import hub_files.image_processing_rect as m
-        loaded = [name for name in ("nibabel", "pydicom", "hf_models", "monai", "torchio") if name in sys.modules]
-        assert not loaded, loaded
-        from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
-        assert not any("ReCT" in str(v) for v in IMAGE_PROCESSOR_MAPPING._extra_content.values())  # registers nothing
-        out = m.ReCTImageProcessor(volume_size=[4, 4, 4])(np.arange(60, dtype=np.float32).reshape(3, 4, 5))
-        assert tuple(out["pixel_values"].shape) == (1, 1, 4, 4, 4)
-        print("ok")
-        """
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tmp_path)}
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import importlib.abc, json, sys, warnings
+    from pathlib import Path
+
+    class BlockProjectPackages(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"hf_models", "conversion", "trainers"}:
+                raise ModuleNotFoundError(f"{name} must not be importable here")
+            return None
+
+    sys.meta_path.insert(0, BlockProjectPackages())
+    sys.path = [p for p in sys.path if p not in ("", ".", REPO_ROOT)]
+    import numpy as np
+    import torch
+    from transformers import AutoImageProcessor
+
+    root = Path(sys.argv[1])
+    processor = AutoImageProcessor.from_pretrained(root / "saved", trust_remote_code=True)
+    out = processor(np.load(root / "volume.npy"), anatomy_mask=np.load(root / "mask.npy"), return_tensors="pt")
+    restored = processor.post_process_masks(out["anatomy_mask"], out["volume_meta"])[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        extra = AutoImageProcessor.from_pretrained(root / "extra_key", trust_remote_code=True)
+    torch.save({"pixel_values": out["pixel_values"], "restored": torch.from_numpy(restored)}, root / "results.pt")
+    report = {
+        "class": type(processor).__name__,
+        "module": type(processor).__module__,
+        "meta_class": type(out["volume_meta"][0]).__name__,
+        "project_modules": sorted(m for m in sys.modules if m.split(".")[0] in {"hf_models", "trainers"}),
+        "readers_loaded": sorted(m for m in ("nibabel", "pydicom") if m in sys.modules),
+        "extra_key_settings": extra.to_dict()["volume_size"],
+        "extra_key_warnings": [str(w.message) for w in caught],
+    }
+    (root / "report.json").write_text(json.dumps(report))
+    """
+)
+
+
+def test_save_pretrained_writes_every_hub_file_and_loads_in_a_fresh_process(tmp_path):
+    processor = ReCTImageProcessor(volume_size=[4, 6, 6], windows=["lung", "bone"])
+    processor.save_pretrained(tmp_path / "saved")
+    assert {p.name for p in (tmp_path / "saved").glob("*.py")} == HUB_FILES
+    saved = json.loads((tmp_path / "saved" / "preprocessor_config.json").read_text())
+    assert saved["auto_map"] == {"AutoImageProcessor": "image_processing_rect.ReCTImageProcessor"}
+    # a config written by another version, with a key this one does not know, still loads (with a warning)
+    processor.save_pretrained(tmp_path / "extra_key")
+    config_path = tmp_path / "extra_key" / "preprocessor_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "future_setting": 3}))
+    volume = np.random.default_rng(14).normal(0, 300, size=(9, 8, 7)).astype(np.float32)
+    mask = (volume > 0).astype(np.uint8)
+    np.save(tmp_path / "volume.npy", volume)
+    np.save(tmp_path / "mask.npy", mask)
+    expected = processor(volume, anatomy_mask=mask, return_tensors="pt")
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env.pop("PYTHONPATH", None)
+    script = FRESH_PROCESS.replace("REPO_ROOT", repr(str(REPO_ROOT)))
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script, str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().endswith("ok")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["class"] == "ReCTImageProcessor" and report["meta_class"] == "VolumeMetadata"
+    assert report["module"].startswith("transformers_modules")  # the copied Hub files, not this checkout
+    assert report["project_modules"] == [] and report["readers_loaded"] == []
+    assert report["extra_key_settings"] == [4, 6, 6]
+    assert any("future_setting" in message for message in report["extra_key_warnings"])
+    results = torch.load(tmp_path / "results.pt")
+    torch.testing.assert_close(results["pixel_values"], expected["pixel_values"], atol=0, rtol=0)
+    restored = processor.post_process_masks(expected["anatomy_mask"], expected["volume_meta"])[0]
+    np.testing.assert_array_equal(results["restored"].numpy(), restored)
+
+
+def test_unknown_key_in_a_saved_config_warns_but_the_constructor_still_refuses(tmp_path):
+    ReCTImageProcessor(volume_size=[4, 4, 4]).save_pretrained(tmp_path)
+    config_path = tmp_path / "preprocessor_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "future_setting": 3}))
+    with pytest.warns(UserWarning, match=r"ignoring unknown key\(s\) \['future_setting'\]"):
+        loaded = ReCTImageProcessor.from_pretrained(tmp_path)
+    assert loaded.volume_size == [4, 4, 4]
+    with pytest.raises(TypeError, match="future_setting"):
+        ReCTImageProcessor(future_setting=3)
