@@ -373,6 +373,9 @@ def _user_error_message(err: BaseException) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     silence_optional_kernel_probe()
+    # Progress bars go to stderr; line-buffered stdout keeps the report lines in order with them in a log file.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

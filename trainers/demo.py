@@ -46,7 +46,8 @@ COHORT_STAMP = "demo_cohort.json"
 #: Bumped when the stamp's content changes meaning.
 STAMP_FORMAT = 1
 
-#: Modules whose code decides the phantom files; a change to any of them makes a stamped cohort stale.
+#: Module-name prefixes whose code decides the phantom files (the generator and the anatomy table it draws from);
+#: a change to any of them makes a stamped cohort stale.
 GENERATOR_MODULES = ("trainers.data.phantom", "hf_models.anatomy_rect")
 
 #: The project's top-level packages, which the fresh process must not be able to import.
@@ -81,14 +82,17 @@ def demo_cohort_parameters(
 
 
 def generator_fingerprint() -> str:
-    """SHA-256 (16 hex digits) of the source files of `GENERATOR_MODULES` that exist."""
-    import importlib.util
+    """SHA-256 (16 hex digits) of the source of every loaded module named by a `GENERATOR_MODULES` prefix, after
+    importing the generator (so the modules it is split into are covered too)."""
+    import importlib
+
+    importlib.import_module("trainers.data.phantom")  # loads the generator's own modules into sys.modules
 
     digest = hashlib.sha256()
-    for name in GENERATOR_MODULES:
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.origin:
-            digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
+    for name in sorted(sys.modules):
+        origin = getattr(sys.modules[name], "__file__", None)
+        if origin and name.startswith(GENERATOR_MODULES):
+            digest.update(name.encode() + b"\0" + Path(origin).read_bytes())
     return digest.hexdigest()[:16]
 
 
