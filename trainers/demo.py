@@ -413,7 +413,8 @@ def run_demo(
         image_processor=ReCTImageProcessor.from_pretrained(folder), tokenizer=_minilm_tokenizer()
     )
     processor.save_pretrained(folder)
-    print("      " + ", ".join(sorted(p.name for p in folder.iterdir())))
+    files = ", ".join(sorted(p.name for p in folder.iterdir()))
+    print(textwrap.fill(files, width=116, initial_indent="      ", subsequent_indent="      "))
     clock.end()
 
     # 4. fresh process vs this process on the held-out scans
