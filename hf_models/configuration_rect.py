@@ -15,6 +15,8 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec, strict
 from transformers.utils.type_validators import interval
 
+from .anatomy_rect import NUM_ANATOMY_REGIONS
+
 
 # The 18 multi-abnormality labels of CT-RATE, in the column order of its labels CSV.
 CT_RATE_ABNORMALITIES = (
@@ -42,8 +44,8 @@ ATTENTION_TYPES = ("divided", "joint")
 TEXT_POOLING_TYPES = ("cls", "mean", "pooler")
 CLASSIFIER_POOLING_TYPES = ("cls", "cls_mean", "cls_mean_max")
 
-#: Anatomy regions of the encoder's region-aware attention (ids 1..20 of the anatomy table; 0 is background).
-DEFAULT_NUM_REGIONS = 20
+#: Anatomy regions of the encoder's region-aware attention: ids 1..R of the anatomy table (0 is background).
+DEFAULT_NUM_REGIONS = NUM_ANATOMY_REGIONS
 
 
 def _as_int_triple(field: str, value) -> list[int]:
@@ -82,8 +84,9 @@ class ReCTVisionConfig(PreTrainedConfig):
         attention_type (`"divided"` or `"joint"`, defaults to `"divided"`): `"divided"` attends along z across slabs
             and then within each axial slab of tokens (slice-aware attention); `"joint"` is plain full attention
             (needed to load MONAI/M3D-style ViT weights exactly).
-        num_regions (`int`, defaults to 20): anatomy regions with ids 1..R in `anatomy_mask` (0 is background);
-            0 disables region-aware attention.
+        num_regions (`int`, defaults to `NUM_ANATOMY_REGIONS` = 20): anatomy regions with ids 1..R in
+            `anatomy_mask` (0 is background; the ids of `anatomy_rect.ANATOMY_REGIONS`); 0 disables region-aware
+            attention.
         region_patch_fraction (`float`, defaults to 0.25): a patch token belongs to region r when at least this
             fraction of its voxels carries id r. A region with no such token is absent for that volume.
         projection_dim (`int`, defaults to 512): size of the embeddings [`ReCTForFeatureExtraction`] returns.
