@@ -178,7 +178,8 @@ def _regular_grid(
                 "(slice_spacing='resample')",
                 notes,
             )
-    deshear = plan_deshear(source.shape, affine, gantry_tilt, name)
+    slice_axis = 0 if raw.slice_positions is not None else None  # a DICOM series stacks its slices on axis 0
+    deshear = plan_deshear(source.shape, affine, gantry_tilt, name, slice_axis)
     if deshear is not None:
         source, affine = deshear.apply(source, labels=False, fill=fill), deshear.affine
         plans.append(deshear)

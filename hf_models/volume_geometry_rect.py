@@ -755,13 +755,17 @@ def is_sheared(affine: np.ndarray) -> bool:
     return bool(shear_cosines(np.asarray(affine, dtype=np.float64)).max() > SHEAR_TOLERANCE)
 
 
-def plan_deshear(shape: tuple[int, ...], affine: np.ndarray, policy: str, label: str) -> Deshear | None:
+def plan_deshear(
+    shape: tuple[int, ...], affine: np.ndarray, policy: str, label: str, slice_axis: int | None = None
+) -> Deshear | None:
     """None for an orthogonal grid; for a sheared one (gantry tilt) a `Deshear` plan, or an error.
 
     Args:
         shape, affine: the stored grid.
         policy: `"resample"` (plan the orthogonal grid) or `"raise"`.
         label: the file or input named in messages.
+        slice_axis: the stored axis the acquisition stepped along (0 for a DICOM series), when known; otherwise
+            the last of the axes that can be the tilted one (NIfTI stores slices last).
 
     Raises:
         ValueError: a sheared grid under `policy="raise"`, or a shear that is not a tilt of one axis against the
@@ -771,16 +775,15 @@ def plan_deshear(shape: tuple[int, ...], affine: np.ndarray, policy: str, label:
     if not is_sheared(affine):
         return None
     cosines = shear_cosines(affine)
-    oblique_pairs = [(a, b) for a in range(3) for b in range(a + 1, 3) if cosines[a, b] > SHEAR_TOLERANCE]
-    in_plane = [(a, b) for a in range(3) for b in range(a + 1, 3) if cosines[a, b] <= SHEAR_TOLERANCE]
-    axes_in_pairs = {a for pair in oblique_pairs for a in pair}
-    tilted = [a for a in range(3) if all(a in pair for pair in oblique_pairs)]
-    if not in_plane or len(tilted) != 1 or len(axes_in_pairs) < 2:
+    # the tilted axis: one whose two companions are orthogonal to each other (they span the slice plane); with a
+    # tilt along one in-plane axis two axes qualify, and the slice axis is the one the acquisition stepped along
+    candidates = [axis for axis in range(3) if cosines[tuple(a for a in range(3) if a != axis)] <= SHEAR_TOLERANCE]
+    if not candidates:
         raise ValueError(
             f"{label}: expected an orthogonal voxel grid or a gantry tilt (one axis tilted against the plane of the "
             f"two others), found a general shear with axis cosines {np.round(cosines, 4).tolist()}"
         )
-    axis = tilted[0]
+    axis = slice_axis if slice_axis in candidates else max(candidates)
     u_axis, v_axis = (a for a in range(3) if a != axis)
     u, v, step = affine[:3, u_axis], affine[:3, v_axis], affine[:3, axis]
     normal = np.cross(u, v)
