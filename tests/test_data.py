@@ -1,6 +1,7 @@
 """Readers, processed-volume cache, collators and the orientation round trip, on a generated phantom cohort."""
 
 import csv
+import gc
 import hashlib
 import json
 import os
@@ -28,7 +29,6 @@ from trainers.data.collators import (
     GenerationCollator,
     LocalizationCollator,
 )
-from trainers.data.mapped_storage import is_mapped
 from trainers.data.readers import (
     DatasetFormatError,
     MissingFilesError,
@@ -40,6 +40,7 @@ from trainers.data.readers import (
     skipped_rows,
 )
 from trainers.data.volume_dataset import CachedVolumeDataset
+from trainers.data.zero_copy import is_mapped, shared_batch_buffer
 
 
 @pytest.fixture
@@ -364,21 +365,26 @@ def test_dataset_and_collators_build_model_inputs(small_cohort, tmp_path, minilm
 
 def test_dataset_prepare_fills_the_cache_and_transform_runs_per_example(small_cohort, tmp_path):
     rows = read_ct_rate(small_cohort, "train")
+    # row 0's prior scan is row 1's volume: one entry serves both
+    priors = {"prior_volume_path": [rows[1]["volume_path"]], "prior_rescale_slope": [rows[1]["rescale_slope"]]}
+    priors["prior_rescale_intercept"] = [rows[1]["rescale_intercept"]]
+    for column, first in priors.items():
+        rows = rows.remove_columns(column).add_column(column, first + [None] * (len(rows) - 1))
     cache = VolumeCache(tmp_path / "cache", processor())
 
     def flip(example):
         return {**example, "pixel_values": example["pixel_values"].flip(-1), "flipped": True}
 
     dataset = CachedVolumeDataset(rows, cache, prior_column="prior_volume_path", transform=flip)
-    assert dataset.prepare(progress=False) == cache.misses >= len(rows)
-    priors = [row["prior_volume_path"] for row in rows if row["prior_volume_path"]]
-    assert priors and all(dataset.sources(row)[1] in cache for row in rows if row["prior_volume_path"])
+    assert dataset.prepare(progress=False) == cache.misses == len(rows)
+    assert dataset.sources(rows[0])[1] == dataset.sources(rows[1])[0] and dataset.sources(rows[1])[1] is None
     assert dataset.prepare(progress=False) == 0  # everything is there now
     misses = cache.misses
     example = dataset[0]
     assert cache.misses == misses and example["flipped"]
-    plain = CachedVolumeDataset(rows, cache)[0]
-    assert torch.equal(example["pixel_values"], plain["pixel_values"].flip(-1))
+    plain = CachedVolumeDataset(rows, cache)
+    assert torch.equal(example["pixel_values"], plain[0]["pixel_values"].flip(-1))
+    assert torch.equal(example["prior_pixel_values"], plain[1]["pixel_values"])  # the transform chose not to flip it
 
 
 def keep_examples(examples: list) -> list:
@@ -435,7 +441,7 @@ def test_a_mapping_whose_file_was_replaced_is_sent_as_a_copy(small_cohort, tmp_p
     assert torch.equal(received, kept) and not is_mapped(received)
 
 
-def test_collators_in_workers_stack_into_shared_memory_and_keep_float16(small_cohort, tmp_path):
+def test_collators_in_workers_keep_float16(small_cohort, tmp_path):
     rows = read_ct_rate(small_cohort, "train")
     cache = VolumeCache(tmp_path / "cache", processor(), storage_dtype="float16")
     dataset = CachedVolumeDataset(rows, cache, anatomy=True, label_indices=[2, 12])
@@ -444,9 +450,44 @@ def test_collators_in_workers_stack_into_shared_memory_and_keep_float16(small_co
     batch = next(iter(loader))
     expected = ClassificationCollator()([dataset[i] for i in range(3)])
     assert batch["pixel_values"].dtype == torch.float16 and batch["anatomy_mask"].dtype == torch.uint8
-    assert batch["pixel_values"].is_shared() and batch["anatomy_mask"].is_shared()
     for name in ("pixel_values", "anatomy_mask", "labels"):
         assert torch.equal(batch[name], expected[name])
+
+
+def test_batch_buffers_are_reused_only_after_the_receiver_frees_them():
+    first = shared_batch_buffer((2, 3), torch.float16)
+    first.copy_(torch.arange(6.0).view(2, 3))
+    received = pickle.loads(ForkingPickler.dumps(first))  # as the main process receives a worker's batch
+    assert torch.equal(received, first) and received.dtype == torch.float16
+    held = shared_batch_buffer((2, 3), torch.float16)  # the receiver still holds `received`: another buffer
+    assert held.data_ptr() != first.data_ptr()
+    del received
+    gc.collect()
+    again = shared_batch_buffer((3, 2), torch.float16)  # same bytes: the freed buffer comes back
+    assert again.data_ptr() == first.data_ptr()
+    received = pickle.loads(ForkingPickler.dumps(again))
+    received.fill_(7)  # the receiver owns the buffer until it frees it; its writes are what the sender holds
+    assert (again == 7).all()
+
+
+def test_worker_batches_stay_intact_while_the_main_process_keeps_them(small_cohort, tmp_path):
+    rows = read_ct_rate(small_cohort, "train")
+    cache = VolumeCache(tmp_path / "cache", processor(), storage_dtype="float16")
+    dataset = CachedVolumeDataset(rows, cache, anatomy=True, label_indices=[2, 12])
+    dataset.prepare(progress=False)
+    expected = ClassificationCollator()([dataset[i] for i in range(len(dataset))])
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=2, num_workers=2, collate_fn=ClassificationCollator(), persistent_workers=True
+    )
+    kept = [batch for _ in range(3) for batch in loader]  # every batch of three epochs alive at once
+    for index, batch in enumerate(kept):
+        start = (index * 2) % len(dataset)
+        for name in ("pixel_values", "anatomy_mask", "labels"):
+            assert torch.equal(batch[name], expected[name][start : start + 2])
+    # dropped batches free their buffers for reuse, and what arrives is still the right data
+    for _ in range(2):
+        for index, batch in enumerate(loader):
+            assert torch.equal(batch["pixel_values"], expected["pixel_values"][index * 2 : index * 2 + 2])
 
 
 def test_float16_cache_trains_the_classifier_like_float32(small_cohort, tmp_path):

@@ -9,7 +9,7 @@ place, so a crash mid-write leaves no half file that a later read could pick up.
 Reads are zero-copy: an entry is memory-mapped copy-on-write and its tensors are views of the page cache, in the
 stored dtype (float16 storage is returned as float16: converting to float32 in the loader would double the bytes
 every later step moves; the model casts `pixel_values` to its own dtype). In a DataLoader worker the views travel
-to the main process as the file, not as a copy (see `mapped_storage`), so the bytes are copied once, by the
+to the main process as the file, not as a copy (see `zero_copy`), so the bytes are copied once, by the
 consumer.
 """
 
@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 import hf_models
 
-from .mapped_storage import map_file
+from .zero_copy import map_file
 
 
 Identity = Literal["stat", "content"]

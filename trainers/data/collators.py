@@ -4,8 +4,9 @@ Volumes of one batch must share a shape (the image processor makes them so) and 
 entries stay float16; the models cast `pixel_values` to their own dtype); masks stay uint8 (the models accept any
 integer ids) to keep seed-size batches small; text is padded by the tokenizer, with attention masks.
 
-In a DataLoader worker, batches are stacked straight into shared memory (as torch's `default_collate` does), so
-sending the batch to the main process copies nothing more: one copy per volume, from the page cache into the batch.
+In a DataLoader worker, batches are stacked straight into shared memory that the worker recycles (torch's
+`default_collate` stacks into new shared memory each time), so sending the batch to the main process copies
+nothing more: one copy per volume, from the page cache into the batch, into pages that already exist.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .zero_copy import shared_batch_buffer
 
 
 # SAM's convention for padded prompt points: label -10 marks "no point here".
@@ -38,14 +41,12 @@ def stack_field(examples: list[dict[str, Any]], key: str, optional: bool = False
 
 
 def stack(values: list[torch.Tensor]) -> torch.Tensor:
-    """`torch.stack(values)`; in a DataLoader worker, into a new shared-memory tensor, which torch then sends to the
-    main process as it is (stacking into private memory would cost a second copy into shared memory)."""
+    """`torch.stack(values)`; in a DataLoader worker, into a recycled shared-memory buffer that torch sends to the
+    main process as it is (see `zero_copy.shared_batch_buffer`): one copy per volume, and no new pages to fault in."""
     if torch.utils.data.get_worker_info() is None or values[0].device.type != "cpu":
         return torch.stack(values)
     dtype = functools.reduce(torch.promote_types, (value.dtype for value in values))  # what torch.stack gives
-    storage = torch.UntypedStorage._new_shared(len(values) * values[0].numel() * dtype.itemsize)
-    out = torch.empty(0, dtype=dtype).set_(storage).view(len(values), *values[0].shape)
-    return torch.stack(values, out=out)
+    return torch.stack(values, out=shared_batch_buffer((len(values), *values[0].shape), dtype))
 
 
 def volume_fields(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
