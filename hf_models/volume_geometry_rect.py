@@ -238,21 +238,21 @@ def apply_linear(source: np.ndarray, taps: list, order: list[int] | None = None)
         if taps[k] is None:
             continue
         i0, i1, weight = taps[k]
-        low = np.take(x, i0, axis=k)  # a new array: safe to update in place
-        if weight.any():
-            shape = [1] * x.ndim
-            shape[k] = -1
-            weight = weight.reshape(shape)
-            high = np.take(x, i1, axis=k)
-            # (1 - w) * low + w * high, as F.interpolate computes it; the ufuncs cast int16 → float32 on the fly
-            result = np.multiply(low, 1.0 - weight, dtype=np.float32)
-            if high.dtype == np.float32:
-                high *= weight
-            else:
-                high = np.multiply(high, weight, dtype=np.float32)
-            result += high
-            low = result
-        x = low
+        if not weight.any():
+            x = _gather(x, i0, k)  # a flip or a crop is a view: nothing copied
+            continue
+        shape = [1] * x.ndim
+        shape[k] = -1
+        weight = weight.reshape(shape)
+        low, high = np.take(x, i0, axis=k), np.take(x, i1, axis=k)  # new arrays: safe to update in place
+        # (1 - w) * low + w * high, as F.interpolate computes it; the ufuncs cast int16 → float32 on the fly
+        result = np.multiply(low, 1.0 - weight, dtype=np.float32)
+        if high.dtype == np.float32:
+            high *= weight
+        else:
+            high = np.multiply(high, weight, dtype=np.float32)
+        result += high
+        x = result
     return x if x.dtype == np.float32 else x.astype(np.float32)
 
 
@@ -262,8 +262,19 @@ def apply_nearest(source: np.ndarray, taps: list) -> np.ndarray:
     for k in sorted(
         (k for k in range(source.ndim) if taps[k] is not None), key=lambda k: len(taps[k]) / source.shape[k]
     ):
-        x = np.take(x, taps[k], axis=k)
+        x = _gather(x, taps[k], k)
     return x
+
+
+def _gather(x: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
+    """`np.take(x, index, axis)`, as a view when `index` is a run of consecutive indices (a crop, a flip)."""
+    step = int(index[1] - index[0]) if len(index) > 1 else 1
+    if step in (1, -1) and np.array_equal(index, index[0] + step * np.arange(len(index))):
+        stop = int(index[-1]) + step
+        where = [slice(None)] * x.ndim
+        where[axis] = slice(int(index[0]), None if stop < 0 else stop, step)
+        return x[tuple(where)]
+    return np.take(x, index, axis=axis)
 
 
 def chunk_linear_taps(taps, start: int, stop: int) -> tuple[int, int, Any]:

@@ -149,17 +149,18 @@ def read_gzip(path: str | os.PathLike) -> np.ndarray:
 
 
 class InflatingNifti:
-    """Inflates a `.nii.gz` in a background thread into one preallocated buffer, slab by slab.
+    """Inflates a `.nii.gz` in a background thread while the caller works on the slabs already inflated.
 
     The voxel array (`array`, Fortran order as NIfTI stores it: the LAST axis is the slowest in the file) is a view
-    of that buffer; `wait_slices(n)` returns once its first `n` slices along the last axis are complete, so a
-    consumer can process finished slabs while the rest is still being inflated. isal/zlib and numpy release the GIL,
-    so the two threads run on two cores.
+    of one preallocated buffer. The background thread only reads and inflates (isal/zlib release the GIL), handing
+    over the pieces it produces; the caller's `wait_slices(n)` copies the pieces that have arrived into the buffer
+    and returns once the first `n` slices along the last axis are complete. So the inflate thread runs at the
+    speed of inflating alone, and the copy and the processing share the caller's core.
 
     Raises (from `wait_slices` / `wait_all`): `ValueError` naming the file when the data is truncated or corrupt.
     """
 
-    #: compressed bytes handed to the inflater per call (the output arrives in pieces of ~2-4x this)
+    #: compressed bytes read and handed to the inflater per call (the output arrives in pieces of ~2-4x this)
     INPUT_CHUNK = 1 << 19
 
     def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype):
@@ -171,7 +172,9 @@ class InflatingNifti:
         self.slice_bytes = self.nbytes // max(self.shape[-1], 1)
         self._buffer = np.empty(self.offset + self.nbytes, dtype=np.uint8)
         self.array = self._buffer[self.offset :].view(self.dtype).reshape(self.shape, order="F")
-        self._filled = 0  # bytes of the buffer written so far
+        self._copied = 0  # bytes of the buffer the caller has filled
+        self._pieces: list[bytes] = []  # inflated, not yet copied (guarded by the condition)
+        self._inflated = 0  # bytes inflated so far (guarded by the condition)
         self._done = False
         self._error: BaseException | None = None
         self._condition = threading.Condition()
@@ -180,43 +183,36 @@ class InflatingNifti:
 
     def _run(self) -> None:
         backend = gzip_backend()
-        filled = 0
+        inflated, batch, error = 0, [], None
         try:
-            with open(self.path, "rb") as handle:
-                compressed = memoryview(handle.read())
-            total, position = len(self._buffer), 0
             decompressor = backend.decompressobj(wbits=31)
-            notify_every, since_notify = 4 << 20, 0
-            while position < len(compressed):
-                piece = compressed[position : position + self.INPUT_CHUNK]
-                position += len(piece)
-                out = decompressor.decompress(piece)
-                if decompressor.eof:  # end of a gzip member: the rest is padding or another member
-                    rest = bytes(decompressor.unused_data) + bytes(compressed[position:])
-                    rest = rest.lstrip(b"\x00")
-                    compressed, position = memoryview(rest), 0
-                    if rest:
-                        decompressor = backend.decompressobj(wbits=31)
-                keep = min(len(out), total - filled)
-                if keep:
-                    self._buffer[filled : filled + keep] = np.frombuffer(out, dtype=np.uint8, count=keep)
-                    filled += keep
-                    since_notify += keep
-                if since_notify >= notify_every:
-                    since_notify = 0
-                    with self._condition:
-                        self._filled = filled
-                        self._condition.notify_all()
+            with open(self.path, "rb") as handle:  # read as we go: reading overlaps inflating too
+                pending = b""
+                while piece := pending or handle.read(self.INPUT_CHUNK):
+                    pending = b""
+                    out = decompressor.decompress(piece)
+                    if decompressor.eof:  # end of a gzip member: the rest is zero padding or another member
+                        pending = (decompressor.unused_data + handle.read()).lstrip(b"\x00")
+                        if pending:
+                            decompressor = backend.decompressobj(wbits=31)
+                    if out:
+                        batch.append(out)
+                        inflated += len(out)
+                    if sum(len(b) for b in batch) >= 4 << 20:  # hand over every ~4 MB
+                        with self._condition:
+                            self._pieces.extend(batch)
+                            self._inflated = inflated
+                            self._condition.notify_all()
+                        batch = []
             if not decompressor.eof:
                 raise EOFError("compressed file ended before the end-of-stream marker was reached")
-            if filled < total:
-                raise EOFError(f"{filled} decompressed bytes, the header needs {total}")
+            if inflated < len(self._buffer):
+                raise EOFError(f"{inflated} decompressed bytes, the header needs {len(self._buffer)}")
         except (*_gzip_errors(backend), OSError) as err:
-            error: BaseException | None = err
-        else:
-            error = None
+            error = err
         with self._condition:
-            self._filled = filled if error is None else self._filled
+            self._pieces.extend(batch)
+            self._inflated = inflated
             self._error = error
             self._done = True
             self._condition.notify_all()
@@ -228,22 +224,36 @@ class InflatingNifti:
             f"but reading the voxel data failed ({type(err).__name__}: {err})"
         ) from err
 
+    def _wait(self, needed: int) -> None:
+        """Copy arrived pieces into the buffer until `needed` bytes are there (or the file is done)."""
+        while self._copied < needed:
+            with self._condition:
+                while not self._pieces and not self._done:
+                    self._condition.wait()
+                pieces, self._pieces = self._pieces, []
+                if not pieces and self._done:
+                    break
+            for piece in pieces:  # outside the lock: the inflate thread keeps going meanwhile
+                keep = min(len(piece), len(self._buffer) - self._copied)  # bytes past the voxel data are dropped
+                if keep:
+                    self._buffer[self._copied : self._copied + keep] = np.frombuffer(piece, np.uint8, count=keep)
+                    self._copied += keep
+
     def wait_slices(self, count: int) -> None:
-        """Block until slices `[0, count)` along the last axis are inflated."""
-        needed = self.offset + min(int(count), self.shape[-1]) * self.slice_bytes
-        with self._condition:
-            while self._filled < needed and not self._done:
-                self._condition.wait()
-            if self._error is not None:
-                self._fail()
+        """Block until slices `[0, count)` along the last axis are in `array`."""
+        self._wait(self.offset + min(int(count), self.shape[-1]) * self.slice_bytes)
+        if self._copied < self.offset + min(int(count), self.shape[-1]) * self.slice_bytes:
+            self.wait_all()  # the file ended early: raise its error
 
     def wait_all(self) -> None:
-        """Block until the whole file is inflated and verified (gzip CRC)."""
+        """Block until the whole file is inflated, verified (gzip CRC) and in `array`."""
+        self._wait(len(self._buffer))
         with self._condition:
             while not self._done:
                 self._condition.wait()
-            if self._error is not None:
-                self._fail()
+        self._wait(len(self._buffer))
+        if self._error is not None:
+            self._fail()
 
 
 # ----------------------------------------------------------------------------------------------------------------

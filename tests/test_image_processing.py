@@ -548,6 +548,40 @@ def test_damaged_nifti_gz_names_the_file(tmp_path, monkeypatch, inflate, damage,
         processor(str(bad), return_tensors="pt")
 
 
+@pytest.mark.parametrize("layout", ["ras", "lps", "permuted"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(volume_size=[7, 20, 26]),
+        dict(volume_size=[9, 16, 40], target_spacing=[1.7, 1.1, 0.6]),
+        dict(volume_size=[30, 40, 44], resize_mode="crop_pad"),  # pure flips and crops: views, no arithmetic
+    ],
+)
+def test_streamed_inflate_gives_identical_results(tmp_path, monkeypatch, layout, settings):
+    hu = np.random.default_rng(15).integers(-1024, 2000, size=(30, 36, 44)).astype(np.int16)
+    volume, affine = as_layout(hu, canonical_affine(hu.shape, spacing=(1.5, 0.8, 0.7)), layout)
+    path = save_nifti(tmp_path / f"{layout}.nii.gz", volume, affine, scl_slope=1.0, scl_inter=-3.0)
+    processor = ReCTImageProcessor(windows=["lung", "bone"], **settings)
+    monkeypatch.setattr(rect, "STREAM_MIN_BYTES", float("inf"))
+    whole = processor(path, return_tensors="np")
+    monkeypatch.setattr(rect, "STREAM_MIN_BYTES", 0)
+    assert reading.read_volume(path, stream_min_bytes=0).stream is not None  # this file is now inflated in slabs
+    for slabs in (1, 3, 64):
+        monkeypatch.setattr(rect, "STREAM_SLABS", slabs)
+        for use_isal in (True, False):
+            monkeypatch.setattr(reading, "USE_ISAL", use_isal)
+            streamed = processor(path, return_tensors="np")
+            np.testing.assert_array_equal(streamed["pixel_values"], whole["pixel_values"])
+            assert streamed["volume_meta"] == whole["volume_meta"]
+
+
+def test_streamed_constant_volume_is_still_refused(tmp_path, monkeypatch):
+    path = save_nifti(tmp_path / "flat.nii.gz", np.full((16, 12, 10), -1024, dtype=np.int16), np.eye(4))
+    monkeypatch.setattr(rect, "STREAM_MIN_BYTES", 0)
+    with pytest.raises(ValueError, match=r"flat.nii.gz: .*constant volume"):
+        ReCTImageProcessor(volume_size=[4, 4, 4])(path)
+
+
 def test_truncated_uncompressed_nifti(small_nifti, tmp_path):
     path, data = small_nifti
     full = tmp_path / "full.nii"

@@ -291,3 +291,14 @@ def test_target_spacing_is_approximate_and_the_achieved_spacing_is_recorded_exac
     assert resample["spacing_after"][0] == pytest.approx(40 / 27)
     spacing = np.linalg.norm(np.asarray(meta.processed_affine)[:3, :3], axis=0)
     np.testing.assert_allclose(spacing, resample["spacing_after"])
+
+
+def test_real_nifti_streamed_slab_by_slab_equals_the_whole_file_path(monkeypatch):
+    import hf_models.image_processing_rect as rect
+
+    processor = ReCTImageProcessor(volume_size=[24, 80, 96], windows=["lung", "mediastinum"])
+    monkeypatch.setattr(rect, "STREAM_MIN_BYTES", float("inf"))
+    whole = processor(str(NIFTI_CT), return_tensors="np")["pixel_values"]
+    monkeypatch.setattr(rect, "STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(rect, "STREAM_SLABS", 5)
+    np.testing.assert_array_equal(processor(str(NIFTI_CT), return_tensors="np")["pixel_values"], whole)
