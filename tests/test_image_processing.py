@@ -927,3 +927,63 @@ def test_unknown_key_in_a_saved_config_warns_but_the_constructor_still_refuses(t
     assert loaded.volume_size == [4, 4, 4]
     with pytest.raises(TypeError, match="future_setting"):
         ReCTImageProcessor(future_setting=3)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ReCTProcessor: what ProcessorMixin provides
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rect_processor(minilm_dir):
+    from transformers import AutoTokenizer
+
+    from hf_models import ReCTProcessor
+
+    return ReCTProcessor(
+        image_processor=ReCTImageProcessor(volume_size=[4, 8, 8], windows=["lung", "bone"]),
+        tokenizer=AutoTokenizer.from_pretrained(minilm_dir),
+    )
+
+
+def test_processor_routes_images_masks_and_text_and_converts_only_on_request(rect_processor):
+    rng = np.random.default_rng(16)
+    volumes = [rng.normal(0, 300, size=(9, 8, 7)).astype(np.float32), rng.normal(0, 300, size=(6, 5, 7))]
+    masks = [(v > 0).astype(np.uint8) for v in volumes]
+    text = ["No pleural effusion.", "Small nodule in the right upper lobe."]
+    out = rect_processor(images=volumes, text=text, anatomy_mask=masks, return_tensors="pt")
+    assert out["pixel_values"].shape == (2, 2, 4, 8, 8) and out["anatomy_mask"].shape == (2, 1, 4, 8, 8)
+    assert isinstance(out["input_ids"], torch.Tensor) and out["input_ids"].shape[0] == 2
+    assert all(isinstance(meta, VolumeMetadata) for meta in out["volume_meta"])
+    image_only = rect_processor.image_processor(volumes, anatomy_mask=masks, return_tensors="pt")
+    assert torch.equal(out["pixel_values"], image_only["pixel_values"])
+    assert torch.equal(out["anatomy_mask"], image_only["anatomy_mask"])
+    # return_tensors=None (the default): no conversion, one numpy array per volume, token ids as lists
+    plain = rect_processor(images=volumes, text=text)
+    assert isinstance(plain["pixel_values"], list) and isinstance(plain["pixel_values"][0], np.ndarray)
+    np.testing.assert_array_equal(plain["pixel_values"][1], out["pixel_values"][1].numpy())
+    assert isinstance(plain["input_ids"], list) and isinstance(plain["input_ids"][0], list)
+    # settings overrides and tokenizer arguments go where they belong
+    small = rect_processor(images=volumes[0], volume_size=[2, 4, 4], text=text[1], max_length=4, return_tensors="np")
+    assert small["pixel_values"].shape == (1, 2, 2, 4, 4) and small["input_ids"].shape == (1, 4)
+    restored = rect_processor.post_process_masks(out["anatomy_mask"], out["volume_meta"])
+    assert [r.shape for r in restored] == [(9, 8, 7), (6, 5, 7)]
+    with pytest.raises(ValueError, match="at least one input"):
+        rect_processor()
+
+
+def test_saved_processor_with_an_unknown_key_loads_with_a_warning(rect_processor, tmp_path):
+    from transformers import AutoProcessor
+
+    rect_processor.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.glob("*.py")} == HUB_FILES | {"processing_rect.py"}
+    config_path = tmp_path / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    config["text_max_length"] = 512  # a key earlier versions wrote
+    config["image_processor"]["future_setting"] = 1
+    config_path.write_text(json.dumps(config))
+    with pytest.warns(UserWarning) as caught:
+        loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "text_max_length" in messages and "future_setting" in messages
+    assert loaded.image_processor.to_dict()["windows"] == ["lung", "bone"]
