@@ -7,7 +7,7 @@ are the regions whose learned queries the vision encoder's region-aware attentio
 names, for the region alignment loss) and the model configuration (how many regions there are).
 
 `hu_range` is the typical range of the region's defining tissue in Hounsfield units over non-contrast, arterial and
-venous phase scans (e.g. the heart: 20 HU unenhanced blood up to about 350 HU in the arterial phase); thin or
+venous phase scans (e.g. the heart: 20 HU unenhanced blood up to about 450 HU in the arterial phase); thin or
 mixed regions (ribs, pleura, trachea with its wall) are dominated by partial volume at coarse voxels, so compare
 their medians only on fine grids. `terms` are case-insensitive regular expressions; a sentence names a region when
 any of them matches, whether the sentence asserts or negates a finding ("No pleural effusion." names the pleura).
@@ -73,8 +73,8 @@ ANATOMY_REGIONS: tuple[AnatomyRegion, ...] = (
         1,
         "body wall",
         "skin, subcutaneous fat, muscle, breasts, diaphragm, neck",
-        (-130, 80),
-        (r"chest wall", r"soft tissue", r"subcutaneous", r"breast", r"axill", r"diaphragm", r"pectoral"),
+        (-160, 80),
+        (r"chest wall", r"body wall", r"soft tissue", r"subcutaneous", r"breast", r"axill", r"diaphragm", r"pectoral"),
     ),
     AnatomyRegion(2, "right upper lobe", "right upper lobe of the lung", (-930, -700), _lobe_terms("right", "upper")),
     AnatomyRegion(
@@ -93,7 +93,7 @@ ANATOMY_REGIONS: tuple[AnatomyRegion, ...] = (
         7,
         "heart",
         "heart and pericardial sac (myocardium, blood pool, pericardial fluid)",
-        (20, 350),
+        (20, 450),
         (r"heart", r"cardiac", r"cardiomegaly", r"cardiothoracic", r"pericardi", r"coronar"),
     ),
     AnatomyRegion(8, "aorta", "aorta and arch branches", (25, 500), (r"aort", r"\barch\b")),
@@ -134,7 +134,7 @@ ANATOMY_REGIONS: tuple[AnatomyRegion, ...] = (
         18,
         "mediastinum",
         "mediastinal fat, lymph nodes, superior vena cava, pericardial fat",
-        (-130, 60),
+        (-160, 60),
         (
             r"mediastin",
             r"lymph node",
@@ -149,15 +149,15 @@ ANATOMY_REGIONS: tuple[AnatomyRegion, ...] = (
     AnatomyRegion(
         19,
         "pleura",
-        "pleural space (pleura, pleural effusion)",
-        (-100, 40),
+        "pleural space (pleura, pleural effusion; a thin rim whose voxels share the adjacent lung)",
+        (-250, 40),
         (r"pleura", r"hemithora", r"pneumothorax"),
     ),
     AnatomyRegion(
         20,
         "upper abdomen",
         "other upper abdomen (abdominal fat, bowel, kidneys)",
-        (-130, 200),
+        (-160, 200),
         (r"upper abdom", r"abdominal", r"kidney", r"renal", r"adrenal", r"bowel"),
     ),
 )
