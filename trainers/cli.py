@@ -286,6 +286,9 @@ def add_demo_parser(parser: argparse.ArgumentParser) -> None:
         help="voxels per generated volume (default: the demo's)",
     )
     parser.add_argument("--seed", type=non_negative_int, default=None, help="cohort and training seed")
+    parser.add_argument(
+        "--prevalence", type=probability, default=None, help="one prevalence for every finding (default: the demo's)"
+    )
     parser.add_argument("--max-steps", type=positive_int, default=None, help="training steps (default: the recipe's)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default: the recipe's)")
 
@@ -300,6 +303,7 @@ def run_demo(args: argparse.Namespace) -> int:
         n_val=args.n_val,
         shape=tuple(args.shape) if args.shape else None,
         seed=args.seed,
+        prevalence=args.prevalence,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
     )

@@ -64,6 +64,7 @@ def demo_cohort_parameters(
     n_val: int | None = None,
     shape: Sequence[int] | None = None,
     seed: int | None = None,
+    prevalence: float | None = None,
 ) -> dict[str, Any]:
     """The `generate_cohort` keyword arguments of the demo: `DEMO_COHORT` with the given values replaced."""
     try:
@@ -77,6 +78,8 @@ def demo_cohort_parameters(
             params[name] = int(value)
     if shape is not None:
         params["shape"] = [int(v) for v in shape]
+    if prevalence is not None:
+        params["prevalence"] = float(prevalence)
     # JSON form (tuples → lists), so a parameter set compares equal to the one read back from the stamp.
     return json.loads(json.dumps(params))
 
@@ -338,6 +341,7 @@ def run_demo(
     n_val: int | None = None,
     shape: Sequence[int] | None = None,
     seed: int | None = None,
+    prevalence: float | None = None,
     max_steps: int | None = None,
     batch_size: int | None = None,
     progress: bool = True,
@@ -347,8 +351,9 @@ def run_demo(
     Args:
         out_dir: working folder: `cohort/`, `cache/`, `classifier/` (with the Hub folder `classifier/model/`),
             `demo_summary.json`. A second run in the same folder reuses the cohort and the cache.
-        n_train, n_val, shape, seed: override `DEMO_COHORT` (patients per split, voxels (D, H, W) per generated
-            volume, seed of the cohort and of training); None keeps the demo's value.
+        n_train, n_val, shape, seed, prevalence: override `DEMO_COHORT` (patients per split, voxels (D, H, W) per
+            generated volume, seed of the cohort and of training, one prevalence for every finding); None keeps the
+            demo's value.
         max_steps, batch_size: override the classifier recipe's; None keeps the recipe's.
         progress: show tqdm bars for cohort generation, caching, training and evaluation.
 
@@ -370,7 +375,7 @@ def run_demo(
     clock = StageClock(["phantom cohort", "fine-tuning", "Hub folder", "fresh-process check"])
 
     # 1. cohort
-    params = demo_cohort_parameters(n_train, n_val, shape, seed)
+    params = demo_cohort_parameters(n_train, n_val, shape, seed, prevalence)
     clock.begin(
         "phantom cohort",
         f"{params['n_train']} + {params['n_val']} patients, {'×'.join(map(str, params['shape']))} voxels → {cohort}",
