@@ -398,11 +398,10 @@ def run_demo(
     cached_before = _count_files(cache)
     result = train_classifier(cohort, classifier, recipe, cache_dir=cache)
     cached_after = _count_files(cache)
-    print(
-        f"      cache: {cached_after} entries, {cached_after - cached_before} new ({cache}); "
-        f"training {result['train_seconds']} s, loss {result['loss_history'][0]:.3f} → "
-        f"{result['loss_history'][-1]:.3f}"
-    )
+    print(f"      cache: {cached_after} entries, {cached_after - cached_before} new ({cache})")
+    history = result["loss_history"]  # one value per logging interval: empty when training is shorter
+    trend = f", logged loss {history[0]:.3f} → {history[-1]:.3f}" if len(history) > 1 else ""
+    print(f"      training: {result['train_seconds']} s, mean loss {result['train_loss']:.3f}{trend}")
     auroc = result["valid_auroc"]
     print(f"      held-out AUROC ({result['valid_volumes']} volumes):")
     for name in recipe.label_names:
@@ -452,9 +451,10 @@ def run_demo(
         )
     first = rows[0]
     truth = dict(zip(CT_RATE_ABNORMALITIES, first["labels"]))
-    print(f"      {first['volume_name']}: probability / ground truth")
-    for name, p in zip(labels, loaded["probabilities"][0]):
-        print(f"        {name:36s} {p:.3f}   {truth[name]}")
+    print(f"      {first['volume_name']} as the fresh process sees it: probability (ground truth)")
+    cells = [f"{name:36s} {p:.3f} ({truth[name]})" for name, p in zip(labels, loaded["probabilities"][0])]
+    for i in range(0, len(cells), 2):
+        print("        " + "    ".join(cells[i : i + 2]))
     clock.end()
 
     summary = {
