@@ -16,8 +16,9 @@ from trainers.demo import COHORT_STAMP, generator_fingerprint, prepare_cohort, s
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-#: The demo at a size that runs in seconds: 6 + 3 patients of 16×32×32 voxels, 3 training steps of 4 volumes.
-SMALL = ["--n-train", "6", "--n-val", "3", "--shape", "16", "32", "32", "--max-steps", "3", "--batch-size", "4"]
+#: The demo at a size that runs in seconds: 8 + 4 patients of 16×32×32 voxels, 3 training steps of 4 volumes.
+#: Prevalence 0.5 gives every finding positive and negative training examples, which training requires.
+SMALL = "--n-train 8 --n-val 4 --prevalence 0.5 --shape 16 32 32 --max-steps 3 --batch-size 4".split()
 
 #: A tqdm bar line (bars go to stderr and are expected there); anything else on stderr is a stray message.
 TQDM_LINE = re.compile(r"^[^|]*\|[^|]*\|.*\[.*\]\s*$")
