@@ -537,12 +537,14 @@ class EvenSlices:
     Attributes:
         axis: the stored slice axis.
         raw_positions: `(n,)` mm along the slice normal of the slices as read.
+        raw_spacings: the distinct spacings (mm) found between them, ascending.
         positions: `(m,)` mm of the equidistant slices: first and last coincide with the raw ones.
         raw_affine, affine: the stored grid's affine (mean step) and the equidistant grid's.
     """
 
     axis: int
     raw_positions: np.ndarray
+    raw_spacings: list[float]
     positions: np.ndarray
     raw_affine: np.ndarray
     affine: np.ndarray
@@ -568,13 +570,12 @@ class EvenSlices:
         return apply_linear(array, taps)
 
     def record(self) -> dict[str, Any]:
-        gaps = np.diff(self.raw_positions)
         return {
             "op": "even_slices",
             "axis": self.axis,
             "raw_shape_along_axis": len(self.raw_positions),
             "raw_positions_mm": [float(p) for p in self.raw_positions],
-            "raw_spacings_mm": sorted({round(float(g), 4) for g in gaps}),
+            "raw_spacings_mm": [round(float(g), 4) for g in self.raw_spacings],
             "spacing_mm": float(self.positions[1] - self.positions[0]) if len(self.positions) > 1 else 0.0,
             "shape_along_axis": len(self.positions),
             "raw_affine": self.raw_affine.tolist(),
@@ -675,7 +676,9 @@ def plan_even_slices(
     new_positions = positions[0] + extent * np.arange(intervals + 1) / intervals
     new_affine = np.array(affine, dtype=np.float64)
     new_affine[:3, axis] = affine[:3, axis] * (n - 1) / intervals  # same direction and end points, finer step
-    return EvenSlices(axis, positions, new_positions, np.asarray(affine, dtype=np.float64), new_affine)
+    return EvenSlices(
+        axis, positions, sorted(spacing_of_cluster), new_positions, np.asarray(affine, dtype=np.float64), new_affine
+    )
 
 
 @dataclass
