@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 
 from hf_models import CT_RATE_ABNORMALITIES, ReCTConfig, ReCTForVolumeClassification, ReCTImageProcessor
 from tests.conftest import tiny_text_kwargs, tiny_vision_kwargs
+from trainers.data import zero_copy
 from trainers.data.anatomy_terms import region_mentions
 from trainers.data.cache import CacheEntryError, VolumeCache, VolumeSource
 from trainers.data.collators import (
@@ -484,10 +485,24 @@ def test_worker_batches_stay_intact_while_the_main_process_keeps_them(small_coho
         start = (index * 2) % len(dataset)
         for name in ("pixel_values", "anatomy_mask", "labels"):
             assert torch.equal(batch[name], expected[name][start : start + 2])
-    # dropped batches free their buffers for reuse, and what arrives is still the right data
-    for _ in range(2):
+    # dropped batches free their buffers for reuse (a worker holds no more than are in flight at once), and what
+    # arrives is still the right data
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=2, num_workers=2, collate_fn=collate_reporting_pool_size, persistent_workers=True
+    )
+    pool_sizes = []
+    for _ in range(6):
         for index, batch in enumerate(loader):
             assert torch.equal(batch["pixel_values"], expected["pixel_values"][index * 2 : index * 2 + 2])
+            pool_sizes.append(batch.pop("pool_size"))
+    assert max(pool_sizes) <= loader.prefetch_factor + 2
+
+
+def collate_reporting_pool_size(examples: list) -> dict:
+    """ClassificationCollator, plus how many buffers of one size this worker's pool holds."""
+    batch = ClassificationCollator()(examples)
+    batch["pool_size"] = max(len(buffers) for buffers in zero_copy._POOL.values())
+    return batch
 
 
 def test_float16_cache_trains_the_classifier_like_float32(small_cohort, tmp_path):
