@@ -152,16 +152,18 @@ class InflatingNifti:
     """Inflates a `.nii.gz` in a background thread while the caller works on the slabs already inflated.
 
     The voxel array (`array`, Fortran order as NIfTI stores it: the LAST axis is the slowest in the file) is a view
-    of one preallocated buffer. The background thread only reads and inflates (isal/zlib release the GIL), handing
-    over the pieces it produces; the caller's `wait_slices(n)` copies the pieces that have arrived into the buffer
-    and returns once the first `n` slices along the last axis are complete. So the inflate thread runs at the
-    speed of inflating alone, and the copy and the processing share the caller's core.
+    of one preallocated buffer that the background thread reads, inflates and copies into, piece by piece (each
+    piece is freed at once, so the inflater keeps reusing the same warm memory); `wait_slices(n)` returns once the
+    first `n` slices along the last axis are there. isal/zlib and numpy release the GIL, so inflating and the
+    caller's processing run on two cores.
 
     Raises (from `wait_slices` / `wait_all`): `ValueError` naming the file when the data is truncated or corrupt.
     """
 
     #: compressed bytes read and handed to the inflater per call (the output arrives in pieces of ~2-4x this)
     INPUT_CHUNK = 1 << 19
+    #: the caller is woken every this many inflated bytes
+    NOTIFY_BYTES = 4 << 20
 
     def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype):
         self.path = path
@@ -172,9 +174,7 @@ class InflatingNifti:
         self.slice_bytes = self.nbytes // max(self.shape[-1], 1)
         self._buffer = np.empty(self.offset + self.nbytes, dtype=np.uint8)
         self.array = self._buffer[self.offset :].view(self.dtype).reshape(self.shape, order="F")
-        self._copied = 0  # bytes of the buffer the caller has filled
-        self._pieces: list[bytes] = []  # inflated, not yet copied (guarded by the condition)
-        self._inflated = 0  # bytes inflated so far (guarded by the condition)
+        self._filled = 0  # bytes of the buffer complete (guarded by the condition)
         self._done = False
         self._error: BaseException | None = None
         self._condition = threading.Condition()
@@ -183,9 +183,10 @@ class InflatingNifti:
 
     def _run(self) -> None:
         backend = gzip_backend()
-        inflated, batch, error = 0, [], None
+        filled, error = 0, None
         try:
             decompressor = backend.decompressobj(wbits=31)
+            since_notify = 0
             with open(self.path, "rb") as handle:  # read as we go: reading overlaps inflating too
                 pending = b""
                 while piece := pending or handle.read(self.INPUT_CHUNK):
@@ -195,24 +196,24 @@ class InflatingNifti:
                         pending = (decompressor.unused_data + handle.read()).lstrip(b"\x00")
                         if pending:
                             decompressor = backend.decompressobj(wbits=31)
-                    if out:
-                        batch.append(out)
-                        inflated += len(out)
-                    if sum(len(b) for b in batch) >= 4 << 20:  # hand over every ~4 MB
+                    keep = min(len(out), len(self._buffer) - filled)  # bytes past the voxel data are dropped
+                    if keep:
+                        self._buffer[filled : filled + keep] = np.frombuffer(out, dtype=np.uint8, count=keep)
+                        filled += keep
+                        since_notify += keep
+                    if since_notify >= self.NOTIFY_BYTES:
+                        since_notify = 0
                         with self._condition:
-                            self._pieces.extend(batch)
-                            self._inflated = inflated
+                            self._filled = filled
                             self._condition.notify_all()
-                        batch = []
             if not decompressor.eof:
                 raise EOFError("compressed file ended before the end-of-stream marker was reached")
-            if inflated < len(self._buffer):
-                raise EOFError(f"{inflated} decompressed bytes, the header needs {len(self._buffer)}")
+            if filled < len(self._buffer):
+                raise EOFError(f"{filled} decompressed bytes, the header needs {len(self._buffer)}")
         except (*_gzip_errors(backend), OSError) as err:
             error = err
         with self._condition:
-            self._pieces.extend(batch)
-            self._inflated = inflated
+            self._filled = filled
             self._error = error
             self._done = True
             self._condition.notify_all()
@@ -224,34 +225,20 @@ class InflatingNifti:
             f"but reading the voxel data failed ({type(err).__name__}: {err})"
         ) from err
 
-    def _wait(self, needed: int) -> None:
-        """Copy arrived pieces into the buffer until `needed` bytes are there (or the file is done)."""
-        while self._copied < needed:
-            with self._condition:
-                while not self._pieces and not self._done:
-                    self._condition.wait()
-                pieces, self._pieces = self._pieces, []
-                if not pieces and self._done:
-                    break
-            for piece in pieces:  # outside the lock: the inflate thread keeps going meanwhile
-                keep = min(len(piece), len(self._buffer) - self._copied)  # bytes past the voxel data are dropped
-                if keep:
-                    self._buffer[self._copied : self._copied + keep] = np.frombuffer(piece, np.uint8, count=keep)
-                    self._copied += keep
-
     def wait_slices(self, count: int) -> None:
         """Block until slices `[0, count)` along the last axis are in `array`."""
-        self._wait(self.offset + min(int(count), self.shape[-1]) * self.slice_bytes)
-        if self._copied < self.offset + min(int(count), self.shape[-1]) * self.slice_bytes:
+        needed = self.offset + min(int(count), self.shape[-1]) * self.slice_bytes
+        with self._condition:
+            while self._filled < needed and not self._done:
+                self._condition.wait()
+        if self._filled < needed:
             self.wait_all()  # the file ended early: raise its error
 
     def wait_all(self) -> None:
         """Block until the whole file is inflated, verified (gzip CRC) and in `array`."""
-        self._wait(len(self._buffer))
         with self._condition:
             while not self._done:
                 self._condition.wait()
-        self._wait(len(self._buffer))
         if self._error is not None:
             self._fail()
 
