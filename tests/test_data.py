@@ -469,6 +469,9 @@ def test_batch_buffers_are_reused_only_after_the_receiver_frees_them():
     received = pickle.loads(ForkingPickler.dumps(again))
     received.fill_(7)  # the receiver owns the buffer until it frees it; its writes are what the sender holds
     assert (again == 7).all()
+    second = pickle.loads(ForkingPickler.dumps(again))  # a buffer has one owner: a second receiver gets a copy
+    second.fill_(1)
+    assert (received == 7).all() and torch.equal(second, torch.ones(3, 2, dtype=torch.float16))
 
 
 def test_worker_batches_stay_intact_while_the_main_process_keeps_them(small_cohort, tmp_path):

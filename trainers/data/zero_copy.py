@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 import weakref
 from multiprocessing import reduction
 from pathlib import Path
 
 import torch
+import torch.multiprocessing
 
 
 # data address of a storage made by `map_file` → (weak reference to that storage, path, (st_dev, st_ino), nbytes)
@@ -35,6 +37,8 @@ BUFFER_HEADER_BYTES = 64
 _POOL: dict[int, list[_BatchBuffer]] = {}
 _POOL_BY_ADDRESS: dict[int, _BatchBuffer] = {}
 _torch_reduce_storage = None
+# The DataLoader's pin-memory thread unpickles (and so registers mappings) beside the main thread.
+_LOCK = threading.Lock()
 
 
 def map_file(path: str | os.PathLike) -> torch.Tensor:
@@ -45,17 +49,13 @@ def map_file(path: str | os.PathLike) -> torch.Tensor:
     Raises:
         ValueError: the file is empty (nothing to map).
     """
-    from torch.multiprocessing.reductions import StorageWeakRef
-
     path = str(Path(path).resolve())
     status = os.stat(path)
     if status.st_size == 0:
         raise ValueError(f"{path}: empty file, nothing to map")
     tensor = torch.from_file(path, shared=False, size=status.st_size, dtype=torch.uint8)
     storage = tensor.untyped_storage()
-    _forget_dead_mappings()
-    _MAPPED[storage.data_ptr()] = (StorageWeakRef(storage), path, (status.st_dev, status.st_ino), status.st_size)
-    enable_zero_copy_sharing()
+    _register_mapping(storage, path, (status.st_dev, status.st_ino))
     return tensor
 
 
@@ -72,11 +72,13 @@ class _BatchBuffer:
         self.storage = torch.UntypedStorage._new_shared(BUFFER_HEADER_BYTES + nbytes)
         self.fd, _ = self.storage._share_fd_cpu_()  # already shared: torch hands out its descriptor, no copy
         self.in_use = torch.empty(0, dtype=torch.int32).set_(self.storage, 0, (1,))
+        self.sent = False
 
     def take(self) -> bool:
         if int(self.in_use[0]):
             return False
         self.in_use.fill_(1)  # until the receiver has freed every tensor over it
+        self.sent = False
         return True
 
 
@@ -114,9 +116,14 @@ def enable_zero_copy_sharing() -> None:
     reduction.ForkingPickler.register(torch.UntypedStorage, _reduce_storage)
 
 
-def _forget_dead_mappings() -> None:
-    for address in [a for a, entry in _MAPPED.items() if entry[0].expired()]:
-        del _MAPPED[address]
+def _register_mapping(storage: torch.UntypedStorage, path: str, identity: tuple[int, int]) -> None:
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    with _LOCK:
+        for address in [a for a, entry in _MAPPED.items() if entry[0].expired()]:
+            del _MAPPED[address]
+        _MAPPED[storage.data_ptr()] = (StorageWeakRef(storage), path, identity, storage.nbytes())
+    enable_zero_copy_sharing()
 
 
 def _reduce_storage(storage: torch.UntypedStorage):
@@ -125,7 +132,10 @@ def _reduce_storage(storage: torch.UntypedStorage):
     address = storage.data_ptr()
     buffer = _POOL_BY_ADDRESS.get(address)
     if buffer is not None and storage.nbytes() == buffer.storage.nbytes():
-        return (_rebuild_batch_buffer, (reduction.DupFd(buffer.fd), storage.nbytes()))
+        if not buffer.sent:  # one receiver owns it; a second one gets a copy below
+            buffer.sent = True
+            return (_rebuild_batch_buffer, (reduction.DupFd(buffer.fd), storage.nbytes()))
+        return _reduce_copy(storage)
     entry = _MAPPED.get(address)
     if entry is None or entry[0].expired() or storage.nbytes() != entry[3]:
         return _torch_reduce_storage(storage)
@@ -142,8 +152,13 @@ def _reduce_storage(storage: torch.UntypedStorage):
                 return (_rebuild_mapped_file, (reduction.DupFd(fd), path, identity, nbytes))
         finally:
             os.close(fd)  # DupFd holds its own duplicate until the receiver has taken it
-    # The file is gone or another one took its name: send a copy. torch's own path cannot take the storage as it
-    # is: it sees a file mapping, takes it for shared memory and has no descriptor to send.
+    # The file is gone or another one took its name: send a copy.
+    return _reduce_copy(storage)
+
+
+def _reduce_copy(storage: torch.UntypedStorage):
+    """torch's path for a copy in new shared memory. Not for the storage itself: torch takes a file mapping for
+    shared memory and has no descriptor to send, and would send a batch buffer without its release protocol."""
     copy = torch.UntypedStorage._new_shared(storage.nbytes())
     copy.copy_(storage)
     return _torch_reduce_storage(copy)
@@ -151,17 +166,13 @@ def _reduce_storage(storage: torch.UntypedStorage):
 
 def _rebuild_mapped_file(dup_fd, path: str, identity: tuple[int, int], nbytes: int) -> torch.UntypedStorage:
     """Map the sender's file (by the descriptor it sent, so a file renamed over the path meanwhile is not taken)."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-
     fd = dup_fd.detach()
     try:
         mapping = mmap.mmap(fd, nbytes, access=mmap.ACCESS_COPY)  # private: writes never reach the file
     finally:
         os.close(fd)  # mmap keeps its own duplicate while it lives
     storage = torch.frombuffer(mapping, dtype=torch.uint8).untyped_storage()  # holds `mapping` alive
-    _forget_dead_mappings()
-    _MAPPED[storage.data_ptr()] = (StorageWeakRef(storage), path, identity, nbytes)
-    enable_zero_copy_sharing()
+    _register_mapping(storage, path, identity)
     return storage
 
 
