@@ -1,6 +1,101 @@
 """Phantom chest-CT cohorts in the CT-RATE layout: the library's embedded default data set.
 
-PLACEHOLDER-DOCSTRING
+No real CT can be downloaded where this library is developed and tested, so `generate_cohort` draws analytic
+chest phantoms (body wall, ribs, spine, sternum, five lung lobes with vessels and a bronchial tree, heart, great
+vessels, trachea, oesophagus, liver, stomach, spleen, kidneys) with realistic Hounsfield units, places the 18
+CT-RATE abnormalities in them (each with a lesion mask), images them with a widely varying scanner, and writes
+everything the four seed formats need, from the same phantoms:
+
+    DIR/dataset/{split}/{split}_{p}/{split}_{p}_{scan}/{split}_{p}_{scan}_{recon}.nii.gz     volumes (int16)
+    DIR/dataset/radiology_text_reports/{split}_reports.csv       VolumeName, ClinicalInformation_EN,
+                                                                 Technique_EN, Findings_EN, Impressions_EN
+    DIR/dataset/multi_abnormality_labels/{split}_predicted_labels.csv   VolumeName + the 18 labels (0/1)
+    DIR/dataset/metadata/{split}_metadata.csv                    VolumeName, Manufacturer, …, ConvolutionKernel,
+                                                                 SliceThickness, RescaleSlope, RescaleIntercept,
+                                                                 XYSpacing, ZSpacing, …, ContrastAgent
+    DIR/dataset/cot/{split}_cot.json                             [{volumename, question, answer}]
+    DIR/masks/anatomy/{split}/…same relative path….nii.gz        uint8 region ids (`hf_models.anatomy_rect`)
+    DIR/masks/lesion/{split}/…same relative path….nii.gz         uint8 abnormality ids (LESION_IDS)
+    DIR/omniabnorm/images/{case_id}.jpg, masks/{case_id}.jpg, cot.json    OmniAbnorm-CT style 2D cases
+    DIR/segmentation.csv  (path, label, patient_id, split)       seed-002 segmentation CSV; the binary masks
+    DIR/segmentation/labels/{split}/{volume}.nii.gz              of SEGMENTATION_TARGET (pleural effusion)
+    DIR/libra/{split}.json                                       Libra/LLaVA conversations, [current, prior]
+    DIR/phantom_manifest.json                                    ground truth per volume (finding parameters,
+                                                                 appearance, prior comparisons, lesion volumes),
+                                                                 the anatomy table and the findings table
+
+`{split}` is `train` or `valid`; `{scan}` is `a` (earlier) / `b` (later follow-up of the same patient);
+`{recon}` numbers reconstructions of one scan (`_2`: a sharp lung kernel on another voxel grid). Every path inside
+a CSV/JSON is relative to DIR. The segmentation CSV sits in DIR itself because the seed-002 reader resolves its
+paths against the CSV's own folder.
+
+The generator is split by concern: `phantom_canvas` (voxel grid in scanner and patient frames, canvas, smooth
+random fields), `phantom_anatomy` (the patient and its normal anatomy; region ids from the anatomy table
+`hf_models.anatomy_rect.ANATOMY_REGIONS`), `phantom_findings` (the findings table `FINDINGS`: one `FindingSpec`
+per abnormality with what, where, HU, size, prevalence, visibility and report sentences, and the per-finding
+functions it dispatches to), `phantom_appearance` (scanner and patient pose), `phantom_reports` (texts and the
+label extractor), and this module (patients → scans → volumes → files).
+
+Conventions (read these before using the data):
+
+- Arrays are NIfTI `(x, y, z)` = `(Columns, Rows, NumberOfSlices)` = `(W, H, D)` of `--shape D H W`.
+  Affines are diagonal (no obliquity) and map voxels to nibabel's RAS+ world: **+x is the patient's RIGHT**,
+  +y anterior, +z superior (so patient-left is world x below the midline). Array orientations vary per volume
+  (`ORIENTATIONS`): LPS (x and y flipped, the DICOM/CT-RATE layout), RAS, LPI (z flipped too) and LAS.
+  Left/right words in the reports are the patient's, so they agree with the affine, never with array indices.
+- Patients lie off-centre in the field of view (±25 mm left-right, ±35 mm table height) and rolled about the
+  long axis (normal, 3° SD, at most 8°): the patient's left-right axis is the world x axis only to within that
+  roll (judge sides against the patient's mid-sagittal plane, e.g. through spine and sternum).
+- About 1 volume in 3 stores raw scanner values, HU + 1024, with RescaleSlope 1 / RescaleIntercept -1024 in the
+  metadata CSV, as CT-RATE ships; the others store HU (slope 1, intercept 0). The NIfTI headers carry no scaling.
+- Spacing: in-plane spacing = field of view / min(H, W), the field of view being the reconstruction circle's diameter
+  (clearing the body by 15–65 mm, at most 500 mm; about 1 volume in 12 truncates a large patient's lateral body wall,
+  never the thorax or a lesion); slice spacing = z coverage (260–340 mm, lung apices to upper abdomen) / D, D varying
+  by ±15 % with `vary_depth`; slice thickness 0.9–1.25 × the spacing. Small `--shape`s therefore give coarse voxels
+  over the same anatomy. Outside the reconstruction circle the volume is -1024 HU and the masks 0.
+- Lesion masks hold one abnormality id per voxel; where two abnormalities overlap the one earlier in
+  `LESION_PRIORITY` (the findings table's paint order, reversed) wins. Every positive label has at least one voxel
+  of its id; every negative label has none.
+- Deterministic: the same arguments give byte-identical files (gzip mtime 0, fixed JPEG settings, fixed row
+  order). Patients draw from their own random streams, so adding patients does not change the existing ones.
+
+Appearance (`phantom_appearance`), drawn independently of the findings (a test renders the same cohort with every
+finding and with none and gets identical appearance records), so a model can only find a finding by its lesion:
+contrast phase (non-contrast, arterial, venous: `p_contrast` of scans are enhanced, 40 : 60) with tissue densities
+to match (arterial aorta 230–450 HU, sometimes an undiluted bolus in the superior vena cava), reconstruction kernel
+(soft ↔ sharp: point spread, edge enhancement, noise texture from blotchy to fine grain), noise (about 4–70 HU per
+voxel, median near 18, larger for sharp kernels and big patients), body habitus (thorax size, 3–45 mm subcutaneous
+fat, body outline), CT table, field of view and pose as above, and artefacts: streaks from metal or a dense bolus,
+ring (7 %), respiratory motion ghosting or blur in the lower slices (12 %), truncation (8 %).
+
+Findings (the table `FINDINGS`, in `phantom_findings`; independent draws with `PREVALENCE`, 15–35 %; every one is
+drawn, none is always negative). `bench/phantom.py` renders each finding in the same patient and scan with and
+without it: at 32×64×64 every finding changes at least 3 voxels by more than 3× the noise and 5 % of its reading
+window in every patient drawn (mosaic attenuation in most), with median peak contrasts from about 350 HU (ground
+glass) to 1000 HU (metal). Visible means the lesion is in the image; how hard it is to tell from normal anatomy at
+a given size differs, and each row's `visible_at` says it:
+
+- from 32×64×64, unmistakable: cardiomegaly (cardiothoracic ratio 0.54–0.68; normal hearts ≤ 0.46), pleural
+  effusion (dependent fluid, 0–25 HU, 20–60 mm deep at the base with a meniscus), pericardial effusion (a
+  8–22 mm fluid rim), emphysema (wall-less areas of -1005 to -960 HU, upper-zone predominant, bullae, flattened
+  diaphragm; low-attenuation window), consolidation (soft tissue over 60–110 mm of one lobe with air
+  bronchograms), hiatal hernia (air/fluid sac), lymphadenopathy (15–28 mm nodes), lung nodule (14–30 mm, solid),
+  ground-glass opacity (-650 to -400 HU patches with vessels kept), atelectasis (a soft-tissue plate), pacemaker
+  and sternotomy wires (with streaks);
+- from 32×64×64 but subtle: mosaic attenuation (geographic patches 110–210 HU apart, lucent ones above -930 HU),
+  interlobular septal thickening (a denser subpleural band of the lower lobes; the lines need about 64×256×256),
+  fibrotic sequela (the scar; the strands from 48×128×128), peribronchial thickening (denser bronchovascular
+  bundles; the walls themselves need about 64×192×192);
+- from 48×128×128 for a sure read: coronary and aortic calcification (5–8 mm thick plaques of 800–1600 HU;
+  partial volume dims them to about 430 HU at 32×64×64, and arterial-phase blood masks them), a lone central
+  catheter, bronchiectasis (dilated air tubes, clear from 32×96×96).
+
+Follow-up scans change sized findings (grow / shrink / resolve / appear) and their reports compare with the prior
+using the measured lesion volumes. What a phantom cannot give: fine textures (centrilobular holes, individual
+septal lines at coarse grids), compressive atelectasis next to an effusion, pneumothorax, and real anatomical
+variety; its drawn walls and wires are point-sampled on the voxel grid (thin structures keep more contrast at
+coarse grids than partial volume would leave them), except small spots and plaques whose density is diluted to
+their true volume.
 """
 
 from __future__ import annotations

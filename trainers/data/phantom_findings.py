@@ -580,16 +580,18 @@ def _words_effusion(f):
 
 
 def _sample_mosaic(rng, A, spec):
-    return {"thr": uniform(rng, -0.3, 0.15), "low": uniform(rng, 60, 100), "high": uniform(rng, 20, 45)}
+    return {"thr": uniform(rng, -0.3, 0.3), "low": uniform(rng, 40, 80), "high": uniform(rng, 70, 130)}
 
 
 def _render_mosaic(cv: Canvas, A, f, ctx):
+    """Geographic patches: denser (hyperperfused) lung next to lucent lung (air trapping) whose density stays
+    above emphysema's (-930 HU) and keeps its vessels."""
     sl0 = (slice(None),) * 3
     lung = cv.region(LUNG_IDS)
     nm = ctx.bank.sample_grid("mosaic", cv.grid, step=12.0, passes=2)
     low = lung & (nm < f["thr"])
     cv.paint(sl0, lung & ~low, hu=cv.hu + f["high"])
-    cv.paint(sl0, low, hu=cv.hu - f["low"], les=LESION_IDS["Mosaic attenuation pattern"])
+    cv.paint(sl0, low, hu=np.maximum(cv.hu - f["low"], -930.0), les=LESION_IDS["Mosaic attenuation pattern"])
     return np.array([A.xm + 0.5 * A.ac, A.yc, A.z_car - 40])
 
 
@@ -895,7 +897,8 @@ _TABLE = [
         hu=(1600, 3000),
         size=(3.6, 50),
         size_of="wire diameter to generator length",
-        visible_at="32x96x96 (pacemaker, wires; a catheter from 48x128x128), any window; streaks around metal",
+        visible_at="32x64x64 (pacemaker, wires; a lone catheter is a thin line that partial volume dims to a few "
+        "hundred HU there, clear from 48x128x128), any window; streaks around metal",
         prevalence=0.15,
         layer=62,
         sized=False,
@@ -936,7 +939,8 @@ _TABLE = [
         hu=(800, 1500),
         size=(5, 8),
         size_of="plaque thickness",
-        visible_at="48x128x128 (mediastinal or bone window; least conspicuous in the arterial phase)",
+        visible_at="32x64x64 as bright spots on the aortic wall (peak about 440 HU there, 1100 at 48x128x128), "
+        "mediastinal window; least conspicuous against 230-450 HU blood in the arterial phase",
         prevalence=0.35,
         layer=61,
         sized=False,
@@ -999,7 +1003,7 @@ _TABLE = [
         hu=(0, 20),
         size=(8, 22),
         size_of="rim thickness",
-        visible_at="32x96x96, mediastinal window (clearest with contrast-enhanced myocardium)",
+        visible_at="32x64x64, mediastinal window (a fluid rim between myocardium and fat; clearest with contrast)",
         prevalence=0.20,
         layer=11,
         sized=True,
@@ -1029,7 +1033,8 @@ _TABLE = [
         hu=(900, 1600),
         size=(5, 8),
         size_of="plaque thickness",
-        visible_at="48x128x128 (mediastinal or bone window; hidden by a bright blood pool in the arterial phase)",
+        visible_at="32x64x64 as faint bright spots on the heart (peak about 430 HU), conspicuous from 48x128x128 "
+        "(about 800 HU), mediastinal window; masked by arterial-phase blood",
         prevalence=0.30,
         layer=60,
         sized=False,
@@ -1091,7 +1096,7 @@ _TABLE = [
         hu=(35, 55),
         size=(15, 28),
         size_of="short-axis diameter",
-        visible_at="32x96x96, mediastinal window (against fat; beside vessels only with contrast)",
+        visible_at="32x64x64, mediastinal window (against fat; told from vessels only with contrast)",
         prevalence=0.25,
         layer=21,
         sized=True,
@@ -1158,7 +1163,7 @@ _TABLE = [
         hu=(10, 40),
         size=(30, 60),
         size_of="plate extent",
-        visible_at="48x128x128, lung window (32x96x96 when the plate lies across slices)",
+        visible_at="32x64x64, lung window (a soft-tissue plate in aerated lung)",
         prevalence=0.25,
         layer=54,
         sized=True,
@@ -1190,7 +1195,7 @@ _TABLE = [
         hu=(20, 60),
         size=(14, 30),
         size_of="diameter",
-        visible_at="32x96x96, lung window (a 14 mm nodule is 3+ voxels across there)",
+        visible_at="32x64x64, lung window (a 14 mm nodule is 2-3 voxels across there, 4+ at 48x128x128)",
         prevalence=0.35,
         layer=56,
         sized=True,
@@ -1229,7 +1234,7 @@ _TABLE = [
         hu=(-650, -400),
         size=(36, 70),
         size_of="patch diameter",
-        visible_at="32x96x96, lung window",
+        visible_at="32x64x64, lung window (about 350 HU above the lung, vessels kept)",
         prevalence=0.25,
         layer=53,
         sized=True,
@@ -1261,7 +1266,7 @@ _TABLE = [
         hu=(-60, 40),
         size=(12, 20),
         size_of="scar diameter",
-        visible_at="48x128x128, lung window (the scar from 32x96x96; thin strands blur away)",
+        visible_at="32x64x64 (the scar), lung window; the strands from 48x128x128",
         prevalence=0.25,
         layer=52,
         sized=False,
@@ -1321,12 +1326,12 @@ _TABLE = [
     ),
     FindingSpec(
         name="Mosaic attenuation pattern",
-        what="geographic lower (60-100 HU below) and higher density lung",
+        what="geographic patches of denser (70-130 HU above) and lucent (40-80 HU below, not under -930 HU) lung",
         regions=LUNG_IDS,
-        hu=(-980, -700),
+        hu=(-930, -650),
         size=(20, 60),
         size_of="patch size",
-        visible_at="32x96x96, low-attenuation or lung window",
+        visible_at="32x64x64 as patches 110-210 HU apart, lung or low-attenuation window; subtle (no sharp edges)",
         prevalence=0.18,
         layer=31,
         sized=False,
@@ -1353,7 +1358,8 @@ _TABLE = [
         hu=(20, 50),
         size=(3, 5),
         size_of="wall thickness",
-        visible_at="64x192x192 and finer, lung window (thin walls blur away at 48x128x128)",
+        visible_at="32x64x64 as denser bronchovascular bundles (drawn walls are point-sampled, so coarse grids keep "
+        "more of them than a real scan would); the walls themselves from 64x192x192",
         prevalence=0.20,
         layer=41,
         sized=False,
@@ -1412,7 +1418,7 @@ _TABLE = [
         hu=(-1000, 40),
         size=(2.2, 3.0),
         size_of="dilatation factor of the segmental and subsegmental bronchi",
-        visible_at="48x128x128, lung window",
+        visible_at="32x96x96 (dilated air tubes with walls), lung window",
         prevalence=0.18,
         layer=42,
         sized=False,
@@ -1442,7 +1448,7 @@ _TABLE = [
         hu=(-300, -150),
         size=(18, 30),
         size_of="depth of the subpleural band",
-        visible_at="32x96x96 as a denser subpleural band, lung window (the lines themselves from 64x256x256)",
+        visible_at="32x64x64 as a denser subpleural band of the lower lobes, lung window; the lines from 64x256x256",
         prevalence=0.18,
         layer=51,
         sized=False,
