@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from trainers.cli import UsageError
-from trainers.demo import COHORT_STAMP, generator_fingerprint, prepare_cohort, stale_cohort_reason
+from trainers.demo import COHORT_STAMP, check_trainable, generator_fingerprint, prepare_cohort, stale_cohort_reason
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -135,3 +135,16 @@ def test_a_folder_the_demo_did_not_write_is_left_alone(tmp_path):
     with pytest.raises(UsageError, match=r"holds files that the demo did not write .*choose another --out"):
         prepare_cohort(folder, dict(TINY), progress=False)
     assert (folder / "my_scan.nii.gz").read_bytes() == b"precious"
+
+
+def test_a_cohort_too_small_to_train_every_finding_is_a_usage_error():
+    labels = [[0] * 18 for _ in range(3)]
+    labels[0][2] = labels[1][2] = 1  # Cardiomegaly present in 2 of 3
+    labels[0][9] = labels[1][9] = labels[2][9] = 1  # Lung nodule always present
+    check_trainable(labels, ["Cardiomegaly"])
+    with pytest.raises(UsageError) as err:
+        check_trainable(labels, ["Cardiomegaly", "Emphysema", "Lung nodule"])
+    assert str(err.value) == (
+        "--n-train: the 3 training volumes cannot train every finding (never present: ['Emphysema']; always "
+        "present: ['Lung nodule']); expected more patients (--n-train) or a prevalence nearer 0.5 (--prevalence)"
+    )

@@ -312,6 +312,32 @@ class StageClock:
         return round(time.perf_counter() - self.start, 1)
 
 
+def check_trainable(train_labels: Sequence[Sequence[int]], label_names: Sequence[str]) -> None:
+    """Check that every trained finding has positive and negative examples in the training split.
+
+    Args:
+        train_labels: `(volumes, 18)` 0/1 labels of the training split in `CT_RATE_ABNORMALITIES` order.
+        label_names: the findings the recipe trains.
+
+    Raises:
+        UsageError: some finding is always absent or always present; names them and the arguments that help.
+    """
+    from hf_models import CT_RATE_ABNORMALITIES
+
+    columns = [CT_RATE_ABNORMALITIES.index(name) for name in label_names]
+    positives = {name: sum(row[c] for row in train_labels) for name, c in zip(label_names, columns)}
+    never = [name for name, n in positives.items() if n == 0]
+    always = [name for name, n in positives.items() if n == len(train_labels)]
+    if never or always:
+        found = "; ".join(
+            f"{what} {names}" for what, names in (("never present:", never), ("always present:", always)) if names
+        )
+        raise UsageError(
+            f"--n-train: the {len(train_labels)} training volumes cannot train every finding ({found}); expected "
+            f"more patients (--n-train) or a prevalence nearer 0.5 (--prevalence)"
+        )
+
+
 def _count_files(folder: Path) -> int:
     return sum(1 for p in folder.rglob("*") if p.is_file() and p.suffix != ".json") if folder.exists() else 0
 
@@ -390,6 +416,7 @@ def run_demo(
     # 2. fine-tuning (processed volumes are cached in `cache/`; a second run only reads them)
     overrides = {"max_steps": max_steps, "batch_size": batch_size, "seed": seed}
     recipe = dataclasses.replace(ClassifierRecipe(), **{k: v for k, v in overrides.items() if v is not None})
+    check_trainable(read_ct_rate(cohort, "train", cot=False)["labels"], recipe.label_names)
     clock.begin(
         "fine-tuning",
         f"ReCTForVolumeClassification on {len(recipe.label_names)} findings, {recipe.max_steps} steps of "
