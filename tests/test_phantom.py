@@ -182,7 +182,7 @@ def tree(root: Path) -> dict[str, bytes]:
 def test_same_seed_identical_bytes_different_seed_differs(tmp_path):
     kw = dict(n_train=2, n_val=1, shape=(24, 64, 64), p_prior=0.5, p_second_recon=0.5)
     P.generate_cohort(tmp_path / "a", seed=3, **kw)
-    P.generate_cohort(tmp_path / "b", seed=3, **kw)
+    P.generate_cohort(tmp_path / "b", seed=3, num_workers=2, **kw)  # patients in parallel: the same bytes
     P.generate_cohort(tmp_path / "c", seed=4, **kw)
     a, b, c = tree(tmp_path / "a"), tree(tmp_path / "b"), tree(tmp_path / "c")
     assert a.keys() == b.keys()
@@ -684,3 +684,5 @@ def test_vary_depth_and_validation(tmp_path):
         P.generate_cohort(tmp_path / "x", 1, 0, shape=(2, 40, 40))
     with pytest.raises(ValueError):
         P.generate_cohort(tmp_path / "x", 1, 0, prevalence={"Not a finding": 0.5})
+    with pytest.raises(ValueError, match="num_workers"):
+        P.generate_cohort(tmp_path / "x", 1, 0, num_workers=0)

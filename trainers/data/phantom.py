@@ -107,6 +107,7 @@ import io
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -417,6 +418,222 @@ def _change_word(v_a: float, v_b: float) -> str | None:
     return "unchanged"
 
 
+def _generate_patient(job: tuple) -> dict[str, Any]:
+    """Draw, render and write one patient's volumes (all scans and reconstructions); return its rows for the CSV
+    and JSON files. Patients are independent (own random streams, own files), so they can run in parallel."""
+    out, split, split_code, pid, cfg = job
+    seed, shape, prev, p_prior, p_second_recon = cfg.seed, cfg.shape, cfg.prev, cfg.p_prior, cfg.p_second_recon
+    p_raw, p_contrast, vary_depth, seg_target = cfg.p_raw, cfg.p_contrast, cfg.vary_depth, cfg.seg_target
+    data = out / "dataset"
+    rows: dict[str, Any] = {k: [] for k in ("rep", "lab", "meta", "cot", "libra", "manifest", "omni", "seg")}
+    rows["volumes"] = 0
+    rng = np.random.default_rng([seed, split_code, pid, 1])
+    present_a = _sample_presence(rng, prev)
+    # Scan count, scanner and date before anything that depends on the findings: how the scans look must
+    # not depend on them.
+    scans = ["a", "b"] if rng.random() < p_prior else ["a"]
+    manufacturer = _MANUFACTURERS[int(rng.integers(len(_MANUFACTURERS)))]
+    date = _dt.date(2018, 1, 1) + _dt.timedelta(days=int(rng.integers(0, 1400)))
+    A = sample_anatomy(rng, "Emphysema" in present_a)
+    bank = FieldBank([seed, split_code, pid, 2])
+    S_a = _initial_params(rng, A, present_a)
+    sizes = [S_a] + ([_evolve(rng, A, S_a, prev)] if len(scans) == 2 else [])
+    Fs = _assemble(rng, A, sizes)
+    scan_vol_stats: list[dict] = []
+    for si, (scan_letter, F) in enumerate(zip(scans, Fs)):
+        srng = np.random.default_rng([seed, split_code, pid, 3, si])
+        scan_look = sample_scan(srng, A, p_contrast)
+        pose = sample_pose(srng, A)
+        contrast = scan_look.contrast
+        n_recon = 2 if srng.random() < p_second_recon else 1
+        if si == 1:
+            date = date + _dt.timedelta(days=int(srng.integers(60, 700)))
+        clinical = str(srng.choice(CLINICAL)) if si == 0 else str(srng.choice(FOLLOW_UP))
+        recon_records = []
+        for recon in range(1, n_recon + 1):
+            vrng = np.random.default_rng([seed, split_code, pid, 4, si, recon])
+            geom = sample_geometry(vrng, A, shape, vary_depth, pose)
+            look = sample_recon(vrng, A, scan_look, sharper=recon == 2)
+            cv, refs = render_volume(A, F, geom.grid, look, bank)
+            hu = finish_hu(cv, look, geom, vrng)
+            # Guarantee: every positive finding owns at least one voxel (tiny grids can miss a lesion).
+            fallback = []
+            for name in F:
+                k = LESION_IDS[name]
+                if not (cv.les == k).any():
+                    ref = refs.get(name, np.zeros(3))
+                    cv.les[geom.grid.nearest_index(ref)] = k
+                    fallback.append(name)
+            raw = bool(vrng.random() < p_raw)
+            stored = (hu.astype(np.int32) + 1024).astype(np.int16) if raw else hu
+            rel = volume_relative_path(split, pid, scan_letter, recon)
+            volname = rel.rsplit("/", 1)[1]
+            _write_bytes(data / rel, _nifti_bytes(stored, geom.affine))
+            _write_bytes(out / "masks" / "anatomy" / rel, _nifti_bytes(cv.lab, geom.affine))
+            _write_bytes(out / "masks" / "lesion" / rel, _nifti_bytes(cv.les, geom.affine))
+            seg_rel = f"segmentation/labels/{split}/{volname}"
+            seg_mask = (cv.les == LESION_IDS[seg_target]).astype(np.uint8)
+            _write_bytes(out / seg_rel, _nifti_bytes(seg_mask, geom.affine))
+            rows["seg"].append([f"dataset/{rel}", seg_rel, f"{split}_{pid}", split])
+            stats = _lesion_stats(cv.les, geom.grid)
+            kernel = kernel_name(manufacturer[0], look.sharpness)
+            rows["meta"].append(
+                [
+                    volname,
+                    manufacturer[0],
+                    manufacturer[1],
+                    _SERIES[look.phase],
+                    A.sex,
+                    f"{A.age:03d}Y",
+                    date.strftime("%Y%m%d"),
+                    kernel,
+                    round(geom.thickness, 4),
+                    round(geom.fov, 2),
+                    f"[{geom.dxy:.6f}, {geom.dxy:.6f}]",
+                    round(geom.dz, 6),
+                    1,
+                    -1024 if raw else 0,
+                    "HU",
+                    geom.shape[1],
+                    geom.shape[0],
+                    geom.shape[2],
+                    "".join(nib.aff2axcodes(geom.affine)),
+                    "YES" if contrast else "NO",
+                    120,
+                ]
+            )
+            recon_records.append(
+                dict(
+                    volname=volname,
+                    rel=rel,
+                    geom=geom,
+                    stats=stats,
+                    cv=None,
+                    raw=raw,
+                    fallback=fallback,
+                    contrast=contrast,
+                    appearance=appearance_record(look, geom),
+                )
+            )
+            if recon == 1:
+                # OmniAbnorm-style 2D cases: the axial slice with the largest area of each finding.
+                for name in F:
+                    k = LESION_IDS[name]
+                    area = (cv.les == k).sum(axis=(0, 1))
+                    if area.max() == 0:
+                        continue
+                    kz = int(np.argmax(area))
+                    level, width = (-600.0, 1500.0) if FINDINGS[name].window == "lung" else (40.0, 400.0)
+                    img = _display_slice(hu, geom.grid, kz).astype(np.float32)
+                    img = np.clip((img - (level - width / 2)) / width * 255.0, 0, 255).round().astype(np.uint8)
+                    msk = (_display_slice(cv.les, geom.grid, kz) == k).astype(np.uint8) * 255
+                    case_id = f"{split}_{pid}_{scan_letter}_{k:02d}"
+                    _write_bytes(
+                        out / "omniabnorm" / "images" / f"{case_id}.jpg",
+                        _jpeg_bytes(Image.fromarray(img, "L").convert("RGB"), 95),
+                    )
+                    _write_bytes(
+                        out / "omniabnorm" / "masks" / f"{case_id}.jpg",
+                        _jpeg_bytes(Image.fromarray(msk, "L"), 100),
+                    )
+                    region = region_of(name, F[name])
+                    area_mm2 = float(area[kz]) * geom.dxy * geom.dxy
+                    rows["omni"].append(
+                        {
+                            "case_id": case_id,
+                            "region": region,
+                            "category": name,
+                            "cot_reasoning": omni_cot(name, region, area_mm2),
+                            "split": split,
+                            "source_volume": volname,
+                            "slice_index": kz,
+                        }
+                    )
+            del cv, hu, stored
+            rows["volumes"] += 1
+        scan_vol_stats.append(recon_records[0]["stats"])
+        # Prior comparisons from the measured lesion volumes (first reconstructions of both scans).
+        changes: dict[str, str] = {}
+        if si == 1:
+            prev_stats = scan_vol_stats[0]
+            for name in ABNORMALITIES:
+                v_a = prev_stats.get(name, {}).get("volume_mm3", 0.0)
+                v_b = recon_records[0]["stats"].get(name, {}).get("volume_mm3", 0.0)
+                word = _change_word(v_a, v_b)
+                if word == "resolved" and name in F:
+                    word = None
+                if word in ("increased", "decreased") and name not in SIZED:
+                    word = None  # chronic findings: no size claim when the grids disagree
+                if word is not None:
+                    changes[name] = word
+        rrng = np.random.default_rng([seed, split_code, pid, 5, si])
+        scan_ns = SimpleNamespace(
+            phase=scan_look.phase,
+            clinical=clinical,
+            slice_label=int(round(recon_records[0]["geom"].dz)) or 1,
+        )
+        report = write_report(rrng, A, F, changes, scan_ns)
+        for rec in recon_records:
+            volname = rec["volname"]
+            rows["rep"].append(
+                [
+                    volname,
+                    report["ClinicalInformation_EN"],
+                    report["Technique_EN"],
+                    report["Findings_EN"],
+                    report["Impressions_EN"],
+                ]
+            )
+            rows["lab"].append([volname] + [int(n in F) for n in ABNORMALITIES])
+            rows["cot"].append(cot_entry(rrng, volname, F, report))
+            rows["manifest"].append(
+                {
+                    "volume_name": volname,
+                    "split": split,
+                    "patient": pid,
+                    "scan": scan_letter,
+                    "path": f"dataset/{rec['rel']}",
+                    "anatomy_mask": f"masks/anatomy/{rec['rel']}",
+                    "lesion_mask": f"masks/lesion/{rec['rel']}",
+                    "orientation": rec["geom"].orientation,
+                    "raw_storage": rec["raw"],
+                    "contrast": rec["contrast"],
+                    "appearance": rec["appearance"],
+                    "spacing": [rec["geom"].dxy, rec["geom"].dxy, rec["geom"].dz],
+                    "labels": {n: int(n in F) for n in ABNORMALITIES},
+                    "findings": _round(F),
+                    "comparison": changes,
+                    "lesion_stats": rec["stats"],
+                    "fallback_voxels": rec["fallback"],
+                    "patient_centre_world": _round(rec["geom"].world_c, 3),
+                }
+            )
+        cur = f"dataset/{recon_records[0]['rel']}"
+        prior = f"dataset/{volume_relative_path(split, pid, scans[0], 1)}" if si == 1 else cur
+        human = str(
+            rrng.choice(
+                [
+                    "<image>\nProvide a detailed description of the findings in this chest CT.",
+                    "<image>\nDescribe the findings of the chest CT scan.",
+                    "<image>\nWrite the findings section of the radiology report for this chest CT.",
+                ]
+            )
+        )
+        if si == 1:
+            human += " Compare with the prior examination."
+        rows["libra"].append(
+            {
+                "id": recon_records[0]["volname"].replace(".nii.gz", ""),
+                "image": [cur, prior],
+                "conversations": [
+                    {"from": "human", "value": human},
+                    {"from": "gpt", "value": report["Findings_EN"]},
+                ],
+            }
+        )
+    return rows
+
+
 def generate_cohort(
     out_dir: str | Path,
     n_train: int = 8,
@@ -432,6 +649,7 @@ def generate_cohort(
     vary_depth: bool = False,
     seg_target: str = SEGMENTATION_TARGET,
     progress: bool = False,
+    num_workers: int = 1,
 ) -> dict[str, Any]:
     """Write a phantom chest-CT cohort (CT-RATE layout + OmniAbnorm, segmentation CSV, Libra JSON) to `out_dir`.
 
@@ -448,6 +666,7 @@ def generate_cohort(
         vary_depth: vary the number of slices per volume by ±15 % (as real scans do) instead of exactly D.
         seg_target: abnormality whose binary masks back the segmentation CSV.
         progress: show a tqdm progress bar over patients (both splits).
+        num_workers: processes drawing patients in parallel; the files are byte-identical for any value.
 
     Returns:
         A summary: counts, label prevalence, paths, elapsed seconds.
@@ -459,6 +678,8 @@ def generate_cohort(
         raise ValueError(f"shape must be (D, H, W) with every size >= 4, got {shape}")
     if seg_target not in LESION_IDS:
         raise ValueError(f"seg_target must be one of {ABNORMALITIES}, got {seg_target!r}")
+    if int(num_workers) < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if prevalence is None:
         prev = dict(PREVALENCE)
     elif isinstance(prevalence, Mapping):
@@ -475,215 +696,43 @@ def generate_cohort(
     seg_rows: list[list] = []
     per_split: dict[str, dict[str, list]] = {}
     n_volumes = 0
-    bar = tqdm(total=n_train + n_val, desc="phantom cohort", unit="patient", disable=not progress)
-    for split_code, (split, n_pat) in enumerate((("train", n_train), ("valid", n_val))):
+    cfg = SimpleNamespace(
+        seed=seed,
+        shape=shape,
+        prev=prev,
+        p_prior=p_prior,
+        p_second_recon=p_second_recon,
+        p_raw=p_raw,
+        p_contrast=p_contrast,
+        vary_depth=vary_depth,
+        seg_target=seg_target,
+    )
+    splits = (("train", n_train), ("valid", n_val))
+    jobs = [(out, split, code, pid, cfg) for code, (split, n_pat) in enumerate(splits) for pid in range(1, n_pat + 1)]
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    with tqdm(total=len(jobs), desc="phantom cohort", unit="patient", disable=not progress) as bar:
+        if num_workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=num_workers) as pool:
+                for job, rows in zip(jobs, pool.map(_generate_patient, jobs, chunksize=1)):
+                    results[(job[1], job[3])] = rows
+                    bar.update(1)
+        else:
+            for job in jobs:
+                results[(job[1], job[3])] = _generate_patient(job)
+                bar.update(1)
+    for split, n_pat in splits:
         rep_rows, lab_rows, meta_rows, cot, libra = [], [], [], [], []
         for pid in range(1, n_pat + 1):
-            rng = np.random.default_rng([seed, split_code, pid, 1])
-            present_a = _sample_presence(rng, prev)
-            # Scan count, scanner and date before anything that depends on the findings: how the scans look must
-            # not depend on them.
-            scans = ["a", "b"] if rng.random() < p_prior else ["a"]
-            manufacturer = _MANUFACTURERS[int(rng.integers(len(_MANUFACTURERS)))]
-            date = _dt.date(2018, 1, 1) + _dt.timedelta(days=int(rng.integers(0, 1400)))
-            A = sample_anatomy(rng, "Emphysema" in present_a)
-            bank = FieldBank([seed, split_code, pid, 2])
-            S_a = _initial_params(rng, A, present_a)
-            sizes = [S_a] + ([_evolve(rng, A, S_a, prev)] if len(scans) == 2 else [])
-            Fs = _assemble(rng, A, sizes)
-            scan_vol_stats: list[dict] = []
-            for si, (scan_letter, F) in enumerate(zip(scans, Fs)):
-                srng = np.random.default_rng([seed, split_code, pid, 3, si])
-                scan_look = sample_scan(srng, A, p_contrast)
-                pose = sample_pose(srng, A)
-                contrast = scan_look.contrast
-                n_recon = 2 if srng.random() < p_second_recon else 1
-                if si == 1:
-                    date = date + _dt.timedelta(days=int(srng.integers(60, 700)))
-                clinical = str(srng.choice(CLINICAL)) if si == 0 else str(srng.choice(FOLLOW_UP))
-                recon_records = []
-                for recon in range(1, n_recon + 1):
-                    vrng = np.random.default_rng([seed, split_code, pid, 4, si, recon])
-                    geom = sample_geometry(vrng, A, shape, vary_depth, pose)
-                    look = sample_recon(vrng, A, scan_look, sharper=recon == 2)
-                    cv, refs = render_volume(A, F, geom.grid, look, bank)
-                    hu = finish_hu(cv, look, geom, vrng)
-                    # Guarantee: every positive finding owns at least one voxel (tiny grids can miss a lesion).
-                    fallback = []
-                    for name in F:
-                        k = LESION_IDS[name]
-                        if not (cv.les == k).any():
-                            ref = refs.get(name, np.zeros(3))
-                            cv.les[geom.grid.nearest_index(ref)] = k
-                            fallback.append(name)
-                    raw = bool(vrng.random() < p_raw)
-                    stored = (hu.astype(np.int32) + 1024).astype(np.int16) if raw else hu
-                    rel = volume_relative_path(split, pid, scan_letter, recon)
-                    volname = rel.rsplit("/", 1)[1]
-                    _write_bytes(data / rel, _nifti_bytes(stored, geom.affine))
-                    _write_bytes(out / "masks" / "anatomy" / rel, _nifti_bytes(cv.lab, geom.affine))
-                    _write_bytes(out / "masks" / "lesion" / rel, _nifti_bytes(cv.les, geom.affine))
-                    seg_rel = f"segmentation/labels/{split}/{volname}"
-                    seg_mask = (cv.les == LESION_IDS[seg_target]).astype(np.uint8)
-                    _write_bytes(out / seg_rel, _nifti_bytes(seg_mask, geom.affine))
-                    seg_rows.append([f"dataset/{rel}", seg_rel, f"{split}_{pid}", split])
-                    stats = _lesion_stats(cv.les, geom.grid)
-                    kernel = kernel_name(manufacturer[0], look.sharpness)
-                    meta_rows.append(
-                        [
-                            volname,
-                            manufacturer[0],
-                            manufacturer[1],
-                            _SERIES[look.phase],
-                            A.sex,
-                            f"{A.age:03d}Y",
-                            date.strftime("%Y%m%d"),
-                            kernel,
-                            round(geom.thickness, 4),
-                            round(geom.fov, 2),
-                            f"[{geom.dxy:.6f}, {geom.dxy:.6f}]",
-                            round(geom.dz, 6),
-                            1,
-                            -1024 if raw else 0,
-                            "HU",
-                            geom.shape[1],
-                            geom.shape[0],
-                            geom.shape[2],
-                            "".join(nib.aff2axcodes(geom.affine)),
-                            "YES" if contrast else "NO",
-                            120,
-                        ]
-                    )
-                    recon_records.append(
-                        dict(
-                            volname=volname,
-                            rel=rel,
-                            geom=geom,
-                            stats=stats,
-                            cv=None,
-                            raw=raw,
-                            fallback=fallback,
-                            contrast=contrast,
-                            appearance=appearance_record(look, geom),
-                        )
-                    )
-                    if recon == 1:
-                        # OmniAbnorm-style 2D cases: the axial slice with the largest area of each finding.
-                        for name in F:
-                            k = LESION_IDS[name]
-                            area = (cv.les == k).sum(axis=(0, 1))
-                            if area.max() == 0:
-                                continue
-                            kz = int(np.argmax(area))
-                            level, width = (-600.0, 1500.0) if FINDINGS[name].window == "lung" else (40.0, 400.0)
-                            img = _display_slice(hu, geom.grid, kz).astype(np.float32)
-                            img = np.clip((img - (level - width / 2)) / width * 255.0, 0, 255).round().astype(np.uint8)
-                            msk = (_display_slice(cv.les, geom.grid, kz) == k).astype(np.uint8) * 255
-                            case_id = f"{split}_{pid}_{scan_letter}_{k:02d}"
-                            _write_bytes(
-                                out / "omniabnorm" / "images" / f"{case_id}.jpg",
-                                _jpeg_bytes(Image.fromarray(img, "L").convert("RGB"), 95),
-                            )
-                            _write_bytes(
-                                out / "omniabnorm" / "masks" / f"{case_id}.jpg",
-                                _jpeg_bytes(Image.fromarray(msk, "L"), 100),
-                            )
-                            region = region_of(name, F[name])
-                            area_mm2 = float(area[kz]) * geom.dxy * geom.dxy
-                            omni_records.append(
-                                {
-                                    "case_id": case_id,
-                                    "region": region,
-                                    "category": name,
-                                    "cot_reasoning": omni_cot(name, region, area_mm2),
-                                    "split": split,
-                                    "source_volume": volname,
-                                    "slice_index": kz,
-                                }
-                            )
-                    del cv, hu, stored
-                    n_volumes += 1
-                scan_vol_stats.append(recon_records[0]["stats"])
-                # Prior comparisons from the measured lesion volumes (first reconstructions of both scans).
-                changes: dict[str, str] = {}
-                if si == 1:
-                    prev_stats = scan_vol_stats[0]
-                    for name in ABNORMALITIES:
-                        v_a = prev_stats.get(name, {}).get("volume_mm3", 0.0)
-                        v_b = recon_records[0]["stats"].get(name, {}).get("volume_mm3", 0.0)
-                        word = _change_word(v_a, v_b)
-                        if word == "resolved" and name in F:
-                            word = None
-                        if word in ("increased", "decreased") and name not in SIZED:
-                            word = None  # chronic findings: no size claim when the grids disagree
-                        if word is not None:
-                            changes[name] = word
-                rrng = np.random.default_rng([seed, split_code, pid, 5, si])
-                scan_ns = SimpleNamespace(
-                    phase=scan_look.phase,
-                    clinical=clinical,
-                    slice_label=int(round(recon_records[0]["geom"].dz)) or 1,
-                )
-                report = write_report(rrng, A, F, changes, scan_ns)
-                for rec in recon_records:
-                    volname = rec["volname"]
-                    rep_rows.append(
-                        [
-                            volname,
-                            report["ClinicalInformation_EN"],
-                            report["Technique_EN"],
-                            report["Findings_EN"],
-                            report["Impressions_EN"],
-                        ]
-                    )
-                    lab_rows.append([volname] + [int(n in F) for n in ABNORMALITIES])
-                    cot.append(cot_entry(rrng, volname, F, report))
-                    manifest_vols.append(
-                        {
-                            "volume_name": volname,
-                            "split": split,
-                            "patient": pid,
-                            "scan": scan_letter,
-                            "path": f"dataset/{rec['rel']}",
-                            "anatomy_mask": f"masks/anatomy/{rec['rel']}",
-                            "lesion_mask": f"masks/lesion/{rec['rel']}",
-                            "orientation": rec["geom"].orientation,
-                            "raw_storage": rec["raw"],
-                            "contrast": rec["contrast"],
-                            "appearance": rec["appearance"],
-                            "spacing": [rec["geom"].dxy, rec["geom"].dxy, rec["geom"].dz],
-                            "labels": {n: int(n in F) for n in ABNORMALITIES},
-                            "findings": _round(F),
-                            "comparison": changes,
-                            "lesion_stats": rec["stats"],
-                            "fallback_voxels": rec["fallback"],
-                            "patient_centre_world": _round(rec["geom"].world_c, 3),
-                        }
-                    )
-                cur = f"dataset/{recon_records[0]['rel']}"
-                prior = f"dataset/{volume_relative_path(split, pid, scans[0], 1)}" if si == 1 else cur
-                human = str(
-                    rrng.choice(
-                        [
-                            "<image>\nProvide a detailed description of the findings in this chest CT.",
-                            "<image>\nDescribe the findings of the chest CT scan.",
-                            "<image>\nWrite the findings section of the radiology report for this chest CT.",
-                        ]
-                    )
-                )
-                if si == 1:
-                    human += " Compare with the prior examination."
-                libra.append(
-                    {
-                        "id": recon_records[0]["volname"].replace(".nii.gz", ""),
-                        "image": [cur, prior],
-                        "conversations": [
-                            {"from": "human", "value": human},
-                            {"from": "gpt", "value": report["Findings_EN"]},
-                        ],
-                    }
-                )
-            bar.update(1)
+            rows = results[(split, pid)]
+            rep_rows += rows["rep"]
+            lab_rows += rows["lab"]
+            meta_rows += rows["meta"]
+            cot += rows["cot"]
+            libra += rows["libra"]
+            manifest_vols += rows["manifest"]
+            omni_records += rows["omni"]
+            seg_rows += rows["seg"]
+            n_volumes += rows["volumes"]
         _write_csv(
             data / "radiology_text_reports" / f"{split}_reports.csv",
             ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"],
@@ -702,7 +751,6 @@ def generate_cohort(
             "patients": n_pat,
             "positives": {n: int(sum(r[1 + i] for r in lab_rows)) for i, n in enumerate(ABNORMALITIES)},
         }
-    bar.close()
     _write_csv(out / "segmentation.csv", ["path", "label", "patient_id", "split"], seg_rows)
     _write_json(out / "omniabnorm" / "cot.json", omni_records)
     _write_json(
