@@ -259,8 +259,9 @@ def tube_masks(grid: Grid, pts, radii, extra: float = 0.0):
 class FieldBank:
     """Smooth unit-variance random fields defined in the patient frame, shared by all scans of one patient."""
 
-    LO = np.array([-260.0, -210.0, -205.0])
-    HI = np.array([260.0, 210.0, 180.0])
+    # The thorax of the largest patient (the fields are only read inside the lungs; outside they are clamped).
+    LO = np.array([-175.0, -140.0, -205.0])
+    HI = np.array([175.0, 150.0, 180.0])
 
     def __init__(self, entropy: Sequence[int]):
         self.entropy = [int(e) for e in entropy]
