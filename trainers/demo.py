@@ -168,6 +168,10 @@ def prepare_cohort(folder: Path, params: dict[str, Any], progress: bool = True) 
     stamp = {"format": STAMP_FORMAT, "generator": generator, "parameters": params, "complete": False}
     _write_stamp(folder, stamp)
     kwargs = {**params, "shape": tuple(params["shape"])} if "shape" in params else dict(params)
+    # Patients are drawn in parallel on every core this process may use; the files are the same for any count,
+    # so the count is not one of the stamped parameters.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    kwargs.setdefault("num_workers", cores)
     summary = generate_cohort(folder, **kwargs, progress=progress)
     stamp.update(complete=True, volumes=int(summary["volumes"]), seconds=round(float(summary["seconds"]), 1))
     _write_stamp(folder, stamp)
