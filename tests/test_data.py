@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from hf_models import CT_RATE_ABNORMALITIES, ReCTConfig, ReCTForVolumeClassification, ReCTImageProcessor
+from hf_models import CT_RATE_ABNORMALITIES, ReCTConfig, ReCTForVolumeClassification, ReCTImageProcessor, ReCTModel
 from tests.conftest import tiny_text_kwargs, tiny_vision_kwargs
 from trainers.data import zero_copy
 from trainers.data.anatomy_terms import region_mentions
@@ -29,6 +29,7 @@ from trainers.data.collators import (
     ContrastiveCollator,
     GenerationCollator,
     LocalizationCollator,
+    volume_fields,
 )
 from trainers.data.readers import (
     DatasetFormatError,
@@ -329,12 +330,18 @@ def test_dataset_and_collators_build_model_inputs(small_cohort, tmp_path, minilm
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
 
     batch = ClassificationCollator()(examples)
-    assert batch["pixel_values"].shape == (3, 2, 8, 32, 32) and batch["anatomy_mask"].shape == (3, 1, 8, 32, 32)
+    assert batch.keys() == {"pixel_values", "labels"}
+    assert batch["pixel_values"].shape == (3, 2, 8, 32, 32)
     assert batch["labels"].shape == (3, 2) and batch["labels"].dtype == torch.float32
+    classifier = ReCTForVolumeClassification(collated_model_config(num_labels=2))
+    assert torch.isfinite(classifier(**batch).loss)
 
     batch = ContrastiveCollator(tokenizer, max_length=64)(examples)
     assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[1] <= 64
     assert batch["region_mentions"].shape == (3, 20) and batch["region_mentions"].sum() > 0
+    assert batch["anatomy_mask"].shape == (3, 1, 8, 32, 32) and batch["return_loss"] is True
+    output = ReCTModel(collated_model_config()).train()(**batch)
+    assert torch.isfinite(output.loss) and output.region_loss is not None
 
     prompts = [([[1, 2, 3]], [1]), ([], []), ([[4, 5, 6], [7, 8, 9]], [1, 0])]
     for example, (points, labels) in zip(examples, prompts):
@@ -361,7 +368,16 @@ def test_dataset_and_collators_build_model_inputs(small_cohort, tmp_path, minilm
 
     examples[0].pop("anatomy_mask")
     with pytest.raises(ValueError, match="anatomy_mask` is present in 2 of 3"):
+        ContrastiveCollator(tokenizer)(examples)
+    examples[0].pop("labels")
+    with pytest.raises(ValueError, match="labels` is present in 2 of 3"):
         ClassificationCollator()(examples)
+
+
+def collated_model_config(**kwargs):
+    """A tiny ReCTConfig for the collated test volumes: 2 windows, (8, 32, 32), 20 anatomy regions."""
+    vision = tiny_vision_kwargs(in_channels=2, num_regions=20)
+    return ReCTConfig(vision_config=vision, text_config=tiny_text_kwargs(), projection_dim=16, **kwargs)
 
 
 def test_dataset_prepare_fills_the_cache_and_transform_runs_per_example(small_cohort, tmp_path):
@@ -447,12 +463,15 @@ def test_collators_in_workers_keep_float16(small_cohort, tmp_path):
     cache = VolumeCache(tmp_path / "cache", processor(), storage_dtype="float16")
     dataset = CachedVolumeDataset(rows, cache, anatomy=True, label_indices=[2, 12])
     dataset.prepare(progress=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=1, collate_fn=ClassificationCollator())
-    batch = next(iter(loader))
-    expected = ClassificationCollator()([dataset[i] for i in range(3)])
-    assert batch["pixel_values"].dtype == torch.float16 and batch["anatomy_mask"].dtype == torch.uint8
-    for name in ("pixel_values", "anatomy_mask", "labels"):
-        assert torch.equal(batch[name], expected[name])
+    for collate, names in ((ClassificationCollator(), ("pixel_values", "labels")),
+                           (volume_fields, ("pixel_values", "anatomy_mask"))):  # fmt: skip
+        loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=1, collate_fn=collate)
+        batch = next(iter(loader))
+        expected = collate([dataset[i] for i in range(3)])
+        assert batch["pixel_values"].dtype == torch.float16
+        assert batch.get("anatomy_mask", torch.zeros(0, dtype=torch.uint8)).dtype == torch.uint8
+        for name in names:
+            assert torch.equal(batch[name], expected[name])
 
 
 def test_batch_buffers_are_reused_only_after_the_receiver_frees_them():
@@ -486,7 +505,7 @@ def test_worker_batches_stay_intact_while_the_main_process_keeps_them(small_coho
     kept = [batch for _ in range(3) for batch in loader]  # every batch of three epochs alive at once
     for index, batch in enumerate(kept):
         start = (index * 2) % len(dataset)
-        for name in ("pixel_values", "anatomy_mask", "labels"):
+        for name in ("pixel_values", "labels"):
             assert torch.equal(batch[name], expected[name][start : start + 2])
     # dropped batches free their buffers for reuse (a worker holds no more than are in flight at once), and what
     # arrives is still the right data

@@ -59,10 +59,11 @@ def volume_fields(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 @dataclass
 class ClassificationCollator:
-    """→ `pixel_values`, optional `anatomy_mask`, `labels (batch, num_labels)` float for multi-label BCE."""
+    """→ `pixel_values` and `labels (batch, num_labels)` float for multi-label BCE: what
+    `ReCTForVolumeClassification` takes (its head reads token features, not anatomy masks)."""
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = volume_fields(examples)
+        batch = {"pixel_values": stack_field(examples, "pixel_values")}
         labels = stack_field(examples, "labels", optional=True)
         if labels is not None:
             batch["labels"] = labels.float()
@@ -72,7 +73,8 @@ class ClassificationCollator:
 @dataclass
 class ContrastiveCollator:
     """→ `pixel_values`, optional `anatomy_mask`, tokenised `input_ids` / `attention_mask` (/ `token_type_ids`) of
-    the paired reports, and `region_mentions (batch, num_regions)` when the examples carry them."""
+    the paired reports, `region_mentions (batch, num_regions)` when the examples carry them, and `return_loss=True`
+    (`ReCTModel`, like CLIP, computes its loss only when asked)."""
 
     tokenizer: Any
     max_length: int = 256
@@ -87,6 +89,7 @@ class ContrastiveCollator:
         mentions = stack_field(examples, "region_mentions", optional=True)
         if mentions is not None:
             batch["region_mentions"] = mentions.float()
+        batch["return_loss"] = True
         return batch
 
 
