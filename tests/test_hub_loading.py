@@ -2,9 +2,6 @@
 project's own packages cannot be imported (what a Hub user gets)."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from hf_models import (
 from hf_models.image_processing_rect import ReCTImageProcessor
 from hf_models.processing_rect import ReCTProcessor
 from tests.conftest import tiny_text_kwargs, tiny_vision_kwargs
+from trainers.fresh_process import run_without_project
 
 
 CODE_FILES = {"configuration_rect.py", "modeling_rect.py"}
@@ -127,17 +125,8 @@ def write_volume(path: Path) -> None:
 
 FRESH_PROCESS_SCRIPT = textwrap.dedent(
     """
-    import importlib.abc, json, sys
+    import json, sys
     from pathlib import Path
-
-    class BlockProjectPackages(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"hf_models", "conversion", "trainers"}:
-                raise ModuleNotFoundError(f"{name} must not be importable here")
-            return None
-
-    sys.meta_path.insert(0, BlockProjectPackages())
-    sys.path = [p for p in sys.path if p not in ("", ".", REPO_ROOT)]
 
     import torch
     from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification,
@@ -174,7 +163,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
     results["processed_input_ids"] = batch["input_ids"]
     image_out = image_processor(str(root / "ct.nii.gz"), return_tensors="pt")
     results["image_processor_pixel_values"] = image_out["pixel_values"]
-    modules = sorted(m for m in sys.modules if m.split(".")[0] in {"hf_models", "conversion", "trainers"})
+    modules = project_modules()
     torch.save(results, root / "results.pt")
     (root / "classes.json").write_text(json.dumps({"classes": classes, "project_modules": modules}))
     """
@@ -212,16 +201,8 @@ def test_fresh_process_loads_every_folder_with_trust_remote_code(tmp_path, minil
         "image_processing_rect.py",
     }
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules_cache"))
-    env.pop("PYTHONPATH", None)
-    script = FRESH_PROCESS_SCRIPT.replace("REPO_ROOT", repr(str(Path(__file__).resolve().parents[1])))
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_without_project(
+        FRESH_PROCESS_SCRIPT, tmp_path, cwd=tmp_path, timeout=300, env={"HF_MODULES_CACHE": str(tmp_path / "modules")}
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((tmp_path / "classes.json").read_text())

@@ -3,8 +3,6 @@ mapping predictions back to the original grid, settings round trip, and every ba
 
 import copy
 import json
-import os
-import subprocess
 import sys
 import textwrap
 import zlib
@@ -23,6 +21,7 @@ import hf_models.image_processing_rect as rect
 import hf_models.volume_reading_rect as reading
 from hf_models import VolumeMetadata
 from hf_models.image_processing_rect import NAMED_WINDOWS, ReCTImageProcessor, load_volume
+from trainers.fresh_process import run_without_project
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -841,17 +840,9 @@ HUB_FILES = {"image_processing_rect.py", "volume_reading_rect.py", "volume_geome
 
 FRESH_PROCESS = textwrap.dedent(
     """
-    import importlib.abc, json, sys, warnings
+    import json, sys, warnings
     from pathlib import Path
 
-    class BlockProjectPackages(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"hf_models", "conversion", "trainers"}:
-                raise ModuleNotFoundError(f"{name} must not be importable here")
-            return None
-
-    sys.meta_path.insert(0, BlockProjectPackages())
-    sys.path = [p for p in sys.path if p not in ("", ".", REPO_ROOT)]
     import numpy as np
     import torch
     from transformers import AutoImageProcessor
@@ -868,7 +859,7 @@ FRESH_PROCESS = textwrap.dedent(
         "class": type(processor).__name__,
         "module": type(processor).__module__,
         "meta_class": type(out["volume_meta"][0]).__name__,
-        "project_modules": sorted(m for m in sys.modules if m.split(".")[0] in {"hf_models", "trainers"}),
+        "project_modules": project_modules(),
         "readers_loaded": sorted(m for m in ("nibabel", "pydicom") if m in sys.modules),
         "extra_key_settings": extra.to_dict()["volume_size"],
         "extra_key_warnings": [str(w.message) for w in caught],
@@ -894,16 +885,8 @@ def test_save_pretrained_writes_every_hub_file_and_loads_in_a_fresh_process(tmp_
     np.save(tmp_path / "mask.npy", mask)
     expected = processor(volume, anatomy_mask=mask, return_tensors="pt")
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    env.pop("PYTHONPATH", None)
-    script = FRESH_PROCESS.replace("REPO_ROOT", repr(str(REPO_ROOT)))
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_without_project(
+        FRESH_PROCESS, tmp_path, cwd=tmp_path, timeout=300, env={"HF_MODULES_CACHE": str(tmp_path / "modules")}
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
