@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import CommandFailed, UsageError, silence_optional_kernel_probe
+from .fresh_process import run_without_project
 
 
 #: Largest |p_fresh - p_in_process| accepted between the Hub folder loaded in a fresh process and this process.
@@ -49,9 +49,6 @@ STAMP_FORMAT = 1
 #: Module-name prefixes whose code decides the phantom files (the generator and the anatomy table it draws from);
 #: a change to any of them makes a stamped cohort stale.
 GENERATOR_MODULES = ("trainers.data.phantom", "hf_models.anatomy_rect")
-
-#: The project's top-level packages, which the fresh process must not be able to import.
-PROJECT_PACKAGES = ("hf_models", "trainers", "conversion")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,48 +179,35 @@ def prepare_cohort(folder: Path, params: dict[str, Any], progress: bool = True) 
 # Stage 4: the Hub folder in a fresh process vs the project's classes here
 # ----------------------------------------------------------------------------------------------------------------
 
-#: Run as `python -c FRESH_PROCESS request.json result.json`. It blocks the project's packages before anything is
-#: imported, loads the Hub folder with the Auto classes only, and writes the sigmoid probabilities of every scan.
-FRESH_PROCESS = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
+#: Run by `run_without_project(FRESH_PROCESS, request.json, result.json)`: the project's packages are blocked before
+#: anything is imported; it loads the Hub folder with the Auto classes only and writes every scan's probabilities.
+FRESH_PROCESS = """
+import json
+import sys
 
-    BLOCKED = set(sys.argv[3].split(","))
+import torch
+from transformers import AutoModelForImageClassification, AutoProcessor
 
-    class BlockProject(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ModuleNotFoundError(f"{name} is blocked: the Hub folder must load without the project")
-
-    sys.meta_path.insert(0, BlockProject())
-    import torch
-    from transformers import AutoModelForImageClassification, AutoProcessor
-
-    request = json.load(open(sys.argv[1]))
-    folder = request["folder"]
-    model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    items = [
-        processor.image_processor.process_volume(
-            scan["path"], rescale_slope=scan["slope"], rescale_intercept=scan["intercept"]
-        )
-        for scan in request["scans"]
-    ]
-    with torch.no_grad():
-        logits = model(pixel_values=torch.stack([item["pixel_values"] for item in items])).logits
-    leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
-    json.dump(
-        {
-            "model_class": f"{type(model).__module__}.{type(model).__name__}",
-            "processor_class": f"{type(processor).__module__}.{type(processor).__name__}",
-            "labels": [model.config.id2label[i] for i in range(logits.shape[-1])],
-            "probabilities": logits.float().sigmoid().tolist(),
-            "leaked_project_modules": leaked,
-        },
-        open(sys.argv[2], "w"),
-    )
-    """
+request = json.load(open(sys.argv[1]))
+folder = request["folder"]
+model = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+# `process_volume`, not `processor(images=...)`: it takes each CT-RATE volume's rescale slope and intercept.
+process = processor.image_processor.process_volume
+items = [process(s["path"], rescale_slope=s["slope"], rescale_intercept=s["intercept"]) for s in request["scans"]]
+with torch.no_grad():
+    logits = model(pixel_values=torch.stack([torch.as_tensor(item["pixel_values"]) for item in items])).logits
+json.dump(
+    {
+        "model_class": f"{type(model).__module__}.{type(model).__name__}",
+        "processor_class": f"{type(processor).__module__}.{type(processor).__name__}",
+        "labels": [model.config.id2label[i] for i in range(logits.shape[-1])],
+        "probabilities": logits.float().sigmoid().tolist(),
+        "leaked_project_modules": project_modules(),
+    },
+    open(sys.argv[2], "w"),
 )
+"""
 
 
 def in_process_probabilities(folder: Path, scans: list[dict]) -> tuple[list[str], list[list[float]]]:
@@ -234,14 +218,9 @@ def in_process_probabilities(folder: Path, scans: list[dict]) -> tuple[list[str]
 
     model = ReCTForVolumeClassification.from_pretrained(folder).eval()
     image_processor = ReCTImageProcessor.from_pretrained(folder)
-    pixel_values = torch.stack(
-        [
-            image_processor.process_volume(s["path"], rescale_slope=s["slope"], rescale_intercept=s["intercept"])[
-                "pixel_values"
-            ]
-            for s in scans
-        ]
-    )
+    process = image_processor.process_volume
+    items = [process(s["path"], rescale_slope=s["slope"], rescale_intercept=s["intercept"]) for s in scans]
+    pixel_values = torch.stack([torch.as_tensor(item["pixel_values"]) for item in items])
     with torch.no_grad():
         probabilities = model(pixel_values=pixel_values).logits.float().sigmoid().tolist()
     return [model.config.id2label[i] for i in range(len(probabilities[0]))], probabilities
@@ -256,21 +235,14 @@ def fresh_process_probabilities(folder: Path, scans: list[dict]) -> dict[str, An
     with tempfile.TemporaryDirectory(prefix="rect-demo-") as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request.write_text(json.dumps({"folder": str(folder), "scans": scans}))
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        # Its own module cache: `trust_remote_code` copies the folder's code there under the folder's name
-        # ("model"), which other folders of that name would otherwise share.
-        env["HF_MODULES_CACHE"] = str(Path(tmp) / "modules")
-        # Its stderr is captured and shown afterwards, where a progress bar would only be noise.
-        env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        env.pop("PYTHONPATH", None)
-        proc = subprocess.run(
-            [sys.executable, "-c", FRESH_PROCESS, str(request), str(result), ",".join(PROJECT_PACKAGES)],
-            env=env,
-            cwd=tmp,  # `python -c` puts the working directory on sys.path: a neutral one
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        env = {
+            # Its own module cache: `trust_remote_code` copies the folder's code there under the folder's name
+            # ("model"), which other folders of that name would otherwise share.
+            "HF_MODULES_CACHE": str(Path(tmp) / "modules"),
+            # Its stderr is captured and shown afterwards, where a progress bar would only be noise.
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        }
+        proc = run_without_project(FRESH_PROCESS, request, result, cwd=tmp, env=env)
         if proc.returncode != 0:
             raise CommandFailed(
                 f"loading the saved folder {folder} in a fresh process failed (exit code {proc.returncode}); the "
