@@ -64,10 +64,7 @@ def demo_cohort_parameters(
     prevalence: float | None = None,
 ) -> dict[str, Any]:
     """The `generate_cohort` keyword arguments of the demo: `DEMO_COHORT` with the given values replaced."""
-    try:
-        from .classification import DEMO_COHORT
-    except ImportError:  # TEMPORARY until trainers.classification exports it
-        DEMO_COHORT = dict(n_train=240, n_val=40, seed=1, shape=(32, 64, 64), p_second_recon=0.0)
+    from .classification import DEMO_COHORT
 
     params = dict(DEMO_COHORT)
     for name, value in (("n_train", n_train), ("n_val", n_val), ("seed", seed)):
