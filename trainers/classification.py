@@ -307,16 +307,16 @@ def train_classifier(
     indices = recipe.label_indices()
     image_processor = recipe.image_processor()
     cache = VolumeCache(cache_dir or output_dir / "cache", image_processor)
-    lesion_supervision = recipe.lesion_supervision > 0
-    if lesion_supervision and not (Path(cohort_root) / "masks" / "lesion").is_dir():
+    has_lesion_masks = (Path(cohort_root) / "masks" / "lesion").is_dir()
+    lesion_supervision = recipe.lesion_supervision > 0 and has_lesion_masks
+    train_rows = read_ct_rate(cohort_root, "train", cot=False, lesion_masks=lesion_supervision)
+    if recipe.lesion_supervision > 0 and not has_lesion_masks:  # said once the cohort itself has been read
         logger.warning(
             "%s has no lesion masks (masks/lesion/): training without the lesion-token loss "
             "(recipe.lesion_supervision=%s is not used)",
             cohort_root,
             recipe.lesion_supervision,
         )
-        lesion_supervision = False
-    train_rows = read_ct_rate(cohort_root, "train", cot=False, lesion_masks=lesion_supervision)
     transforms = []
     if recipe.augmentation > 0:
         transforms.append(ct_augmentation(recipe.augmentation, seed=recipe.seed))
