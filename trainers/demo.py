@@ -258,31 +258,46 @@ def fresh_process_probabilities(folder: Path, scans: list[dict]) -> dict[str, An
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished child processes (cohort workers, the fresh process)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 class StageClock:
-    """Prints `[i/n] title` when a stage starts and `done in X s` when it ends; keeps the wall times."""
+    """Prints `[i/n] title` when a stage starts and `done in X s (CPU Y s)` when it ends; keeps both times.
+
+    CPU seconds are what a stage costs whatever else runs on the machine; wall seconds are what the user waited.
+    """
 
     def __init__(self, titles: Sequence[str]):
         self.titles = list(titles)
         self.seconds: dict[str, float] = {}
-        self.start = time.perf_counter()
-        self._current: tuple[str, float] | None = None
+        self.cpu_seconds: dict[str, float] = {}
+        self.start, self.cpu_start = time.perf_counter(), _cpu_seconds()
+        self._current: tuple[str, float, float] | None = None
 
     def begin(self, key: str, detail: str = "") -> None:
         self.end()
         index = self.titles.index(key) + 1
         print(f"[{index}/{len(self.titles)}] {key}{': ' + detail if detail else ''}", flush=True)
-        self._current = (key, time.perf_counter())
+        self._current = (key, time.perf_counter(), _cpu_seconds())
 
     def end(self) -> None:
         if self._current is not None:
-            key, started = self._current
+            key, started, cpu_started = self._current
             self.seconds[key] = round(time.perf_counter() - started, 1)
-            print(f"      done in {self.seconds[key]:.1f} s", flush=True)
+            self.cpu_seconds[key] = round(_cpu_seconds() - cpu_started, 1)
+            print(f"      done in {self.seconds[key]:.1f} s (CPU {self.cpu_seconds[key]:.1f} s)", flush=True)
             self._current = None
 
     @property
     def total(self) -> float:
         return round(time.perf_counter() - self.start, 1)
+
+    @property
+    def total_cpu(self) -> float:
+        return round(_cpu_seconds() - self.cpu_start, 1)
 
 
 def check_trainable(train_labels: Sequence[Sequence[int]], label_names: Sequence[str]) -> None:
@@ -401,7 +416,10 @@ def run_demo(
     print(f"      cache: {cached_after} entries, {cached_after - cached_before} new ({cache})")
     history = result["loss_history"]  # one value per logging interval: empty when training is shorter
     trend = f", logged loss {history[0]:.3f} → {history[-1]:.3f}" if len(history) > 1 else ""
-    print(f"      training: {result['train_seconds']} s, mean loss {result['train_loss']:.3f}{trend}")
+    print(
+        f"      training: {result['train_seconds']} s (CPU {result['train_cpu_seconds']} s), "
+        f"mean loss {result['train_loss']:.3f}{trend}"
+    )
     auroc = result["valid_auroc"]
     print(f"      held-out AUROC ({result['valid_volumes']} volumes):")
     for name in recipe.label_names:
@@ -457,6 +475,7 @@ def run_demo(
         print("        " + "    ".join(cells[i : i + 2]))
     clock.end()
 
+    total, total_cpu, cores, load = clock.total, clock.total_cpu, os.cpu_count() or 1, os.getloadavg()[2]
     summary = {
         "out_dir": str(out),
         "paths": {
@@ -470,11 +489,18 @@ def run_demo(
         "train_seconds": result["train_seconds"],
         "fresh_process": {"max_abs_diff": max_diff, "volumes": len(scans), "model_class": loaded["model_class"]},
         "stage_seconds": clock.seconds,
-        "total_seconds": clock.total,
+        "stage_cpu_seconds": clock.cpu_seconds,
+        "total_seconds": total,
+        "total_cpu_seconds": total_cpu,
+        "cpu_count": cores,
+        "load_average_15min": round(load, 2),
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
 
-    print(f"\nStage times: {', '.join(f'{k} {v:.1f} s' for k, v in clock.seconds.items())}; total {clock.total:.1f} s")
+    print("\nStage times (wall / CPU):")
+    for key in clock.seconds:
+        print(f"  {key:24s} {clock.seconds[key]:7.1f} s / {clock.cpu_seconds[key]:7.1f} s")
+    print(f"  {'total':24s} {total:7.1f} s / {total_cpu:7.1f} s on {cores} cores, load average {load:.1f}")
     print(f"Everything is in {out}:")
     print(f"  cohort/                  phantom CT-RATE cohort ({COHORT_STAMP} records how it was made)")
     print("  cache/                   processed volumes (reused by the next run)")
