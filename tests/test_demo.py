@@ -59,6 +59,11 @@ def test_demo_from_a_relative_out_with_spaces_then_reused_through_an_absolute_pa
     assert summary["fresh_process"]["volumes"] >= 3
     assert set(summary["stage_seconds"]) == {"phantom cohort", "fine-tuning", "Hub folder", "fresh-process check"}
     assert "macro" in summary["valid_auroc"]
+    # The trained model's held-out AUROC, recomputed from the fresh process's probabilities on the same volumes.
+    trained, reloaded = summary["valid_auroc"], summary["fresh_process"]["valid_auroc"]
+    assert {k: v for k, v in reloaded.items() if k in trained} == pytest.approx(
+        {k: v for k, v in trained.items() if k in reloaded}, abs=1e-6
+    )
     for text in (
         "held-out AUROC",
         "max |p_fresh - p_here|",
