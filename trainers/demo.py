@@ -3,16 +3,18 @@
 1. writes a phantom chest-CT cohort in CT-RATE layout (`rect-vlm synth`), or reuses the one an earlier run left
    in the same `--out` when its stamp (`cohort/demo_cohort.json`) shows it complete and made with the same
    parameters and the same generator code;
-2. fine-tunes `ReCTForVolumeClassification` on it with the HF `Trainer` (`trains.classification`; processed volumes
-   are cached in `--out`/cache, which a second run reuses) and prints its per-label AUROC on the held-out split;
+2. fine-tunes `ReCTForVolumeClassification` on it with the HF `Trainer` (`trainers.classification`; processed
+   volumes are cached in `--out`/cache, which a second run reuses) and prints its per-label AUROC on the held-out
+   split;
 3. saves a Hub-ready folder (weights, config with `auto_map`, code files, `ReCTProcessor` with the MiniLM tokenizer);
 4. in a fresh Python process that cannot import this project, loads the folder with
-   `AutoModelForImageClassification` + `AutoProcessor` (`trust_remote_code=True`), runs the held-out NIfTI volumes
-   through it and checks that the probabilities equal those of the project's own classes in this process
-   (max |Δp| <= `PROBABILITY_TOLERANCE`).
+   `AutoModelForImageClassification` + `AutoProcessor` (`trust_remote_code=True`), runs every held-out NIfTI volume
+   through it, checks that the probabilities equal those of the project's own classes loading the same folder in
+   this process (max |Δp| <= `PROBABILITY_TOLERANCE`, else the demo fails), and recomputes the held-out AUROC from
+   them, which must read as the trained model's.
 
-Every path is made absolute first, so `--out` may be relative, absolute or hold spaces. Per-stage wall times and
-a summary (`demo_summary.json`) are written next to the outputs.
+Every path is made absolute first, so `--out` may be relative, absolute or hold spaces. Per-stage wall and CPU
+times and a summary (`demo_summary.json`) are written next to the outputs.
 """
 
 from __future__ import annotations
