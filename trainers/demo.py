@@ -10,8 +10,8 @@
 4. in a fresh Python process that cannot import this project, loads the folder with
    `AutoModelForImageClassification` + `AutoProcessor` (`trust_remote_code=True`), runs every held-out NIfTI volume
    through it, checks that the probabilities equal those of the project's own classes loading the same folder in
-   this process (max |Δp| <= `PROBABILITY_TOLERANCE`, else the demo fails), and recomputes the held-out AUROC from
-   them, which must read as the trained model's.
+   this process (max |Δp| <= `PROBABILITY_TOLERANCE`, else the demo fails), and prints the held-out AUROC
+   recomputed from them next to the trained model's (tests/test_demo.py checks that they agree).
 
 Every path is made absolute first, so `--out` may be relative, absolute or hold spaces. Per-stage wall and CPU
 times and a summary (`demo_summary.json`) are written next to the outputs.
