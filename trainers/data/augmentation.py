@@ -209,7 +209,32 @@ class RandRotateZd(RandomizableTransform):
         return out
 
 
-class RandShiftIntensityd(RandomizableTransform):
+class _ChannelIntensityTransform(RandomizableTransform):
+    """An intensity change with one random draw per channel (or one for the whole image), applied to the image keys.
+
+    Subclasses give `draw(count)` → `(count,)` values and `apply(value, drawn)` with `drawn` shaped `(C|1, 1, 1, 1)`.
+    """
+
+    def __init__(self, prob: float, channel_wise: bool, image_keys: Sequence[str], seed: int):
+        self.channel_wise = bool(channel_wise)
+        self.image_keys = tuple(image_keys)
+        super().__init__(prob, seed)
+
+    def __call__(self, example: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(example)
+        if not self.triggered():
+            return out
+        for key in self.image_keys:
+            value = out.get(key)
+            if value is None:
+                continue
+            _check_volume(key, value, type(self).__name__)
+            drawn = self.draw(value.shape[0] if self.channel_wise else 1)
+            out[key] = self.apply(value, drawn.to(value.dtype).view(-1, 1, 1, 1))
+        return out
+
+
+class RandShiftIntensityd(_ChannelIntensityTransform):
     """Add one offset drawn uniformly from `[-offsets, offsets]` to the image (per channel if `channel_wise`).
 
     Offsets are in the units of `pixel_values` (a windowed [0, 1] channel, or its normalised form): 0.05 on a
@@ -227,26 +252,16 @@ class RandShiftIntensityd(RandomizableTransform):
         if offsets < 0:
             raise ValueError(f"RandShiftIntensityd: `offsets` must be >= 0, got {offsets!r}")
         self.offsets = float(offsets)
-        self.channel_wise = bool(channel_wise)
-        self.image_keys = tuple(image_keys)
-        super().__init__(prob, seed)
+        super().__init__(prob, channel_wise, image_keys, seed)
 
-    def __call__(self, example: Mapping[str, Any]) -> dict[str, Any]:
-        out = dict(example)
-        if not self.triggered():
-            return out
-        for key in self.image_keys:
-            value = out.get(key)
-            if value is None:
-                continue
-            _check_volume(key, value, "RandShiftIntensityd")
-            count = value.shape[0] if self.channel_wise else 1
-            shift = (torch.rand(count, generator=self._rng()) * 2 - 1) * self.offsets
-            out[key] = value + shift.to(value.dtype).view(-1, 1, 1, 1)
-        return out
+    def draw(self, count: int) -> torch.Tensor:
+        return (torch.rand(count, generator=self._rng()) * 2 - 1) * self.offsets
+
+    def apply(self, value: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return value + shift
 
 
-class RandScaleIntensityd(RandomizableTransform):
+class RandScaleIntensityd(_ChannelIntensityTransform):
     """Multiply the image by `1 + f`, `f` drawn uniformly from `[-factors, factors]` (per channel if
     `channel_wise`), about each channel's mean so that scaling changes contrast, not brightness."""
 
@@ -261,25 +276,14 @@ class RandScaleIntensityd(RandomizableTransform):
         if not 0.0 <= factors < 1.0:
             raise ValueError(f"RandScaleIntensityd: `factors` must be in [0, 1), got {factors!r}")
         self.factors = float(factors)
-        self.channel_wise = bool(channel_wise)
-        self.image_keys = tuple(image_keys)
-        super().__init__(prob, seed)
+        super().__init__(prob, channel_wise, image_keys, seed)
 
-    def __call__(self, example: Mapping[str, Any]) -> dict[str, Any]:
-        out = dict(example)
-        if not self.triggered():
-            return out
-        for key in self.image_keys:
-            value = out.get(key)
-            if value is None:
-                continue
-            _check_volume(key, value, "RandScaleIntensityd")
-            count = value.shape[0] if self.channel_wise else 1
-            scale = 1.0 + (torch.rand(count, generator=self._rng()) * 2 - 1) * self.factors
-            scale = scale.to(value.dtype).view(-1, 1, 1, 1)
-            mean = value.mean(dim=(1, 2, 3), keepdim=True)
-            out[key] = (value - mean) * scale + mean
-        return out
+    def draw(self, count: int) -> torch.Tensor:
+        return 1.0 + (torch.rand(count, generator=self._rng()) * 2 - 1) * self.factors
+
+    def apply(self, value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        mean = value.mean(dim=(1, 2, 3), keepdim=True)
+        return (value - mean) * scale + mean
 
 
 class RandGaussianNoised(RandomizableTransform):
