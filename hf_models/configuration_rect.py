@@ -80,6 +80,12 @@ class ReCTVisionConfig(PreTrainedConfig):
             embeddings are laid out for; other sizes are interpolated (trilinear).
         patch_size (`list[int]`, defaults to `[4, 16, 16]`): (depth, height, width) of one patch in voxels.
         in_channels (`int`, defaults to 1): input channels (one per HU window).
+        stem_channels (`list[int]`, defaults to `[]`): empty: each patch is embedded by one linear map (a Conv3d with
+            kernel = stride = `patch_size`), as in ViT, MONAI and M3D. Otherwise a convolutional stem ("early
+            convolutions", Xiao et al. 2021): one 3×3×3 convolution of stride 2 per entry, with that many output
+            channels (GroupNorm, GELU), then the patch projection over the remaining `patch_size / 2**len`
+            voxels; same token grid. It costs more compute per token and trains much faster from scratch on small
+            data; every axis of `patch_size` must be divisible by `2**len(stem_channels)`.
         qkv_bias (`bool`, defaults to `True`): bias on the query/key/value projections.
         attention_type (`"divided"` or `"joint"`, defaults to `"divided"`): `"divided"` attends along z across slabs
             and then within each axial slab of tokens (slice-aware attention); `"joint"` is plain full attention
@@ -114,6 +120,7 @@ class ReCTVisionConfig(PreTrainedConfig):
     volume_size: list[int] | tuple[int, ...] | int = (64, 512, 512)
     patch_size: list[int] | tuple[int, ...] | int = (4, 16, 16)
     in_channels: int = interval(min=1)(default=1)
+    stem_channels: list[int] | tuple[int, ...] = ()
     qkv_bias: bool = True
     attention_type: Literal["divided", "joint"] = "divided"
     num_regions: int = interval(min=0)(default=DEFAULT_NUM_REGIONS)
@@ -123,6 +130,7 @@ class ReCTVisionConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         self.volume_size = _as_int_triple("volume_size", self.volume_size)
         self.patch_size = _as_int_triple("patch_size", self.patch_size)
+        self.stem_channels = [int(c) for c in self.stem_channels]
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
@@ -137,6 +145,14 @@ class ReCTVisionConfig(PreTrainedConfig):
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
                 f"({self.num_attention_heads})"
+            )
+        if any(c < 1 for c in self.stem_channels):
+            raise ValueError(f"`stem_channels` must hold positive channel counts, got {self.stem_channels}")
+        factor = 2 ** len(self.stem_channels)
+        if any(p % factor for p in self.patch_size):
+            raise ValueError(
+                f"`patch_size` {self.patch_size} must be divisible by 2**len(`stem_channels`) = {factor} along every "
+                f"axis: each of the {len(self.stem_channels)} stem convolutions halves the grid"
             )
 
     @property

@@ -225,6 +225,19 @@ class ReCTMLP(nn.Module):
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
 
 
+class ReCTStemConv(nn.Module):
+    """One stem step: 3×3×3 convolution of stride 2 (halves depth, height and width), GroupNorm, GELU."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False)
+        self.norm = nn.GroupNorm(math.gcd(8, out_channels), out_channels)
+        self.activation = nn.GELU()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.norm(self.conv(hidden_states)))
+
+
 class ReCTPatchEmbeddings(nn.Module):
     """Conv3d patch embedding plus CLS token and learnable position embeddings.
 
@@ -235,11 +248,18 @@ class ReCTPatchEmbeddings(nn.Module):
     def __init__(self, config: ReCTVisionConfig):
         super().__init__()
         self.patch_size = tuple(config.patch_size)
+        self.in_channels = config.in_channels
         self.grid = config.patch_grid
         num_patches = self.grid[0] * self.grid[1] * self.grid[2]
-        self.projection = nn.Conv3d(
-            config.in_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
-        )
+        # Optional convolutional stem (`config.stem_channels`): stride-2 3×3×3 convolutions before the projection,
+        # which then covers what is left of the patch. Without it `projection` is the ViT patch embedding.
+        stem, channels = [], config.in_channels
+        for width in config.stem_channels:
+            stem.append(ReCTStemConv(channels, width))
+            channels = width
+        self.stem = nn.Sequential(*stem) if stem else None
+        kernel = tuple(p // 2 ** len(stem) for p in self.patch_size)
+        self.projection = nn.Conv3d(channels, config.hidden_size, kernel_size=kernel, stride=kernel)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + num_patches, config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -263,10 +283,10 @@ class ReCTPatchEmbeddings(nn.Module):
                 "`pixel_values` must be (batch, channels, depth, height, width), got shape "
                 f"{tuple(pixel_values.shape)}"
             )
-        if pixel_values.shape[1] != self.projection.in_channels:
+        if pixel_values.shape[1] != self.in_channels:
             raise ValueError(
                 f"`pixel_values` has {pixel_values.shape[1]} channels but the config expects "
-                f"`in_channels`={self.projection.in_channels} (one per HU window)"
+                f"`in_channels`={self.in_channels} (one per HU window)"
             )
         spatial = tuple(pixel_values.shape[2:])
         if any(s % p for s, p in zip(spatial, self.patch_size)):
@@ -275,7 +295,10 @@ class ReCTPatchEmbeddings(nn.Module):
             )
         # (B, C, D, H, W) → (B, hidden, d, h, w) with d = D / pd etc.; tokens ordered (d, h, w). Inputs stored in
         # a compact dtype (float16 caches) are cast here, on the model's device.
-        embeddings = self.projection(pixel_values.to(self.projection.weight.dtype))
+        embeddings = pixel_values.to(self.projection.weight.dtype)
+        if self.stem is not None:
+            embeddings = self.stem(embeddings)
+        embeddings = self.projection(embeddings)
         grid = tuple(embeddings.shape[2:])
         embeddings = embeddings.flatten(2).transpose(1, 2)
         cls = self.cls_token.expand(embeddings.shape[0], -1, -1)

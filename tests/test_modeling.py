@@ -30,9 +30,9 @@ SPATIAL = (8, 32, 32)  # tiny_vision_kwargs: patch (2, 8, 8) → grid (4, 4, 4) 
 NUM_REGIONS = 5
 
 
-def rect_config(attention_type: str = "divided", **overrides) -> ReCTConfig:
+def rect_config(attention_type: str = "divided", stem_channels=(), **overrides) -> ReCTConfig:
     return ReCTConfig(
-        vision_config=tiny_vision_kwargs(attention_type=attention_type),
+        vision_config=tiny_vision_kwargs(attention_type=attention_type, stem_channels=list(stem_channels)),
         text_config=tiny_text_kwargs(),
         projection_dim=16,
         **overrides,
@@ -63,15 +63,17 @@ class ModelCase:
 
     cls: type
     attention_type: str
+    stem_channels: tuple[int, ...] = ()  # () = linear patch embedding; else a convolutional stem
 
     @property
     def id(self) -> str:
-        return f"{self.cls.__name__}-{self.attention_type}"
+        return f"{self.cls.__name__}-{self.attention_type}" + ("-stem" if self.stem_channels else "")
 
     def config(self):
         if self.cls in (ReCTVisionModel, ReCTForFeatureExtraction):
-            return ReCTVisionConfig(**tiny_vision_kwargs(attention_type=self.attention_type))
-        return rect_config(self.attention_type)
+            kwargs = tiny_vision_kwargs(attention_type=self.attention_type, stem_channels=list(self.stem_channels))
+            return ReCTVisionConfig(**kwargs)
+        return rect_config(self.attention_type, self.stem_channels)
 
     def build(self, seed: int = 0, config=None):
         torch.manual_seed(seed)
@@ -116,6 +118,10 @@ CASES = [
     ModelCase(cls, attention_type)
     for cls in (ReCTVisionModel, ReCTForFeatureExtraction, ReCTModel, ReCTForVolumeClassification)
     for attention_type in ("divided", "joint")
+] + [
+    # The convolutional stem (GroupNorm per sample, stride-2 convolutions before the patch projection).
+    ModelCase(ReCTVisionModel, "joint", stem_channels=(6,)),
+    ModelCase(ReCTForVolumeClassification, "divided", stem_channels=(6,)),
 ]
 cases = pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 
@@ -540,6 +546,8 @@ def test_vision_encoder_exports_with_torch_export():
         (dict(hidden_dropout_prob=1.5), StrictDataclassFieldValidationError, "hidden_dropout_prob"),
         (dict(region_patch_fraction=0.0), StrictDataclassFieldValidationError, "region_patch_fraction"),
         (dict(hidden_size="wide"), StrictDataclassFieldValidationError, "hidden_size"),
+        (dict(stem_channels=[8, 8, 8]), StrictDataclassClassValidationError, r"2\*\*len\(`stem_channels`\) = 8"),
+        (dict(stem_channels=[16, 0]), StrictDataclassClassValidationError, "positive channel counts"),
     ],
 )
 def test_vision_config_rejects_impossible_values(kwargs, error, match):

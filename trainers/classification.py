@@ -46,7 +46,9 @@ LOW_ATTENUATION_WINDOW = (-900.0, 300.0)
 DENSE_WINDOW = (700.0, 1400.0)
 
 #: `generate_cohort` keyword arguments of the demo's phantom cohort (`rect-vlm demo`, `bench/learning.py`).
-DEMO_COHORT: dict[str, Any] = dict(n_train=240, n_val=40, seed=1, shape=(32, 64, 64), p_second_recon=0.0)
+#: 800 + 120 patients (a third with a follow-up scan) → about 1,060 training and 146 held-out volumes: the
+#: global findings need this many (with 328 training volumes cardiomegaly reached 0.67 and pleural effusion 0.54).
+DEMO_COHORT: dict[str, Any] = dict(n_train=800, n_val=120, seed=1, shape=(32, 64, 64), p_second_recon=0.0)
 
 
 @dataclass
@@ -62,6 +64,10 @@ class ClassifierRecipe:
     # Large in-plane patches: each token sees a 16×16 region, which a small encoder trained from scratch on a few
     # hundred volumes learns from quickly.
     patch_size: tuple[int, int, int] = (4, 16, 16)
+    #: Convolutional stem before the patch projection (`ReCTVisionConfig.stem_channels`; () = linear patch
+    #: embedding). Two stride-2 convolutions made the encoder learn far faster from scratch: all 18 findings,
+    #: 1,062 training volumes, 1,000 steps: macro AUROC 0.61 (five large findings 0.85) vs 0.59 (0.74) without.
+    stem_channels: tuple[int, ...] = (24, 48)
     hidden_size: int = 128
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
@@ -119,6 +125,7 @@ class ClassifierRecipe:
             volume_size=list(self.volume_size),
             patch_size=list(self.patch_size),
             in_channels=len(self.windows),
+            stem_channels=list(self.stem_channels),
             hidden_size=self.hidden_size,
             num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads,
