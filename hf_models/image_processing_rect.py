@@ -34,7 +34,7 @@ import copy
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,8 @@ class ReCTImageProcessorKwargs(ImagesKwargs, total=False):
     anatomy_mask: Any
     lesion_mask: Any
     affines: Any
+    rescale_slope: float | list[float] | None
+    rescale_intercept: float | list[float] | None
     volume_size: list[int] | tuple[int, ...]
     target_spacing: list[float] | tuple[float, ...] | None
     resize_mode: str | None
@@ -141,6 +143,23 @@ class ReCTImageProcessorKwargs(ImagesKwargs, total=False):
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _per_volume_numbers(name: str, value: Any, default: float, count: int) -> list[float]:
+    """`value` (None, one number, or one number per volume) → `count` finite floats; a wrong count, a non-number, a
+    non-finite value or a zero slope raises ValueError naming `name` and the volume index."""
+    if value is None:
+        return [default] * count
+    values = [value] * count if _is_number(value) else list(value) if isinstance(value, (list, tuple)) else None
+    if values is None:
+        raise ValueError(f"{name}: expected a number or one number per volume, found {type(value).__name__}")
+    if len(values) != count:
+        raise ValueError(f"{name}: expected one value per volume ({count}), found {len(values)}")
+    for index, item in enumerate(values):
+        if not _is_number(item) or not math.isfinite(float(item)) or (name == "rescale_slope" and item == 0):
+            wanted = "a finite non-zero number" if name == "rescale_slope" else "a finite number"
+            raise ValueError(f"{name}[{index}]: expected {wanted}, found {item!r}")
+    return [float(item) for item in values]
 
 
 def _window_bounds(windows: list) -> list[tuple[float, float]]:
@@ -741,6 +760,8 @@ class ReCTImageProcessor(BaseImageProcessor):
         lesion_mask: Any = None,
         affines: Any = None,
         return_tensors: str | None = None,
+        rescale_slope: float | Sequence[float] | None = None,
+        rescale_intercept: float | Sequence[float] | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Process one volume or a list of volumes.
@@ -751,6 +772,8 @@ class ReCTImageProcessor(BaseImageProcessor):
             affines: affine(s) for array inputs: one 4x4 for a single volume or a list (entries may be None).
             return_tensors: None (default): no conversion, lists with one numpy array per volume; `"np"` / `"pt"`:
                 stacked numpy arrays / torch tensors.
+            rescale_slope, rescale_intercept: HU = slope * stored + intercept (as in `process_volume`, e.g. from
+                CT-RATE's metadata CSV): one number for every volume or one per volume; None = 1 and 0.
             kwargs: per-call overrides of the settings (validated like the constructor's).
 
         Returns:
@@ -765,7 +788,9 @@ class ReCTImageProcessor(BaseImageProcessor):
                     f"ReCTImageProcessor got unexpected argument(s) {unknown}; settings: {list(_SETTING_NAMES)}"
                 )
             overridden = type(self)(**{**self._settings(), **kwargs})
-            return overridden.preprocess(images, anatomy_mask, lesion_mask, affines, return_tensors)
+            return overridden.preprocess(
+                images, anatomy_mask, lesion_mask, affines, return_tensors, rescale_slope, rescale_intercept
+            )
         if return_tensors not in (None, "np", "pt"):
             raise ValueError(f"return_tensors: expected None, 'np' or 'pt', found {return_tensors!r}")
 
@@ -780,6 +805,8 @@ class ReCTImageProcessor(BaseImageProcessor):
             affine_list = list(affines)
         if len(affine_list) != len(batch):
             raise ValueError(f"affines: expected one per volume ({len(batch)}), found {len(affine_list)}")
+        slopes = _per_volume_numbers("rescale_slope", rescale_slope, 1.0, len(batch))
+        intercepts = _per_volume_numbers("rescale_intercept", rescale_intercept, 0.0, len(batch))
         mask_lists = {}
         for key, masks in (("anatomy_mask", anatomy_mask), ("lesion_mask", lesion_mask)):
             if masks is None:
@@ -798,8 +825,8 @@ class ReCTImageProcessor(BaseImageProcessor):
                 mask_lists["anatomy_mask"][i] if "anatomy_mask" in mask_lists else None,
                 mask_lists["lesion_mask"][i] if "lesion_mask" in mask_lists else None,
                 affine_list[i],
-                1.0,
-                0.0,
+                slopes[i],
+                intercepts[i],
                 f"images[{i}]",
             )
             for i, volume in enumerate(batch)

@@ -381,6 +381,28 @@ def test_rescale_slope_intercept_and_nifti_scaling(tmp_path):
         processor.process_volume(stored, rescale_slope=0)
 
 
+def test_batch_rescale_is_per_volume():
+    """`preprocess(images=[...])` takes one slope/intercept per volume (CT-RATE's metadata CSV gives one per scan)."""
+    rng = np.random.default_rng(4)
+    stored = [rng.integers(0, 3000, size=(9, 8, 7)).astype(np.int16) for _ in range(2)]
+    processor = ReCTImageProcessor(volume_size=[5, 6, 7], windows=["lung", "bone"])
+    out = processor(stored, rescale_slope=[0.5, 1.0], rescale_intercept=[-1024, -1000], return_tensors="np")
+    for index, (slope, intercept) in enumerate(((0.5, -1024), (1.0, -1000))):
+        expected = processor.process_volume(stored[index].astype(np.float32) * slope + intercept)["pixel_values"]
+        np.testing.assert_allclose(out["pixel_values"][index], expected.numpy(), atol=1e-6)
+        assert out["volume_meta"][index]["rescale_intercept"] == intercept
+    one_number = processor(stored, rescale_intercept=-1024, return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(one_number[1], processor(stored[1], rescale_intercept=-1024)["pixel_values"][0])
+    for kwargs, match in (
+        (dict(rescale_slope=[1.0]), r"rescale_slope: expected one value per volume \(2\), found 1"),
+        (dict(rescale_intercept=[0.0, float("nan")]), r"rescale_intercept\[1\]: expected a finite number"),
+        (dict(rescale_slope=[1.0, 0]), r"rescale_slope\[1\]: expected a finite non-zero number"),
+        (dict(rescale_slope="2"), "rescale_slope: expected a number or one number per volume, found str"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            processor(stored, **kwargs)
+
+
 def test_input_types_agree(tmp_path, monkeypatch):
     rng = np.random.default_rng(4)
     data = rng.integers(-1000, 1000, size=(11, 9, 6)).astype(np.int16)
