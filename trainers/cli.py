@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -277,6 +278,129 @@ def run_train_classifier(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# train: any recipe (`trainers/recipes/*.yaml`) through `trainers.train.train_from_recipe`
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tiny", action="store_true", help="use the recipe's `tiny:` section (a CPU run of minutes)")
+    parser.add_argument("--data", default=None, help="dataset root (required; CT-RATE layout for classification)")
+    parser.add_argument(
+        "--output-dir", default=None, help="checkpoints, final model and training_summary.json (required)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest complete checkpoint-N in --output-dir"
+    )
+
+
+def add_train_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", metavar="RECIPE", help="a shipped recipe name (classification, ...) or a .yaml file")
+    _add_train_options(parser)
+    # Everything after RECIPE lands here, the options above included (argparse gives a trailing REMAINDER
+    # positional all that follows); `run_train` parses it again. `TrainingArguments` has ~150 fields: declaring
+    # them here would import transformers for every `rect-vlm --help`.
+    parser.add_argument(
+        "overrides",
+        nargs=argparse.REMAINDER,
+        metavar="--KEY VALUE",
+        help="TrainingArguments overrides in HfArgumentParser form, after RECIPE (--max_steps 30 --save_steps 5 "
+        "--seed 0; `RECIPE --help` lists them)",
+    )
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """argparse whose errors are `UsageError`s (the messages name the argument)."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-\d")
+
+
+def _training_arguments_parser() -> argparse.ArgumentParser:
+    """`HfArgumentParser(TrainingArguments)` whose errors are `UsageError`s."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    class OverrideParser(HfArgumentParser):
+        def error(self, message: str):
+            raise UsageError(f"TrainingArguments override: {message}")
+
+    return OverrideParser(TrainingArguments, prog="rect-vlm train RECIPE [options] [--KEY VALUE ...]")
+
+
+def training_argument_overrides(tokens: Sequence[str]) -> dict:
+    """`--key value` / `--key=value` / `--flag` tokens → `{TrainingArguments field: typed value}`, parsed as
+    `HfArgumentParser(TrainingArguments)` parses them; only the keys given appear.
+
+    Raises:
+        UsageError: a key that is not a `TrainingArguments` field (named), a value of the wrong type, a stray token.
+    """
+    parser = _training_arguments_parser()
+    keys = []
+    for token in tokens:
+        if not token.startswith("-") or _NEGATIVE_NUMBER.match(token):  # a value
+            if not keys:
+                raise UsageError(f"unexpected argument {token!r} after RECIPE: expected --KEY VALUE overrides")
+            continue
+        name = token.split("=", 1)[0]
+        if name in ("--output_dir", "--output-dir"):
+            raise UsageError(f"{name}: give the output folder as --output-dir before any override")
+        action = parser._option_string_actions.get(name)
+        if action is None or not name.startswith("--"):
+            raise UsageError(
+                f"{name}: not a TrainingArguments field; expected overrides such as --max_steps 30 --save_steps 5 "
+                "(see `rect-vlm train RECIPE --help`)"
+            )
+        keys.append(action.dest)
+    namespace, extra = parser.parse_known_args(list(tokens))
+    if extra:
+        raise UsageError(f"unexpected argument(s) {extra}: expected --KEY VALUE overrides")
+    return {key: getattr(namespace, key) for key in keys}
+
+
+def run_train(args: argparse.Namespace) -> int:
+    inner = _RaisingParser(add_help=False, allow_abbrev=False)
+    _add_train_options(inner)
+    # Options after RECIPE override those before it; the rest are TrainingArguments overrides.
+    args, rest = inner.parse_known_args(args.overrides, namespace=args)
+    if "-h" in rest or "--help" in rest:  # `rect-vlm train RECIPE --help` lists the overrides
+        _training_arguments_parser().print_help()
+        return 0
+    for option, value in (("--data", args.data), ("--output-dir", args.output_dir)):
+        if value is None:
+            raise UsageError(f"{option} is required")
+    from trainers.recipes import load_recipe
+    from trainers.train import SUPPORTED_TASKS
+
+    try:
+        recipe = load_recipe(args.recipe, tiny=args.tiny)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"RECIPE: {err}") from err
+    if recipe.task not in SUPPORTED_TASKS:
+        raise UsageError(
+            f"RECIPE {args.recipe!r}: task {recipe.task!r} cannot be trained yet; supported tasks: "
+            f"{sorted(SUPPORTED_TASKS)}"
+        )
+    overrides = training_argument_overrides(rest)  # before any folder is created
+    data = cohort_folder(args.data, "--data")
+    output_dir = writable_folder(args.output_dir, "--output-dir")
+    from trainers.train import checkpoints, train_from_recipe
+
+    earlier = checkpoints(output_dir)
+    if earlier and not args.resume:
+        raise UsageError(
+            f"--output-dir {str(output_dir)!r}: holds {earlier[0].name} of an earlier run; "
+            "expected --resume to continue it, or another folder"
+        )
+
+    summary = train_from_recipe(args.recipe, data, output_dir, tiny=args.tiny, resume=args.resume, overrides=overrides)
+    keys = ("global_step", "resumed_from", "train_loss", "wall_seconds", "best_metric")
+    print(json.dumps({k: summary[k] for k in keys}, indent=1))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # demo: the main job end to end
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -339,6 +463,12 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callab
         "fine-tune ReCTForVolumeClassification on a CT-RATE-layout cohort with the HF Trainer",
         add_train_classifier_parser,
         run_train_classifier,
+    ),
+    (
+        "train",
+        "train a recipe (trainers/recipes/*.yaml) with ReCTTrainer; --resume continues from the last good checkpoint",
+        add_train_parser,
+        run_train,
     ),
     (
         "demo",

@@ -1,0 +1,191 @@
+"""`rect-vlm train` (`trainers.train.train_from_recipe`) on the tiny classification recipe and a tiny phantom cohort:
+a run killed with SIGKILL and restarted with `--resume` ends bit-identical to an uninterrupted one; a truncated
+newest checkpoint is skipped with a warning naming it; user mistakes are one line with exit code 2."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainers.cli import main
+from trainers.data.phantom import generate_cohort
+from trainers.train import checkpoint_problem, latest_valid_checkpoint, train_from_recipe
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: 6 + 3 patients of 8×32×32 voxels (→ 6 training and 4 validation volumes); prevalence 0.5 gives most findings both
+#: classes.
+COHORT = dict(n_train=6, n_val=3, seed=0, shape=(8, 32, 32), prevalence=0.5, p_second_recon=0.0, num_workers=1)
+
+#: 24 steps in batches of 2 (3 steps an epoch over the 6 training volumes, so checkpoints 4, 8, 16 and 20 fall in the
+#: middle of an epoch and a resumed run must skip the batches already seen), a checkpoint every 4 steps, a log
+#: entry every step, deterministic algorithms on. About 50 ms a step: the killed run has 16 steps and 4 checkpoint
+#: saves to go when checkpoint-8 is complete.
+MAX_STEPS = 24
+OVERRIDES = (
+    f"--max_steps {MAX_STEPS} --save_steps 4 --per_device_train_batch_size 2 --logging_steps 1 --seed 0 "
+    "--use_cpu true --full_determinism true"
+).split()
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train_recipe") / "cohort"
+    generate_cohort(root, **COHORT)
+    return root
+
+
+def start_train(cohort: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """`rect-vlm train classification --tiny ...` in a fresh process (one thread: the same float sums in each run).
+    Its output goes to files next to `out` (a pipe nobody reads while polling could fill up and stall it)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = ["train", "classification", "--tiny", "--data", str(cohort), "--output-dir", str(out), *extra]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f"{out.name}-{len(list(out.parent.glob(f'{out.name}-*.stderr')))}"
+    with open(f"{log}.stdout", "w") as stdout, open(f"{log}.stderr", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trainers.cli", *command, *OVERRIDES], env=env, stdout=stdout, stderr=stderr
+        )
+    proc.stderr_path = Path(f"{log}.stderr")
+    return proc
+
+
+def finish(proc: subprocess.Popen) -> str:
+    """Wait for a run that must succeed; returns its stderr."""
+    proc.wait(timeout=300)
+    stderr = proc.stderr_path.read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+    return stderr
+
+
+@pytest.fixture(scope="module")
+def reference(cohort, tmp_path_factory) -> Path:
+    """The uninterrupted run's output folder."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    finish(start_train(cohort, out))
+    return out
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """Bit-identical final weights, the same global step and the same per-step training logs."""
+    weights, expected = load_file(run / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert weights.keys() == expected.keys()
+    different = [name for name in expected if not torch.equal(weights[name], expected[name])]
+    assert different == [], f"{len(different)} tensors differ, e.g. {different[:3]}"
+    state, expected_state = (json.loads((r / "trainer_state.json").read_text()) for r in (run, reference))
+    assert state["global_step"] == expected_state["global_step"] == MAX_STEPS
+
+    def training_logs(s):
+        return [(e["step"], e["loss"], e["grad_norm"], e["learning_rate"]) for e in s["log_history"] if "loss" in e]
+
+    assert len(training_logs(state)) == MAX_STEPS
+    assert training_logs(state) == training_logs(expected_state)
+
+
+def test_killed_run_resumes_to_bit_identical_weights(cohort, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = start_train(cohort, out)
+    deadline = time.monotonic() + 240
+    while checkpoint_problem(out / "checkpoint-8") is not None:  # complete once its trainer_state.json parses
+        assert proc.poll() is None, "ended before checkpoint-8 was complete: " + proc.stderr_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no complete checkpoint-8 after 240 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "training_summary.json").exists(), "the run finished before it was killed"
+    newest = latest_valid_checkpoint(out)
+    assert newest is not None and 8 <= int(newest.name.split("-")[1]) < MAX_STEPS
+
+    finish(start_train(cohort, out, "--resume"))
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert Path(summary["resumed_from"]).name == newest.name
+    assert summary["global_step"] == MAX_STEPS
+    assert summary["train_examples"] == 6 and summary["eval_examples"] == 4
+    assert_same_run(out, reference)
+    # The final folder is a Hub folder: model, config and image processor.
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_truncated_newest_checkpoint_is_skipped_with_a_warning(cohort, reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    weights = out / f"checkpoint-{MAX_STEPS}" / "model.safetensors"
+    with open(weights, "r+b") as handle:  # what a process killed while writing the weights leaves
+        handle.truncate(weights.stat().st_size // 2)
+    assert "truncated" in checkpoint_problem(weights.parent)
+    previous = out / f"checkpoint-{MAX_STEPS - 4}"
+    assert latest_valid_checkpoint(out) == previous
+
+    stderr = finish(start_train(cohort, out, "--resume"))
+    warnings = [line for line in stderr.splitlines() if "skipping incomplete checkpoint" in line]
+    assert len(warnings) == 1 and str(weights.parent) in warnings[0] and "model.safetensors" in warnings[0], stderr
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["resumed_from"] == str(previous)
+    assert checkpoint_problem(weights.parent) is None  # step 24 was trained again and saved over the broken folder
+    assert_same_run(out, reference)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def test_unknown_override_key_is_one_line(cohort, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
+    args = ["train", "classification", "--tiny", "--data", str(cohort), "--output-dir", str(tmp_path / "out")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainers.cli", *args, "--max_steps", "3", "--max_stepz", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    line = one_line_error(proc)
+    assert line.startswith("rect-vlm train: error: --max_stepz: not a TrainingArguments field"), line
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["classification", "--tiny", "--data", "{missing}", "--output-dir", "{out}"], ["--data", "no such folder"]),
+        (["classification", "--tiny", "--data", "{cohort}"], ["--output-dir is required"]),
+        (
+            ["localization", "--tiny", "--data", "{cohort}", "--output-dir", "{out}"],
+            ["'localization'", "classification"],
+        ),
+        (
+            ["classification", "--data", "{cohort}", "--output-dir", "{out}", "--max_steps", "x"],
+            ["--max_steps", "'x'"],
+        ),
+        (["classification", "--data", "{cohort}", "--output-dir", "{out}", "--output_dir", "y"], ["--output_dir"]),
+        (["classification", "--data", "{cohort}", "--output-dir", "{earlier}"], ["checkpoint-4", "--resume"]),
+    ],
+    ids=["missing-data", "no-output-dir", "unsupported-task", "bad-value", "output-dir-override", "earlier-run"],
+)
+def test_train_usage_errors(cohort, tmp_path, capsys, args, expected):
+    (tmp_path / "earlier" / "checkpoint-4").mkdir(parents=True)
+    paths = {"missing": str(tmp_path / "missing"), "out": str(tmp_path / "out"), "cohort": str(cohort)}
+    paths["earlier"] = str(tmp_path / "earlier")
+    assert main(["train", *(a.format(**paths) for a in args)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rect-vlm train: error: "), lines
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+def test_unsupported_task_names_it_and_the_supported_ones(tmp_path):
+    with pytest.raises(NotImplementedError, match=r"task 'localization'.*supported tasks: \['classification'\]"):
+        train_from_recipe("localization", tmp_path / "data", tmp_path / "out", tiny=True)

@@ -1,0 +1,371 @@
+"""Train from a recipe: `train_from_recipe("classification", data_dir, output_dir)` (the `rect-vlm train` command).
+
+Data flows recipe (`trainers.recipes`) → image processor + model → reader rows → processed-volume cache →
+datasets → `ReCTTrainer` → `output_dir/checkpoint-N` every `save_steps` → final model + image processor
+(`save_pretrained`) and `training_summary.json` in `output_dir`. `SUPPORTED_TASKS` says which recipe tasks have a
+builder; the others raise `NotImplementedError` naming the task.
+
+Checkpoints and crashes: transformers writes `checkpoint-N` in place, under its final name (weights, optimizer,
+scheduler, RNG state, `trainer_state.json` last), so a process killed while saving leaves a partial folder that
+looks like a checkpoint. Making the write atomic (a temporary folder renamed when complete) would mean overriding
+the Trainer's private `_save_checkpoint`. Instead, `resume=True` checks every candidate before using it
+(`checkpoint_problem`) and falls back, with a warning naming the skipped folder, to the newest complete one: that
+check is the safety net. A skipped folder is left in place; the resumed run overwrites it when it reaches that step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .recipes import Recipe, load_recipe
+
+
+logger = logging.getLogger(__name__)
+
+#: `checkpoint-<global step>`, as `transformers.trainer_utils.PREFIX_CHECKPOINT_DIR` names them.
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+SUMMARY_NAME = "training_summary.json"
+
+
+@dataclass
+class TaskParts:
+    """What a task builder hands to the Trainer."""
+
+    model: Any
+    image_processor: Any
+    train_dataset: Any
+    eval_dataset: Any | None
+    data_collator: Callable
+    #: `Trainer(compute_metrics=...)`; used only when there is an evaluation split.
+    compute_metrics: Callable | None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task builders (one per recipe task)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_classification(recipe: Recipe, data_dir: Path, cache_dir: Path, progress: bool) -> TaskParts:
+    """`ReCTForVolumeClassification` over a CT-RATE-layout cohort (`data.format` `ct_rate`, or `phantom`: a
+    generated cohort, which has the same layout). The image processor and label checks are
+    `trainers.classification.ClassifierRecipe`'s; the model config is the recipe's `model.config` with `id2label`
+    from `data.labels` (None = the 18 CT-RATE findings).
+
+    Raises:
+        ValueError: `data.volume_size`/`data.windows` missing, or disagreeing with the model's vision config; an
+            unknown label name; a `model.model_class` that is not a volume classifier.
+        DatasetFormatError, MissingFilesError: the cohort's files (see `read_ct_rate`).
+    """
+    import hf_models
+    from hf_models import CT_RATE_ABNORMALITIES, ReCTConfig
+
+    from .classification import ClassifierRecipe
+    from .data.cache import VolumeCache
+    from .data.collators import ClassificationCollator
+    from .data.readers import read_ct_rate
+    from .data.volume_dataset import CachedVolumeDataset
+    from .metrics import classification_compute_metrics
+
+    source, data = recipe.source, recipe.data
+    if data.format not in ("ct_rate", "phantom"):
+        raise ValueError(
+            f"{source}: data.format: the classification task reads 'ct_rate' or 'phantom', got {data.format!r}"
+        )
+    for key in ("volume_size", "windows"):
+        if getattr(data, key) is None:
+            raise ValueError(f"{source}: data.{key}: the classification task needs it (the image processor's {key})")
+    windows = tuple(tuple(w) if isinstance(w, list) else w for w in data.windows)
+    classifier = ClassifierRecipe(
+        label_names=tuple(data.labels or CT_RATE_ABNORMALITIES), volume_size=tuple(data.volume_size), windows=windows
+    )
+    label_indices = classifier.label_indices()
+    image_processor = classifier.image_processor()
+
+    model_class = getattr(hf_models, recipe.model.model_class, None)
+    if not (isinstance(model_class, type) and issubclass(model_class, hf_models.ReCTForVolumeClassification)):
+        raise ValueError(
+            f"{source}: model.model_class: the classification task trains ReCTForVolumeClassification, "
+            f"got {recipe.model.model_class!r}"
+        )
+    config = ReCTConfig(**recipe.model.config, id2label=dict(enumerate(classifier.label_names)))
+    vision = config.vision_config
+    if list(vision.volume_size) != list(data.volume_size):
+        raise ValueError(
+            f"{source}: model.config.vision_config.volume_size {list(vision.volume_size)} differs from "
+            f"data.volume_size {list(data.volume_size)}"
+        )
+    if vision.in_channels != len(windows):
+        raise ValueError(
+            f"{source}: model.config.vision_config.in_channels is {vision.in_channels} but data.windows gives "
+            f"{len(windows)} channel(s)"
+        )
+    if recipe.model.pretrained:
+        model = model_class.from_pretrained(recipe.model.pretrained, config=config)
+    else:
+        model = model_class(config)
+
+    cache = VolumeCache(cache_dir, image_processor)
+    train_rows = read_ct_rate(data_dir, data.train_split, anatomy_masks=False, cot=False)
+    train = CachedVolumeDataset(train_rows, cache, label_indices=label_indices)
+    train.prepare(progress=progress)
+    valid = None
+    if data.valid_split:
+        valid_rows = read_ct_rate(data_dir, data.valid_split, anatomy_masks=False, cot=False)
+        valid = CachedVolumeDataset(valid_rows, cache, label_indices=label_indices)
+        valid.prepare(progress=progress)
+    return TaskParts(
+        model=model,
+        image_processor=image_processor,
+        train_dataset=train,
+        eval_dataset=valid,
+        data_collator=ClassificationCollator(),
+        compute_metrics=classification_compute_metrics(classifier.label_names),
+    )
+
+
+#: Recipe task → builder of its model, processor and datasets.
+SUPPORTED_TASKS: dict[str, Callable[[Recipe, Path, Path, bool], TaskParts]] = {
+    "classification": build_classification,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """None if `path` is a complete safetensors file (its JSON header parses and the file holds every byte the
+    header's tensor offsets point to), else what is wrong. Reads the header only."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                return f"{path.name}: {size} bytes, shorter than the 8-byte header length"
+            (header_length,) = struct.unpack("<Q", prefix)
+            if 8 + header_length > size:
+                return f"{path.name}: header of {header_length} bytes runs past the end of the {size}-byte file"
+            header = json.loads(handle.read(header_length))
+    except (OSError, ValueError) as err:
+        return f"{path.name}: {err}"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + header_length + max(ends, default=0)
+    if size != expected:
+        return f"{path.name}: {size} bytes, the header describes {expected} (truncated or overwritten)"
+    return None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        # As the Trainer loads it (weights only, its numpy allowlist); mmap: the archive's index is read and
+        # checked without reading the tensors into memory.
+        with safe_globals():
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any failure to load makes the checkpoint unusable; it is reported
+        return f"{path.name}: does not load ({type(err).__name__}: {err})"
+    return None
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """None if `folder` is a complete Trainer checkpoint, else the first problem found: `trainer_state.json` missing
+    or not JSON, model weights (`model.safetensors` or the shards of `model.safetensors.index.json`) missing or
+    truncated, `optimizer.pt` / `scheduler.pt` / `rng_state*.pth` missing or not loadable."""
+    folder = Path(folder)
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "trainer_state.json is missing"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"trainer_state.json does not parse ({err})"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as err:
+            return f"{index.name} does not parse ({err})"
+    elif (folder / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        return "model weights are missing (no model.safetensors or model.safetensors.index.json)"
+    for shard in shards:
+        path = folder / shard
+        problem = safetensors_problem(path) if path.is_file() else f"{shard} is missing"
+        if problem:
+            return problem
+    rng_files = sorted(folder.glob("rng_state*.pth"))
+    if not rng_files:
+        return "no rng_state*.pth file"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+    for path in [folder / "optimizer.pt", folder / "scheduler.pt", *rng_files]:
+        problem = _torch_file_problem(path)
+        if problem:
+            return problem
+    return None
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The `checkpoint-N` folders of `output_dir`, newest (largest N) first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))
+    ]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_valid_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint of `output_dir` that `checkpoint_problem` accepts; each newer one it rejects is logged
+    as a warning naming the folder and the problem. None when there is no valid one."""
+    for folder in checkpoints(output_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.warning("skipping incomplete checkpoint %s: %s", folder, problem)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_from_recipe(
+    recipe_name_or_path: str | Path,
+    data_dir: str | Path,
+    output_dir: str | Path,
+    tiny: bool = False,
+    resume: bool = False,
+    overrides: dict[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the recipe's model on `data_dir` and save it (with its image processor) to `output_dir`.
+
+    Args:
+        recipe_name_or_path: a shipped recipe name (`"classification"`) or a YAML path (`load_recipe`).
+        data_dir: the dataset root the recipe's reader reads (CT-RATE layout for classification).
+        output_dir: gets `checkpoint-N` folders, then the final model, `trainer_state.json` and
+            `training_summary.json`.
+        tiny: use the recipe's `tiny:` section.
+        resume: continue from the newest valid checkpoint in `output_dir` (see the module docstring); with none,
+            training starts from step 0 (logged).
+        overrides: `TrainingArguments` fields that replace the recipe's (`max_steps`, `save_steps`, `seed`, ...).
+            Giving `save_steps` without `save_strategy` turns step checkpoints on (`save_strategy="steps"`).
+        cache_dir: processed-volume cache (default `output_dir/cache`).
+        progress: progress bars.
+
+    Returns:
+        The summary written to `output_dir/training_summary.json`: recipe, task, `resumed_from`, `global_step`,
+        `epochs`, `train_loss`, `wall_seconds` (this call), `train_examples`, `eval_examples`, `eval_metrics` (a final
+        evaluation; empty without an evaluation split), `best_metric` and `best_model_checkpoint` (None unless the
+        recipe selects a best model).
+
+    Raises:
+        NotImplementedError: the recipe's task has no builder yet (the message names it and `SUPPORTED_TASKS`).
+        FileExistsError: `output_dir` holds checkpoints and `resume` is False.
+        ValueError, FileNotFoundError: see `load_recipe` and the task's builder.
+    """
+    from transformers import enable_full_determinism, set_seed
+
+    from .trainer import ReCTTrainer
+
+    start = time.perf_counter()
+    recipe = load_recipe(recipe_name_or_path, tiny=tiny)
+    build = SUPPORTED_TASKS.get(recipe.task)
+    if build is None:
+        raise NotImplementedError(
+            f"{recipe.source}: task {recipe.task!r} cannot be trained by train_from_recipe yet; "
+            f"supported tasks: {sorted(SUPPORTED_TASKS)}"
+        )
+    output_dir, data_dir = Path(output_dir), Path(data_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    earlier = checkpoints(output_dir)
+    if earlier and not resume:
+        # Training over them would leave the newer ones of the earlier run for a later `resume=True` to pick up.
+        raise FileExistsError(
+            f"{output_dir} already holds {earlier[0].name} of an earlier run: resume it (resume=True, --resume) or "
+            "choose another output folder"
+        )
+    overrides = dict(overrides or {})
+    defaults: dict[str, Any] = {"disable_tqdm": not progress}
+    if "save_steps" in overrides and "save_strategy" not in overrides:
+        defaults["save_strategy"] = "steps"
+    args = recipe.training_arguments(output_dir, **{**defaults, **overrides})
+    # Seed before the model is built: its random initialisation is part of the run (a resumed run loads weights).
+    (enable_full_determinism if args.full_determinism else set_seed)(args.seed)
+    parts = build(recipe, data_dir, Path(cache_dir) if cache_dir else output_dir / "cache", progress)
+
+    checkpoint = None
+    if resume:
+        checkpoint = latest_valid_checkpoint(output_dir)
+        if checkpoint is None:
+            logger.warning("resume: no valid checkpoint in %s; training starts from step 0", output_dir)
+        else:
+            logger.warning("resuming from %s", checkpoint)
+    trainer = ReCTTrainer(
+        model=parts.model,
+        args=args,
+        train_dataset=parts.train_dataset,
+        eval_dataset=parts.eval_dataset,
+        data_collator=parts.data_collator,
+        processing_class=parts.image_processor,
+        compute_metrics=parts.compute_metrics if parts.eval_dataset is not None else None,
+        callbacks=recipe.callbacks(),
+        **recipe.trainer_kwargs(),
+    )
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    eval_metrics = trainer.evaluate() if parts.eval_dataset is not None else {}
+
+    parts.model.save_pretrained(output_dir)
+    parts.image_processor.save_pretrained(output_dir)
+    trainer.save_state()
+    state = trainer.state
+    summary = {
+        "recipe": recipe.source,
+        "task": recipe.task,
+        "tiny": tiny,
+        "overrides": {
+            k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in overrides.items()
+        },
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "global_step": state.global_step,
+        "epochs": state.epoch,
+        "train_loss": result.training_loss,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "train_examples": len(parts.train_dataset),
+        "eval_examples": len(parts.eval_dataset) if parts.eval_dataset is not None else 0,
+        "eval_metrics": eval_metrics,
+        "best_metric": state.best_metric,
+        "best_model_checkpoint": state.best_model_checkpoint,
+    }
+    (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+__all__ = [
+    "SUPPORTED_TASKS",
+    "TaskParts",
+    "build_classification",
+    "checkpoint_problem",
+    "checkpoints",
+    "latest_valid_checkpoint",
+    "safetensors_problem",
+    "train_from_recipe",
+]
