@@ -46,8 +46,8 @@ LOW_ATTENUATION_WINDOW = (-900.0, 300.0)
 DENSE_WINDOW = (700.0, 1400.0)
 
 #: `generate_cohort` keyword arguments of the demo's phantom cohort (`rect-vlm demo`, `bench/learning.py`).
-#: 800 + 120 patients (a third with a follow-up scan) → about 1,060 training and 146 held-out volumes: the
-#: global findings need this many (with 328 training volumes cardiomegaly reached 0.67 and pleural effusion 0.54).
+#: 800 + 120 patients (a third with a follow-up scan) → 1,088 training and 166 held-out volumes: the global
+#: findings need this many (with 328 training volumes cardiomegaly reached 0.67 and pleural effusion 0.54).
 DEMO_COHORT: dict[str, Any] = dict(n_train=800, n_val=120, seed=1, shape=(32, 64, 64), p_second_recon=0.0)
 
 
