@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -144,24 +143,16 @@ SUPPORTED_TASKS: dict[str, Callable[[Recipe, Path, Path, bool], TaskParts]] = {
 
 
 def safetensors_problem(path: Path) -> str | None:
-    """None if `path` is a complete safetensors file (its JSON header parses and the file holds every byte the
-    header's tensor offsets point to), else what is wrong. Reads the header only."""
+    """None if `path` is a complete safetensors file, else what is wrong. `safetensors.safe_open` reads the header
+    only and refuses a file whose size differs from what the header's tensor offsets describe (truncated or
+    overwritten)."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                return f"{path.name}: {size} bytes, shorter than the 8-byte header length"
-            (header_length,) = struct.unpack("<Q", prefix)
-            if 8 + header_length > size:
-                return f"{path.name}: header of {header_length} bytes runs past the end of the {size}-byte file"
-            header = json.loads(handle.read(header_length))
-    except (OSError, ValueError) as err:
-        return f"{path.name}: {err}"
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    expected = 8 + header_length + max(ends, default=0)
-    if size != expected:
-        return f"{path.name}: {size} bytes, the header describes {expected} (truncated or overwritten)"
+        with safe_open(path, framework="pt"):
+            pass
+    except (OSError, SafetensorError) as err:
+        return f"{path.name}: not a complete safetensors file (truncated or overwritten?): {err}"
     return None
 
 
