@@ -59,6 +59,7 @@ from .volume_geometry_rect import (
     to_original_grid,
 )
 from .volume_reading_rect import (
+    InflatingNifti,
     RawVolume,
     as_3d,
     is_affine_like,
@@ -560,16 +561,17 @@ class ReCTImageProcessor(BaseImageProcessor):
                 source = np.where(finite, source, source.dtype.type((self.fill_value_hu - intercept) / slope))
         return source
 
-    def _check_not_constant(self, source: np.ndarray, name: str, slope: float, intercept: float) -> None:
-        # cheap early exit: a few spread-out voxels already differ in any real scan
-        probe = source[tuple(np.array([0, s // 2, s - 1]) for s in source.shape)]
-        if (probe != probe[0]).any() or source.min() != source.max():
-            return
+    @staticmethod
+    def _varies(array: np.ndarray, reference: Any) -> bool:
+        """Whether `array` holds any value other than `reference` (a few spread-out voxels decide most scans)."""
+        probe = array[tuple(np.array([0, s // 2, s - 1]) for s in array.shape)]
+        return bool((probe != reference).any() or array.min() != reference or array.max() != reference)
+
+    def _refuse_constant(self, value: Any, name: str, slope: float, intercept: float) -> None:
         if not self.allow_constant_volume:
-            value = float(source[0, 0, 0]) * slope + intercept
             raise ValueError(
                 f"{name}: expected a volume with varying intensities, found a constant volume (every voxel "
-                f"= {value:g} HU); set allow_constant_volume=True to process it anyway"
+                f"= {float(value) * slope + intercept:g} HU); set allow_constant_volume=True to process it anyway"
             )
 
     def _process_volume(
@@ -589,36 +591,54 @@ class ReCTImageProcessor(BaseImageProcessor):
         if rescale_slope == 0:
             raise ValueError(f"rescale_slope for {label}: expected a non-zero number, found 0")
         raw = read_volume(volume, affine, label, stream_min_bytes=STREAM_MIN_BYTES)
+        try:
+            return self._process_raw(raw, anatomy_mask, lesion_mask, rescale_slope, rescale_intercept, label)
+        finally:
+            if raw.stream is not None:  # an error before the last slab: stop the background inflate
+                raw.stream.close()
+
+    def _process_raw(
+        self,
+        raw: RawVolume,
+        anatomy_mask: Any,
+        lesion_mask: Any,
+        rescale_slope: float,
+        rescale_intercept: float,
+        label: str,
+    ) -> dict[str, Any]:
         name = raw.source or label
-        if raw.stream is not None and (raw.array.dtype.kind not in "iu" or is_sheared(raw.affine)):
+        if raw.stream is not None and (raw.stream.dtype.kind not in "iu" or is_sheared(raw.affine)):
             raw.finished()  # only integer, orthogonal volumes are processed while inflating
-        source = as_3d(to_array(raw.array, name), name)
-        if source.dtype == np.bool_:
-            source = source.view(np.uint8)
         # HU = slope * stored + intercept, composing file scaling (NIfTI scl_*) and the caller's (e.g. CT-RATE CSV).
         slope = float(rescale_slope) * raw.slope
         intercept = float(rescale_slope) * raw.intercept + float(rescale_intercept)
-        raw_shape = tuple(source.shape)
-        air = (AIR_HU - intercept) / slope
-        source, grid_affine, plans, notes = _regular_grid(raw, source, name, self.gantry_tilt, self.slice_spacing, air)
-        if raw.stream is None:
+        if raw.stream is not None:  # an integer NIfTI on an orthogonal grid: nothing to regrid or check upfront
+            source, raw_shape, grid_affine, plans, notes = None, raw.stream.shape, raw.affine, [], []
+            shape = raw_shape
+        else:
+            source = as_3d(to_array(raw.array, name), name)
+            if source.dtype == np.bool_:
+                source = source.view(np.uint8)
+            raw_shape = tuple(source.shape)
+            air = (AIR_HU - intercept) / slope
+            source, grid_affine, plans, notes = _regular_grid(
+                raw, source, name, self.gantry_tilt, self.slice_spacing, air
+            )
             source = self._check_values(source, name, slope, intercept)
-            self._check_not_constant(source, name, slope, intercept)
+            if not self._varies(source, source.flat[0]):
+                self._refuse_constant(source.flat[0], name, slope, intercept)
+            shape = tuple(source.shape)
 
         masks = {}
         for key, mask in (("anatomy_mask", anatomy_mask), ("lesion_mask", lesion_mask)):
             if mask is not None:
-                masks[key] = self._prepare_mask(
-                    mask, raw, raw_shape, tuple(source.shape), grid_affine, plans, f"{key} of {name}"
-                )
+                masks[key] = self._prepare_mask(mask, raw, raw_shape, shape, grid_affine, plans, f"{key} of {name}")
 
-        plan = plan_model_grid(
-            tuple(source.shape), grid_affine, self.volume_size, self.target_spacing, self.resize_mode, AIR_HU
-        )
+        plan = plan_model_grid(shape, grid_affine, self.volume_size, self.target_spacing, self.resize_mode, AIR_HU)
         pixel_values = self._new_output(plan)
         if raw.stream is not None:
-            self._resample_streamed(source, plan, raw, pixel_values, slope, intercept)
-            self._check_not_constant(source, name, slope, intercept)
+            self._resample_streamed(raw.stream, plan, pixel_values, slope, intercept, name)
+            raw.stream = None
         else:
             values = apply_linear(source.transpose(plan.permutation), plan.linear, plan.linear_axes)
             self._window_into(pixel_values, values, tuple(slice(a, b) for a, b in plan.regions), slope, intercept)
@@ -633,7 +653,7 @@ class ReCTImageProcessor(BaseImageProcessor):
 
         outputs["volume_meta"] = VolumeMetadata(
             source=raw.source,
-            original_shape=[int(s) for s in source.shape],
+            original_shape=[int(s) for s in shape],
             original_affine=grid_affine.tolist(),
             original_spacing=[float(s) for s in spacing_of(grid_affine)],
             processed_shape=list(self.volume_size),
@@ -648,35 +668,43 @@ class ReCTImageProcessor(BaseImageProcessor):
         return outputs
 
     def _resample_streamed(
-        self, source: np.ndarray, plan: ModelGridPlan, raw: RawVolume, out: np.ndarray, slope: float, intercept: float
+        self, stream: InflatingNifti, plan: ModelGridPlan, out: np.ndarray, slope: float, intercept: float, name: str
     ) -> None:
-        """Resample and window slab by slab while `raw.stream` is still inflating the file.
+        """Resample and window slab by slab while `stream` is still inflating the file.
 
         The file's slowest axis is the last stored axis; output slabs along the canonical axis it becomes are
         processed in file order (a flipped axis runs backwards), each as soon as the input slices it reads are
-        inflated. The linear passes run in the whole volume's axis order, so the result is bit-identical.
+        inflated, and each reads at most half the stream's ring so the inflater keeps working ahead. The linear
+        passes run in the whole volume's axis order, so the result is bit-identical to the whole-file path.
         """
-        stream = raw.stream
         k = plan.permutation.index(2)
-        transposed = source.transpose(plan.permutation)
         start, stop = plan.regions[k]
+        limit = max(2, stream.window_slices // 2)
         size = max(1, -(-(stop - start) // STREAM_SLABS))
-        slabs = []
-        for a in range(0, stop - start, size):
+        slabs, a = [], 0
+        while a < stop - start:
             b = min(stop - start, a + size)
             lo, hi, taps_k = chunk_linear_taps(plan.linear[k], a, b)
-            slabs.append((hi, lo, a, b, taps_k))
-        for hi, lo, a, b, taps_k in sorted(slabs, key=lambda slab: slab[:4]):
-            stream.wait_slices(hi)
+            while hi - lo > limit and b - a > 1:  # one output reads at most 2 input slices
+                b = a + (b - a) // 2
+                lo, hi, taps_k = chunk_linear_taps(plan.linear[k], a, b)
+            slabs.append((lo, hi, a, b, taps_k))
+            a = b
+        reference, varies = None, False
+        for lo, hi, a, b, taps_k in sorted(slabs, key=lambda slab: slab[:4]):
+            slab = stream.slab(lo, hi)
+            if not varies:
+                reference = slab.flat[0] if reference is None else reference
+                varies = self._varies(slab, reference)
             taps = list(plan.linear)
             taps[k] = taps_k
-            index = [slice(None)] * 3
-            index[k] = slice(lo, hi)
-            values = apply_linear(transposed[tuple(index)], taps, plan.linear_axes)
+            values = apply_linear(slab.transpose(plan.permutation), taps, plan.linear_axes)
             region = [slice(r0, r1) for r0, r1 in plan.regions]
             region[k] = slice(start + a, start + b)
             self._window_into(out, values, tuple(region), slope, intercept)
-        raw.finished()  # the whole file inflated and its gzip CRC verified
+        stream.finish()  # the whole file inflated and its gzip CRC verified
+        if not varies and reference is not None:
+            self._refuse_constant(reference, name, slope, intercept)
 
     def _new_output(self, plan: ModelGridPlan) -> np.ndarray:
         """`(C, D, H, W)` float32, with the padding outside `plan.regions` already set to windowed air."""

@@ -55,6 +55,10 @@ _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: (identical bytes; the benchmark uses it to measure a machine without isal).
 USE_ISAL = True
 
+#: Bytes of inflated voxel data a streamed `.nii.gz` keeps at a time (`InflatingNifti`): a ring of whole slices,
+#: so a large scan never needs its whole stored array in memory, and the same warm memory is reused throughout.
+STREAM_WINDOW_BYTES = 32 << 20
+
 
 def optional_import(module: str, purpose: str) -> Any:
     """Import a reader dependency at first use, so the Hub loader does not require it to import this file."""
@@ -71,7 +75,7 @@ class RawVolume:
     Attributes:
         array: the stored values, 3D or more, in the source's own axis order (e.g. NIfTI `(x, y, z)`, DICOM
             `(slices, rows, columns)`); numpy array (possibly a read-only view of the decompressed file, or a
-            memory map) or torch tensor. For a streamed `.nii.gz` it is being filled by `stream` in the background.
+            memory map) or torch tensor. None for a streamed `.nii.gz` until `finished()`: `stream` has its slabs.
         affine: `(4, 4)` float64 voxel index → RAS+ mm. Sheared for a gantry-tilted series.
         slope, intercept: HU = slope * stored + intercept (NIfTI `scl_slope`/`scl_inter`; DICOM series are already
             in HU, slope 1 and intercept 0).
@@ -81,7 +85,7 @@ class RawVolume:
         slice_positions: DICOM series only: `(slices,)` mm along the slice normal (ImagePositionPatient projected on
             it), ascending: the slices are sorted.
         slice_names: DICOM series only: the file name of each slice, in the same order.
-        stream: for a `.nii.gz` inflated in a background thread: the `InflatingNifti` filling `array`.
+        stream: for a `.nii.gz` inflated in a background thread: the `InflatingNifti` handing out its slabs.
     """
 
     array: Any
@@ -95,9 +99,9 @@ class RawVolume:
     stream: InflatingNifti | None = None
 
     def finished(self) -> RawVolume:
-        """This volume with its whole array available (waits for a background inflate to finish)."""
+        """This volume with its whole array in `array` (reads the rest of a streamed file)."""
         if self.stream is not None:
-            self.stream.wait_all()
+            self.array = self.stream.read_all()
             self.stream = None
         return self
 
@@ -148,75 +152,215 @@ def read_gzip(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(chunks[0] if len(chunks) == 1 else b"".join(chunks), dtype=np.uint8)
 
 
+#: Rings of finished streams kept for the next ones: warm memory that costs no page faults (at most 2).
+_spare_rings: list[np.ndarray] = []
+_spare_rings_lock = threading.Lock()
+
+
+def _take_ring(nbytes: int) -> np.ndarray:
+    """A uint8 buffer of at least `nbytes`: a spare ring when one is large enough, else new memory."""
+    with _spare_rings_lock:
+        for index, ring in enumerate(_spare_rings):
+            if len(ring) >= nbytes:
+                return _spare_rings.pop(index)
+    return np.empty(nbytes, dtype=np.uint8)
+
+
+def _give_back_ring(ring: np.ndarray) -> None:
+    with _spare_rings_lock:
+        _spare_rings.append(ring)
+        del _spare_rings[:-2]
+
+
 class InflatingNifti:
-    """Inflates a `.nii.gz` in a background thread while the caller works on the slabs already inflated.
+    """Inflates a `.nii.gz` in a background thread into a bounded ring of slices while the caller processes slabs.
 
-    The voxel array (`array`, Fortran order as NIfTI stores it: the LAST axis is the slowest in the file) is a view
-    of one preallocated buffer that the background thread reads, inflates and copies into, piece by piece (each
-    piece is freed at once, so the inflater keeps reusing the same warm memory); `wait_slices(n)` returns once the
-    first `n` slices along the last axis are there. isal/zlib and numpy release the GIL, so inflating and the
-    caller's processing run on two cores.
+    NIfTI stores voxels in Fortran order, so the file is a sequence of slices along the LAST axis. The background
+    thread reads, inflates and copies them into a ring buffer of `window_slices` slices; the caller asks for slabs
+    `[lo, hi)` in file order with `slab(lo, hi)`, which waits until they are inflated and frees every slice before
+    `lo` for the inflater to overwrite. isal/zlib and numpy release the GIL, so inflating and the caller's
+    processing run on two cores, and memory stays bounded (`STREAM_WINDOW_BYTES`) whatever the scan's size:
+    fresh memory for a whole 150 MB stored array costs more in page faults than processing it.
 
-    Raises (from `wait_slices` / `wait_all`): `ValueError` naming the file when the data is truncated or corrupt.
+    Call `finish()` after the last slab (waits for the end of the file and its gzip CRC), or `close()` to abandon
+    the file; `read_all()` returns the whole array instead.
+
+    Raises (from `slab` / `finish` / `read_all`): `ValueError` naming the file when the data is truncated or corrupt.
     """
 
-    #: compressed bytes read and handed to the inflater per call (the output arrives in pieces of ~2-4x this)
+    #: compressed bytes read and handed to the inflater per call
     INPUT_CHUNK = 1 << 19
-    #: the caller is woken every this many inflated bytes
-    NOTIFY_BYTES = 4 << 20
+    #: at most this many inflated bytes per inflater call (bounds memory on highly compressible data)
+    OUTPUT_CHUNK = 1 << 21
 
-    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+    def __init__(
+        self,
+        path: Path,
+        offset: int,
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        window_bytes: int | None = None,
+    ):
         self.path = path
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.offset = int(offset)
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-        self.slice_bytes = self.nbytes // max(self.shape[-1], 1)
-        self._buffer = np.empty(self.offset + self.nbytes, dtype=np.uint8)
-        self.array = self._buffer[self.offset :].view(self.dtype).reshape(self.shape, order="F")
-        self._filled = 0  # bytes of the buffer complete (guarded by the condition)
+        self.num_slices = self.shape[-1]
+        self.slice_bytes = int(np.prod(self.shape[:-1], dtype=np.int64)) * self.dtype.itemsize
+        if self.num_slices < 1 or self.slice_bytes < 1:
+            raise ValueError(f"{path}: cannot stream an empty volume of shape {self.shape}")
+        self.nbytes = self.num_slices * self.slice_bytes
+        window = STREAM_WINDOW_BYTES if window_bytes is None else int(window_bytes)
+        #: slices the ring holds: a slab asked for may span at most this many
+        self.window_slices = min(self.num_slices, max(4, -(-window // self.slice_bytes)))
+        self._ring = _take_ring(self.window_slices * self.slice_bytes)[: self.window_slices * self.slice_bytes]
+        self._written = 0  # voxel bytes inflated into the ring so far (guarded by the condition)
+        self._released = 0  # voxel bytes the caller no longer needs: the inflater may overwrite them
         self._done = False
+        self._closed = False
         self._error: BaseException | None = None
         self._condition = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"inflate {path.name}", daemon=True)
         self._thread.start()
 
+    # -- background thread ---------------------------------------------------------------------------------
+
     def _run(self) -> None:
         backend = gzip_backend()
-        filled, error = 0, None
+        error = None
         try:
-            decompressor = backend.decompressobj(wbits=31)
-            since_notify = 0
-            with open(self.path, "rb") as handle:  # read as we go: reading overlaps inflating too
-                pending = b""
-                while piece := pending or handle.read(self.INPUT_CHUNK):
-                    pending = b""
-                    out = decompressor.decompress(piece)
-                    if decompressor.eof:  # end of a gzip member: the rest is zero padding or another member
-                        pending = (decompressor.unused_data + handle.read()).lstrip(b"\x00")
-                        if pending:
-                            decompressor = backend.decompressobj(wbits=31)
-                    keep = min(len(out), len(self._buffer) - filled)  # bytes past the voxel data are dropped
-                    if keep:
-                        self._buffer[filled : filled + keep] = np.frombuffer(out, dtype=np.uint8, count=keep)
-                        filled += keep
-                        since_notify += keep
-                    if since_notify >= self.NOTIFY_BYTES:
-                        since_notify = 0
-                        with self._condition:
-                            self._filled = filled
-                            self._condition.notify_all()
-            if not decompressor.eof:
-                raise EOFError("compressed file ended before the end-of-stream marker was reached")
-            if filled < len(self._buffer):
-                raise EOFError(f"{filled} decompressed bytes, the header needs {len(self._buffer)}")
+            self._inflate(backend)
         except (*_gzip_errors(backend), OSError) as err:
             error = err
         with self._condition:
-            self._filled = filled
             self._error = error
             self._done = True
             self._condition.notify_all()
+
+    def _inflate(self, backend: Any) -> int:
+        """Inflate the whole file (every gzip member), copying the voxel bytes into the ring; verify its end."""
+        skip, written = self.offset, 0  # header bytes still to drop; voxel bytes copied
+        decompressor = backend.decompressobj(wbits=31)
+        with open(self.path, "rb") as handle:  # read as we go: reading overlaps inflating too
+            data = b""
+            while True:
+                at_end = False
+                if not data:
+                    data = handle.read(self.INPUT_CHUNK)
+                    at_end = not data
+                out = decompressor.decompress(data, self.OUTPUT_CHUNK)
+                if decompressor.eof:  # end of a gzip member: the rest is zero padding or another member
+                    data = (decompressor.unused_data + handle.read()).lstrip(b"\x00")
+                    if data:
+                        decompressor = backend.decompressobj(wbits=31)
+                    finished = not data
+                else:
+                    data = decompressor.unconsumed_tail
+                    finished = at_end and not out  # the file ended inside a member: truncated (raised below)
+                piece = memoryview(out)
+                if skip:
+                    cut = min(skip, len(piece))
+                    piece, skip = piece[cut:], skip - cut
+                piece = piece[: self.nbytes - written]  # bytes past the voxel data are dropped
+                if piece and not self._store(piece, written):
+                    return written  # the caller closed the stream
+                written += len(piece)
+                if finished:
+                    break
+        if not decompressor.eof:
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+        if written < self.nbytes:
+            raise EOFError(f"{self.offset + written} decompressed bytes, the header needs {self.offset + self.nbytes}")
+        return written
+
+    def _store(self, piece: memoryview, written: int) -> bool:
+        """Copy `piece` (voxel bytes from offset `written`) into the ring as space frees up; False once closed."""
+        capacity = len(self._ring)
+        while piece:
+            with self._condition:
+                while not self._closed and written - self._released >= capacity:
+                    self._condition.wait()
+                if self._closed:
+                    return False
+                space = capacity - (written - self._released)
+            start = written % capacity
+            count = min(len(piece), space, capacity - start)
+            self._ring[start : start + count] = np.frombuffer(piece[:count], dtype=np.uint8)
+            piece, written = piece[count:], written + count
+            with self._condition:
+                self._written = written
+                self._condition.notify_all()
+        return True
+
+    # -- caller ------------------------------------------------------------------------------------------
+
+    def slab(self, lo: int, hi: int) -> np.ndarray:
+        """Slices `[lo, hi)` along the last axis, once inflated; frees every slice before `lo`.
+
+        Slabs must be asked for in file order (`lo` never decreasing). The result is a read-only view into the ring,
+        valid until the next `slab` call (a copy when the slab wraps around the ring's end).
+        """
+        lo, hi = int(lo), int(hi)
+        count = hi - lo
+        if self._ring is None:
+            raise ValueError(f"{self.path}: slab [{lo}, {hi}) asked for after the stream was finished or closed")
+        if not 0 <= lo < hi <= self.num_slices or count > self.window_slices:
+            raise ValueError(
+                f"{self.path}: slab [{lo}, {hi}) must lie within the {self.num_slices} slices and span at most "
+                f"{self.window_slices}"
+            )
+        with self._condition:
+            if lo * self.slice_bytes < self._released:
+                raise ValueError(f"{self.path}: slab [{lo}, {hi}) asked for after slices before {lo} were freed")
+            self._released = lo * self.slice_bytes
+            self._condition.notify_all()
+            while self._written < hi * self.slice_bytes and not self._done:
+                self._condition.wait()
+            if self._written < hi * self.slice_bytes:
+                self._fail()
+        start, end = (lo % self.window_slices) * self.slice_bytes, (hi % self.window_slices) * self.slice_bytes
+        if start < end or end == 0:
+            data = self._ring[start : end or len(self._ring)]
+        else:  # wraps around the end of the ring
+            data = np.concatenate((self._ring[start:], self._ring[:end]))
+        array = data.view(self.dtype).reshape((*self.shape[:-1], count), order="F")
+        array.flags.writeable = False
+        return array
+
+    def read_all(self) -> np.ndarray:
+        """The whole stored array (Fortran order, as nibabel reads it), after the end of the file is verified."""
+        array = np.empty(self.shape, dtype=self.dtype, order="F")
+        step = self.window_slices
+        for lo in range(0, self.num_slices, step):
+            hi = min(self.num_slices, lo + step)
+            array[..., lo:hi] = self.slab(lo, hi)
+        self.finish()
+        return array
+
+    def finish(self) -> None:
+        """Wait for the whole file to be inflated and its gzip CRC verified."""
+        with self._condition:
+            self._released = self.nbytes  # nothing more is read from the ring
+            self._condition.notify_all()
+            while not self._done:
+                self._condition.wait()
+        self._thread.join()
+        self._give_back_ring()
+        if self._error is not None:
+            self._fail()
+
+    def close(self) -> None:
+        """Abandon the file: the background thread stops at its next piece. Safe to call at any time, repeatedly."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+        self._thread.join()
+        self._give_back_ring()
+
+    def _give_back_ring(self) -> None:
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            _give_back_ring(ring.base if ring.base is not None else ring)
 
     def _fail(self) -> None:
         err = self._error
@@ -224,23 +368,6 @@ class InflatingNifti:
             f"NIfTI file {self.path} is truncated or corrupt: the header promises shape {self.shape} of {self.dtype}, "
             f"but reading the voxel data failed ({type(err).__name__}: {err})"
         ) from err
-
-    def wait_slices(self, count: int) -> None:
-        """Block until slices `[0, count)` along the last axis are in `array`."""
-        needed = self.offset + min(int(count), self.shape[-1]) * self.slice_bytes
-        with self._condition:
-            while self._filled < needed and not self._done:
-                self._condition.wait()
-        if self._filled < needed:
-            self.wait_all()  # the file ended early: raise its error
-
-    def wait_all(self) -> None:
-        """Block until the whole file is inflated, verified (gzip CRC) and in `array`."""
-        with self._condition:
-            while not self._done:
-                self._condition.wait()
-        if self._error is not None:
-            self._fail()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,9 +410,9 @@ def _read_nifti(path: Path, stream_min_bytes: float) -> RawVolume:
     affine = np.asarray(image.affine, dtype=np.float64)
     gzipped = path.name.lower().endswith(".gz") and proxy.order == "F"
     count = int(np.prod(shape, dtype=np.int64))
-    if gzipped and len(shape) == 3 and count * dtype.itemsize >= stream_min_bytes:
+    if gzipped and len(shape) == 3 and count > 0 and count * dtype.itemsize >= stream_min_bytes:
         stream = InflatingNifti(path, int(proxy.offset), shape, dtype)
-        return RawVolume(stream.array, affine, slope, inter, str(path), stream=stream)
+        return RawVolume(None, affine, slope, inter, str(path), stream=stream)
     backend = gzip_backend()
     try:
         if gzipped:

@@ -564,6 +564,7 @@ def test_damaged_nifti_gz_names_the_file(tmp_path, monkeypatch, inflate, damage,
     bad.write_bytes(bytes(raw))
     monkeypatch.setattr(reading, "USE_ISAL", inflate == "isal")
     monkeypatch.setattr(rect, "STREAM_MIN_BYTES", 0 if streamed else float("inf"))
+    monkeypatch.setattr(reading, "STREAM_WINDOW_BYTES", 1)  # streamed: a 4-slice ring, the inflater often waits
     processor = ReCTImageProcessor(volume_size=[4, 4, 4])
     with pytest.raises(ValueError, match=rf"{bad.name} is truncated or corrupt.*shape \(40, 30, 12\)"):
         processor(str(bad), return_tensors="pt")
@@ -586,21 +587,88 @@ def test_streamed_inflate_gives_identical_results(tmp_path, monkeypatch, layout,
     monkeypatch.setattr(rect, "STREAM_MIN_BYTES", float("inf"))
     whole = processor(path, return_tensors="np")
     monkeypatch.setattr(rect, "STREAM_MIN_BYTES", 0)
-    assert reading.read_volume(path, stream_min_bytes=0).stream is not None  # this file is now inflated in slabs
-    for slabs in (1, 3, 64):
-        monkeypatch.setattr(rect, "STREAM_SLABS", slabs)
-        for use_isal in (True, False):
-            monkeypatch.setattr(reading, "USE_ISAL", use_isal)
-            streamed = processor(path, return_tensors="np")
-            np.testing.assert_array_equal(streamed["pixel_values"], whole["pixel_values"])
-            assert streamed["volume_meta"] == whole["volume_meta"]
+    stream = reading.read_volume(path, stream_min_bytes=0).stream
+    assert stream is not None  # this file is now inflated in slabs
+    stream.close()
+    # the default ring holds the whole file; 1 byte asks for the smallest ring (4 slices): slabs wrap around it
+    for window in (reading.STREAM_WINDOW_BYTES, 1):
+        monkeypatch.setattr(reading, "STREAM_WINDOW_BYTES", window)
+        for slabs in (1, 3, 64):
+            monkeypatch.setattr(rect, "STREAM_SLABS", slabs)
+            for use_isal in (True, False):
+                monkeypatch.setattr(reading, "USE_ISAL", use_isal)
+                streamed = processor(path, return_tensors="np")
+                np.testing.assert_array_equal(streamed["pixel_values"], whole["pixel_values"])
+                assert streamed["volume_meta"] == whole["volume_meta"]
 
 
-def test_streamed_constant_volume_is_still_refused(tmp_path, monkeypatch):
+def write_gzip_members(path, payload, cuts):
+    """`payload` gzip-compressed as several members (split at `cuts`) with zero padding between them."""
+    pieces = [payload[a:b] for a, b in zip([0, *cuts], [*cuts, len(payload)])]
+    blob = b"".join(zlib.compress(p, wbits=31) + b"\x00" * 7 for p in pieces)
+    Path(path).write_bytes(blob)
+    return path
+
+
+@pytest.mark.parametrize("use_isal", [True, False])
+@pytest.mark.parametrize("window_slices", [4, 7, 100])
+def test_inflating_nifti_ring_hands_out_every_slab(tmp_path, monkeypatch, use_isal, window_slices):
+    monkeypatch.setattr(reading, "USE_ISAL", use_isal)
+    data = np.random.default_rng(3).integers(-1024, 3000, size=(9, 11, 23)).astype(np.int16)
+    path = save_nifti(tmp_path / "ct.nii.gz", data, np.eye(4))
+    offset = int(nib.load(path).dataobj.offset)
+    # the same voxels as three gzip members, split mid-slice and inside the header
+    payload = zlib.decompress(Path(path).read_bytes(), wbits=31)
+    multi = write_gzip_members(tmp_path / "multi.nii.gz", payload, [100, offset + 9 * 11 * 2 * 5 + 3])
+    slice_bytes = 9 * 11 * 2
+    for source in (path, multi):
+        stream = reading.InflatingNifti(Path(source), offset, data.shape, np.int16, window_slices * slice_bytes)
+        assert stream.window_slices == min(window_slices, 23)
+        # overlapping slabs, as resampling asks for them, some wrapping around the ring's end
+        for lo, hi in [(0, 2), (1, 4), (3, 3 + min(4, stream.window_slices)), (8, 10), (10, 12), (21, 23)]:
+            np.testing.assert_array_equal(stream.slab(lo, hi), data[..., lo:hi])
+        with pytest.raises(ValueError, match=r"slab \[5, 7\) asked for after slices before 5 were freed"):
+            stream.slab(5, 7)
+        stream.finish()
+        stream = reading.InflatingNifti(Path(source), offset, data.shape, np.int16, window_slices * slice_bytes)
+        np.testing.assert_array_equal(stream.read_all(), data)
+    stream = reading.InflatingNifti(Path(path), offset, data.shape, np.int16, 4 * slice_bytes)
+    with pytest.raises(ValueError, match=r"span at most 4"):
+        stream.slab(0, 5)
+    stream.close()  # abandoned mid-file: the inflater, blocked on a full ring, stops
+    assert not stream._thread.is_alive()
+
+
+def test_streamed_float_volume_is_read_whole(tmp_path, monkeypatch):
+    hu = np.random.default_rng(4).normal(0, 300, size=(20, 16, 12)).astype(np.float32)
+    path = save_nifti(tmp_path / "float.nii.gz", hu, np.diag([0.8, 0.8, 1.5, 1.0]))
+    processor = ReCTImageProcessor(volume_size=[6, 8, 10], windows=["lung", "bone"])
+    monkeypatch.setattr(rect, "STREAM_MIN_BYTES", float("inf"))
+    whole = processor(path, return_tensors="np")["pixel_values"]
+    monkeypatch.setattr(rect, "STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(reading, "STREAM_WINDOW_BYTES", 1)
+    np.testing.assert_array_equal(processor(path, return_tensors="np")["pixel_values"], whole)
+
+
+@pytest.mark.parametrize("window", [None, 1])
+def test_streamed_constant_volume_is_still_refused(tmp_path, monkeypatch, window):
     path = save_nifti(tmp_path / "flat.nii.gz", np.full((16, 12, 10), -1024, dtype=np.int16), np.eye(4))
     monkeypatch.setattr(rect, "STREAM_MIN_BYTES", 0)
+    if window is not None:
+        monkeypatch.setattr(reading, "STREAM_WINDOW_BYTES", window)
     with pytest.raises(ValueError, match=r"flat.nii.gz: .*constant volume"):
         ReCTImageProcessor(volume_size=[4, 4, 4])(path)
+    # one differing voxel in the last slice is enough
+    almost = np.full((16, 12, 10), -1024, dtype=np.int16)
+    almost[3, 4, 9] = 40
+    path = save_nifti(tmp_path / "almost.nii.gz", almost, np.eye(4))
+    assert ReCTImageProcessor(volume_size=[4, 4, 4])(path, return_tensors="np")["pixel_values"].shape == (
+        1,
+        1,
+        4,
+        4,
+        4,
+    )
 
 
 def test_truncated_uncompressed_nifti(small_nifti, tmp_path):
