@@ -357,6 +357,7 @@ def test_classification_compute_metrics_reads_logits():
     assert _floats_only(result)
     assert "auroc/b" not in result and result["auroc_defined_labels"] == 1.0
     assert result["auroc/a"] == pytest.approx(0.75) and result["f1/a"] == pytest.approx(0.5)
+    assert result["samples"] == len(SCORES)
 
 
 def test_retrieval_compute_metrics_uses_the_embeddings():

@@ -53,6 +53,21 @@ def passive_openmp_threads() -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def name_deepspeed_accelerator() -> None:
+    """Tell DeepSpeed it runs on the CPU (`DS_ACCELERATOR=cpu`) on a machine without CUDA, unless the user chose.
+
+    Why: transformers imports DeepSpeed whenever it is installed, even for single-process runs, and DeepSpeed then
+    guesses its accelerator and warns "Setting accelerator to CPU. If you have GPU or other accelerator, we were
+    unable to detect it." in every process. Naming the accelerator is what that message asks for.
+    """
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 class _DropMessage(logging.Filter):
     def __init__(self, prefix: str):
         super().__init__()
@@ -396,7 +411,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     summary = train_from_recipe(args.recipe, data, output_dir, tiny=args.tiny, resume=args.resume, overrides=overrides)
     keys = ("global_step", "resumed_from", "train_loss", "wall_seconds", "best_metric")
-    print(json.dumps({k: summary[k] for k in keys}, indent=1))
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary for a multi-process run
+        print(json.dumps({k: summary[k] for k in keys}, indent=1))
     return 0
 
 
@@ -519,6 +535,7 @@ def _user_error_message(err: BaseException) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     passive_openmp_threads()
+    name_deepspeed_accelerator()
     silence_optional_kernel_probe()
     # Progress bars go to stderr; line-buffered stdout keeps the report lines in order with them in a log file.
     if hasattr(sys.stdout, "reconfigure"):

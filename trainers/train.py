@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .distributed import prepare_distributed, resolve_deepspeed
 from .recipes import Recipe, load_recipe
 
 
@@ -298,9 +299,16 @@ def train_from_recipe(
     defaults: dict[str, Any] = {"disable_tqdm": not progress}
     if "save_steps" in overrides and "save_strategy" not in overrides:
         defaults["save_strategy"] = "steps"
+    if overrides.get("deepspeed") is not None:
+        overrides["deepspeed"] = resolve_deepspeed(overrides["deepspeed"])
+    deepspeed = overrides["deepspeed"] if "deepspeed" in overrides else recipe.deepspeed_config()
+    defaults.update(prepare_distributed(deepspeed, overrides))
     args = recipe.training_arguments(output_dir, **{**defaults, **overrides})
     # Seed before the model is built: its random initialisation is part of the run (a resumed run loads weights).
     (enable_full_determinism if args.full_determinism else set_seed)(args.seed)
+    # Every process builds its model and datasets at the same time: under ZeRO-3 building the model is collective
+    # (`zero.Init` partitions each parameter as it is created). The cache's writes are atomic, so processes that
+    # fill the same entries at once leave one complete copy.
     parts = build(recipe, data_dir, Path(cache_dir) if cache_dir else output_dir / "cache", progress)
 
     checkpoint = None
@@ -324,8 +332,9 @@ def train_from_recipe(
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     eval_metrics = trainer.evaluate() if parts.eval_dataset is not None else {}
 
-    parts.model.save_pretrained(output_dir)
-    parts.image_processor.save_pretrained(output_dir)
+    # Through the Trainer: ZeRO-3 partitions are gathered first, and only the main process writes (weights, config,
+    # code files and the image processor, its `processing_class`).
+    trainer.save_model(str(output_dir))
     trainer.save_state()
     state = trainer.state
     summary = {
@@ -346,7 +355,8 @@ def train_from_recipe(
         "best_metric": state.best_metric,
         "best_model_checkpoint": state.best_model_checkpoint,
     }
-    (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if trainer.is_world_process_zero():
+        (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 
 

@@ -42,14 +42,15 @@ def classification_compute_metrics(
 ) -> Callable[..., dict[str, float]]:
     """Multi-label AUROC/F1/accuracy from classifier logits (`predictions`, `(samples, labels)`, passed through a
     sigmoid) and 0/1 `label_ids`; `threshold` applies to the probabilities. See
-    [`multilabel_classification_metrics`]."""
+    [`multilabel_classification_metrics`]. `samples` is how many were scored (after a multi-process evaluation:
+    the evaluation set's size, each sample counted once)."""
     names = list(label_names) if label_names is not None else None
 
     def compute_metrics(eval_prediction) -> dict[str, float]:
         logits = np.asarray(_first(eval_prediction.predictions), dtype=np.float64)
-        return _floats(
-            multilabel_classification_metrics(expit(logits), eval_prediction.label_ids, names, threshold=threshold)
-        )
+        targets = eval_prediction.label_ids
+        metrics = multilabel_classification_metrics(expit(logits), targets, names, threshold=threshold)
+        return _floats({**metrics, "samples": len(logits)})
 
     return compute_metrics
 

@@ -199,6 +199,16 @@ class Recipe:
             )
         ]
 
+    def deepspeed_config(self) -> str | None:
+        """`optimization.deepspeed` as a JSON path: `zero2` / `zero3` name the shipped configs
+        (`trainers/deepspeed/`), a relative path is relative to the recipe file; None without DeepSpeed."""
+        from ..distributed import DEEPSPEED_CONFIGS, resolve_deepspeed
+
+        value = self.optimization.deepspeed
+        if value is None or value in DEEPSPEED_CONFIGS or Path(value).is_absolute():
+            return resolve_deepspeed(value)
+        return resolve_deepspeed(Path(self.source or ".").parent / value)
+
     def training_arguments(self, output_dir: str | Path, **overrides) -> Any:
         """`transformers.TrainingArguments` from the recipe; `overrides` are `TrainingArguments` keywords that
         replace the recipe's values (`report_to`, `use_cpu`, `max_steps`, ...).
@@ -247,8 +257,7 @@ class Recipe:
         kwargs["bf16"] = opt.mixed_precision == "bf16" and cuda and torch.cuda.is_bf16_supported()
         kwargs["fp16"] = opt.mixed_precision == "fp16" and cuda
         if opt.deepspeed is not None:
-            path = Path(opt.deepspeed)
-            kwargs["deepspeed"] = str(path if path.is_absolute() else Path(self.source or ".").parent / path)
+            kwargs["deepspeed"] = self.deepspeed_config()
         if self.early_stopping is not None:
             kwargs.update(
                 load_best_model_at_end=True,
