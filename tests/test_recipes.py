@@ -134,7 +134,8 @@ class RandomPairs(torch.utils.data.Dataset):
     def __init__(self, size: int = 12):
         self.batch = make_batch(size, seed=1)
         g = torch.Generator().manual_seed(2)
-        self.batch["region_mentions"] = (torch.rand(size, 5, generator=g) > 0.5).float()
+        regions = load_recipe("vision_pretrain", tiny=True).model.config["vision_config"]["num_regions"]
+        self.batch["region_mentions"] = (torch.rand(size, regions, generator=g) > 0.5).float()
 
     def __len__(self):
         return self.batch["input_ids"].shape[0]

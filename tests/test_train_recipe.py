@@ -187,5 +187,30 @@ def test_train_usage_errors(cohort, tmp_path, capsys, args, expected):
 
 
 def test_unsupported_task_names_it_and_the_supported_ones(tmp_path):
-    with pytest.raises(NotImplementedError, match=r"task 'localization'.*supported tasks: \['classification'\]"):
+    expected = r"task 'localization'.*supported tasks: \['classification', 'vision_pretrain'\]"
+    with pytest.raises(NotImplementedError, match=expected):
         train_from_recipe("localization", tmp_path / "data", tmp_path / "out", tiny=True)
+
+
+def test_vision_pretrain_tiny_trains_and_saves_a_hub_folder(cohort, tmp_path):
+    from transformers import AutoModel, AutoProcessor
+
+    out = tmp_path / "pretrain"
+    overrides = dict(max_steps=10, logging_steps=5, use_cpu=True, eval_strategy="steps", eval_steps=10)
+    summary = train_from_recipe("vision_pretrain", cohort, out, tiny=True, overrides=overrides, progress=False)
+    assert summary["task"] == "vision_pretrain" and summary["global_step"] == 10
+    logged = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert all({"contrastive_loss", "region_loss", "grad_norm"} <= set(e) for e in logged)  # each loss term
+    metrics = summary["eval_metrics"]
+    for direction in ("image_to_text", "text_to_image"):
+        for key in ("R@1", "R@5", "R@10", "MRR"):
+            assert 0.0 <= metrics[f"eval_{direction}/{key}"] <= 1.0
+        assert metrics[f"eval_{direction}/R@10"] == 1.0  # 4 held-out pairs: every report is within the top 10
+    model = AutoModel.from_pretrained(out, trust_remote_code=True)
+    assert type(model).__name__ == "ReCTModel"
+    saved = load_file(out / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0, msg=name)
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    batch = processor(text=["No pleural effusion."], return_tensors="pt")
+    assert batch["input_ids"].shape[0] == 1

