@@ -214,3 +214,15 @@ def test_vision_pretrain_tiny_trains_and_saves_a_hub_folder(cohort, tmp_path):
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
     batch = processor(text=["No pleural effusion."], return_tensors="pt")
     assert batch["input_ids"].shape[0] == 1
+
+    # pre-training → fine-tuning: the classification recipe starting from this folder gets its vision encoder
+    from trainers.recipes import load_recipe
+    from trainers.train import build_classification
+
+    recipe = load_recipe("classification", tiny=True)
+    recipe.model.pretrained = str(out)
+    classifier = build_classification(recipe, cohort, tmp_path / "cache", progress=False).model
+    encoder, pretrained = classifier.vision_model.state_dict(), model.vision_model.state_dict()
+    assert set(encoder) <= set(pretrained)  # the classifier's tower: the same, less the region queries
+    for name, tensor in encoder.items():
+        torch.testing.assert_close(tensor, pretrained[name], rtol=0, atol=0, msg=name)

@@ -93,6 +93,9 @@ class ClassifierRecipe:
     #: head it trains is discarded after training: the saved classifier reads images only.
     lesion_supervision: float = 1.0
     seed: int = 0
+    #: A `ReCTModel` / `ReCTForFeatureExtraction` / `ReCTVisionModel` folder whose vision encoder the classifier
+    #: starts from (its vision config must equal this recipe's); None = random initialisation.
+    pretrained: str | None = None
     eval_batch_size: int = 16
     logging_steps: int = 100
     text_config: dict = field(
@@ -345,7 +348,11 @@ def train_classifier(
     train_labels = np.asarray(train_rows["labels"], dtype=np.float64)[:, indices]
     pos_weight = label_pos_weight(train_labels, recipe.pos_weight_power)
 
-    model = ReCTForVolumeClassification(recipe.model_config(pos_weight))
+    config = recipe.model_config(pos_weight)
+    if recipe.pretrained:
+        model = ReCTForVolumeClassification.from_pretrained(recipe.pretrained, config=config)
+    else:
+        model = ReCTForVolumeClassification(config)
     args = TrainingArguments(
         output_dir=str(output_dir / "trainer"),
         max_steps=recipe.max_steps,

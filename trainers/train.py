@@ -137,9 +137,17 @@ def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progr
         raise ValueError(
             f"{source}: data.text_fields: expected Findings_EN, Impressions_EN or both, found {list(fields)}"
         )
-    config = ReCTConfig(**recipe.model.config)
+    text_pretrained = recipe.model.text_pretrained
+    config_kwargs = dict(recipe.model.config)
+    if text_pretrained:
+        from transformers import AutoConfig
+
+        config_kwargs["text_config"] = AutoConfig.from_pretrained(text_pretrained).to_dict()
+    config = ReCTConfig(**config_kwargs)
     model = _new_or_pretrained(recipe, hf_models.ReCTModel, config)
-    tokenizer = _text_tokenizer(recipe.model.pretrained)
+    if text_pretrained:
+        _load_text_tower(model, text_pretrained)
+    tokenizer = _text_tokenizer(text_pretrained or recipe.model.pretrained)
     if len(tokenizer) > model.config.text_config.vocab_size:
         raise ValueError(
             f"{source}: model.config.text_config.vocab_size {model.config.text_config.vocab_size} is smaller than "
@@ -226,6 +234,21 @@ def _new_or_pretrained(recipe: Recipe, base_class: type, config: Any) -> Any:
     if recipe.model.pretrained:
         return model_class.from_pretrained(recipe.model.pretrained, config=config)
     return model_class(config)
+
+
+def _load_text_tower(model: Any, text_pretrained: str) -> None:
+    """Copy a pretrained BERT-like model's weights into `model.text_model` (same config). Every weight the tower uses
+    must be there; weights the tower does not have (a pooler it drops) are left out, and said in the log."""
+    source = type(model.text_model).from_pretrained(text_pretrained, config=model.text_model.config)
+    weights = source.state_dict()
+    expected = model.text_model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise ValueError(f"model.text_pretrained {text_pretrained}: weights missing for the text tower: {missing}")
+    unused = sorted(set(weights) - set(expected))
+    if unused:
+        logger.info("model.text_pretrained %s: not used by the text tower: %s", text_pretrained, unused)
+    model.text_model.load_state_dict({k: weights[k] for k in expected})
 
 
 def _text_tokenizer(pretrained: str | None) -> Any:
@@ -347,7 +370,7 @@ def latest_valid_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def train_from_recipe(
-    recipe_name_or_path: str | Path,
+    recipe_name_or_path: str | Path | Recipe,
     data_dir: str | Path,
     output_dir: str | Path,
     tiny: bool = False,
@@ -359,7 +382,8 @@ def train_from_recipe(
     """Train the recipe's model on `data_dir` and save it (with its image processor) to `output_dir`.
 
     Args:
-        recipe_name_or_path: a shipped recipe name (`"classification"`) or a YAML path (`load_recipe`).
+        recipe_name_or_path: a shipped recipe name (`"classification"`), a YAML path (`load_recipe`), or a `Recipe`
+            already loaded (and possibly changed in code; `tiny` is then not applied again).
         data_dir: the dataset root the recipe's reader reads (CT-RATE layout for classification).
         output_dir: gets `checkpoint-N` folders, then the final model, `trainer_state.json` and
             `training_summary.json`.
@@ -387,7 +411,9 @@ def train_from_recipe(
     from .trainer import ReCTTrainer
 
     start = time.perf_counter()
-    recipe = load_recipe(recipe_name_or_path, tiny=tiny)
+    recipe = (
+        recipe_name_or_path if isinstance(recipe_name_or_path, Recipe) else load_recipe(recipe_name_or_path, tiny=tiny)
+    )
     build = SUPPORTED_TASKS.get(recipe.task)
     if build is None:
         raise NotImplementedError(
