@@ -49,21 +49,7 @@ def pretrain_recipe(seed: int, steps: int, region_weight: float):
 
     classifier = ClassifierRecipe()
     recipe = load_recipe("vision_pretrain")
-    vision = dict(
-        volume_size=list(classifier.volume_size),
-        patch_size=list(classifier.patch_size),
-        in_channels=len(classifier.windows),
-        stem_channels=list(classifier.stem_channels),
-        hidden_size=classifier.hidden_size,
-        num_hidden_layers=classifier.num_hidden_layers,
-        num_attention_heads=classifier.num_attention_heads,
-        intermediate_size=4 * classifier.hidden_size,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        attention_type=classifier.attention_type,
-        num_regions=NUM_ANATOMY_REGIONS,
-        projection_dim=classifier.hidden_size,
-    )
+    vision = dict(classifier.vision_config(), num_regions=NUM_ANATOMY_REGIONS)  # the demo encoder + region queries
     recipe.model.config = dict(
         vision_config=vision,
         projection_dim=classifier.hidden_size,

@@ -126,8 +126,9 @@ class ClassifierRecipe:
             image_std=[0.5] * len(self.windows),
         )
 
-    def model_config(self, pos_weight: list[float] | None = None) -> ReCTConfig:
-        vision = dict(
+    def vision_config(self) -> dict[str, Any]:
+        """`ReCTVisionConfig` keyword arguments of this recipe's encoder."""
+        return dict(
             volume_size=list(self.volume_size),
             patch_size=list(self.patch_size),
             in_channels=len(self.windows),
@@ -141,8 +142,10 @@ class ClassifierRecipe:
             attention_type=self.attention_type,
             projection_dim=self.hidden_size,
         )
+
+    def model_config(self, pos_weight: list[float] | None = None) -> ReCTConfig:
         return ReCTConfig(
-            vision_config=vision,
+            vision_config=self.vision_config(),
             text_config=dict(self.text_config),
             projection_dim=self.hidden_size,
             classifier_pooling=self.classifier_pooling,
