@@ -76,8 +76,6 @@ def build_classification(recipe: Recipe, data_dir: Path, cache_dir: Path, progre
     from .classification import ClassifierRecipe
     from .data.cache import VolumeCache
     from .data.collators import ClassificationCollator
-    from .data.readers import read_ct_rate
-    from .data.volume_dataset import CachedVolumeDataset
     from .metrics import classification_compute_metrics
 
     data = recipe.data
@@ -88,14 +86,7 @@ def build_classification(recipe: Recipe, data_dir: Path, cache_dir: Path, progre
     model = _new_or_pretrained(recipe, hf_models.ReCTForVolumeClassification, config)
 
     cache = VolumeCache(cache_dir, image_processor)
-    train_rows = read_ct_rate(data_dir, data.train_split, anatomy_masks=False, cot=False)
-    train = CachedVolumeDataset(train_rows, cache, label_indices=label_indices)
-    train.prepare(progress=progress)
-    valid = None
-    if data.valid_split:
-        valid_rows = read_ct_rate(data_dir, data.valid_split, anatomy_masks=False, cot=False)
-        valid = CachedVolumeDataset(valid_rows, cache, label_indices=label_indices)
-        valid.prepare(progress=progress)
+    train, valid = _cached_splits(recipe, data_dir, cache, progress, label_indices=label_indices)
     return TaskParts(
         model=model,
         image_processor=image_processor,
@@ -125,8 +116,6 @@ def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progr
     from .data.anatomy_terms import region_mentions
     from .data.cache import VolumeCache
     from .data.collators import ContrastiveCollator
-    from .data.readers import read_ct_rate
-    from .data.volume_dataset import CachedVolumeDataset
     from .metrics import retrieval_compute_metrics
 
     source, data = recipe.source, recipe.data
@@ -155,24 +144,20 @@ def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progr
         )
     num_regions = model.config.vision_config.num_regions
     cache = VolumeCache(cache_dir, image_processor)
-
-    def split(name: str) -> Any:
-        rows = read_ct_rate(data_dir, name, anatomy_masks=num_regions > 0, cot=False)
-        dataset = CachedVolumeDataset(
-            rows,
-            cache,
-            anatomy=num_regions > 0,
-            text_column=text_column,
-            region_mentions_fn=(lambda text: region_mentions(text, num_regions)) if num_regions > 0 else None,
-        )
-        dataset.prepare(progress=progress)
-        return dataset
-
+    train, valid = _cached_splits(
+        recipe,
+        data_dir,
+        cache,
+        progress,
+        anatomy=num_regions > 0,
+        text_column=text_column,
+        region_mentions_fn=(lambda text: region_mentions(text, num_regions)) if num_regions > 0 else None,
+    )
     return TaskParts(
         model=model,
         image_processor=image_processor,
-        train_dataset=split(data.train_split),
-        eval_dataset=split(data.valid_split) if data.valid_split else None,
+        train_dataset=train,
+        eval_dataset=valid,
         data_collator=ContrastiveCollator(tokenizer, max_length=data.max_length or 256),
         compute_metrics=retrieval_compute_metrics(),
         processor=ReCTProcessor(image_processor=image_processor, tokenizer=tokenizer),
@@ -180,6 +165,24 @@ def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progr
         # mentions (retrieval pairs image i with report i and does not read them).
         label_names=["region_mentions"] if num_regions > 0 else None,
     )
+
+
+def _cached_splits(recipe: Recipe, data_dir: Path, cache: Any, progress: bool, **dataset_kwargs) -> tuple[Any, Any]:
+    """The recipe's training and evaluation splits (None without `data.valid_split`) of a CT-RATE-layout cohort as
+    `CachedVolumeDataset`s with `dataset_kwargs`, their volumes processed into `cache`."""
+    from .data.readers import read_ct_rate
+    from .data.volume_dataset import CachedVolumeDataset
+
+    anatomy = dataset_kwargs.get("anatomy", False)
+
+    def split(name: str) -> Any:
+        rows = read_ct_rate(data_dir, name, anatomy_masks=anatomy, cot=False)
+        dataset = CachedVolumeDataset(rows, cache, **dataset_kwargs)
+        dataset.prepare(progress=progress)
+        return dataset
+
+    data = recipe.data
+    return split(data.train_split), (split(data.valid_split) if data.valid_split else None)
 
 
 #: `data.text_fields` → the `read_ct_rate` column holding that text.
