@@ -1,8 +1,9 @@
 """Hub-ready ReCT-VLM model code: configurations, models, processors and their Auto-class registration."""
 
 from .auto_registration import register_auto_classes
-from .configuration_rect import CT_RATE_ABNORMALITIES, ReCTConfig, ReCTVisionConfig
+from .configuration_rect import CT_RATE_ABNORMALITIES, ReCTConfig, ReCTLocalizerConfig, ReCTVisionConfig
 from .image_processing_rect import ReCTImageProcessor, load_volume
+from .modeling_localizer_rect import ReCTForLesionLocalization, ReCTLesionLocalizationOutput
 from .modeling_rect import (
     ReCTFeatureExtractionOutput,
     ReCTForFeatureExtraction,
@@ -22,11 +23,14 @@ __all__ = [
     "CT_RATE_ABNORMALITIES",
     "ReCTConfig",
     "ReCTVisionConfig",
+    "ReCTLocalizerConfig",
     "ReCTPreTrainedModel",
     "ReCTVisionModel",
     "ReCTForFeatureExtraction",
     "ReCTModel",
     "ReCTForVolumeClassification",
+    "ReCTForLesionLocalization",
+    "ReCTLesionLocalizationOutput",
     "ReCTVisionModelOutput",
     "ReCTFeatureExtractionOutput",
     "ReCTOutput",

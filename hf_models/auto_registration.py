@@ -5,18 +5,22 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForMaskGeneration,
     AutoProcessor,
 )
 
 from .configuration_rect import ReCTConfig, ReCTVisionConfig
 from .image_processing_rect import ReCTImageProcessor
+from .modeling_localizer_rect import ReCTForLesionLocalization
 from .modeling_rect import ReCTForVolumeClassification, ReCTModel, ReCTVisionModel
 from .processing_rect import ReCTProcessor
 
 
 def register_auto_classes() -> None:
-    """Make `AutoConfig`, `AutoModel`, `AutoModelForImageClassification`, `AutoImageProcessor` and `AutoProcessor`
-    resolve `rect_vision` / `rect` configs to the ReCT classes in this process.
+    """Make `AutoConfig`, `AutoModel`, `AutoModelForImageClassification`, `AutoModelForMaskGeneration`,
+    `AutoImageProcessor` and `AutoProcessor` resolve `rect_vision` / `rect` configs to the ReCT classes in this
+    process (`AutoModel` on a `rect` config gives `ReCTModel`; a saved localizer folder's `auto_map` gives
+    `ReCTForLesionLocalization`).
 
     Folders saved by `save_pretrained` do not need this: their `config.json` / `processor_config.json` carry an
     `auto_map` and the code files, and load anywhere with `trust_remote_code=True`. Safe to call repeatedly.
@@ -26,6 +30,7 @@ def register_auto_classes() -> None:
     AutoModel.register(ReCTVisionConfig, ReCTVisionModel, exist_ok=True)
     AutoModel.register(ReCTConfig, ReCTModel, exist_ok=True)
     AutoModelForImageClassification.register(ReCTConfig, ReCTForVolumeClassification, exist_ok=True)
+    AutoModelForMaskGeneration.register(ReCTConfig, ReCTForLesionLocalization, exist_ok=True)
     for config_class in (ReCTVisionConfig, ReCTConfig):
         AutoImageProcessor.register(config_class, image_processor_classes={"torch": ReCTImageProcessor}, exist_ok=True)
     AutoProcessor.register(ReCTConfig, ReCTProcessor, exist_ok=True)

@@ -162,6 +162,78 @@ class ReCTVisionConfig(PreTrainedConfig):
 
 
 @strict
+class ReCTLocalizerConfig(PreTrainedConfig):
+    r"""
+    Configuration of the prompt fusion and mask decoder of [`ReCTForLesionLocalization`] (the `localizer_config`
+    of a [`ReCTConfig`]; the vision and text towers are the `ReCTConfig`'s).
+
+    Args:
+        hidden_size (`int`, defaults to 128): width of the prompt tokens and of the fusion transformer (image tokens
+            are projected to it).
+        num_fusion_layers (`int`, defaults to 2): two-way fusion layers (prompt self-attention, prompt→image and
+            image→prompt cross-attention, as SAM's mask decoder).
+        num_attention_heads (`int`, defaults to 4): heads per fusion attention; must divide `hidden_size`.
+        intermediate_size (`int`, defaults to 512): MLP width in the fusion layers.
+        hidden_act (`str`, defaults to `"gelu"`): MLP activation in the fusion layers.
+        attention_probs_dropout_prob (`float`, defaults to 0.0): dropout on fusion attention probabilities.
+        qkv_bias (`bool`, defaults to `True`): bias on the fusion query/key/value projections.
+        decoder_channels (`list[int]`, defaults to `[64, 32, 16, 16]`): channels of the U-Net decoder stages, coarse
+            to fine. There is one stage per halving of the largest patch side (`log2(max(patch_size))`: 4 for
+            (4, 16, 16) patches); a shorter list repeats its last entry.
+        skip_layers (`list[int]`, *optional*): the encoder layer (1..`num_hidden_layers`; 0 = patch embeddings) whose
+            tokens feed the skip connection of each decoder stage but the last (which takes the input volume), coarse
+            to fine. None: evenly spaced from the last layer down, computed from the encoder's depth.
+        num_fourier_features (`int`, defaults to 10): sine/cosine frequencies per axis (π·2^0 … π·2^(F-1) over
+            coordinates normalised to [0, 1]) encoding point, box and token positions; 10 resolves about a thousandth
+            of the volume's extent.
+        dice_weight (`float`, defaults to 1.0), focal_weight (`float`, defaults to 1.0), iou_weight (`float`,
+            defaults to 1.0): weights of the Dice, focal and predicted-IoU (MSE) losses.
+        focal_alpha (`float`, defaults to 0.25), focal_gamma (`float`, defaults to 2.0): sigmoid focal loss (Lin et
+            al.) parameters.
+
+    Raises:
+        huggingface_hub.errors.StrictDataclassFieldValidationError: a field of the wrong type or out of range.
+        huggingface_hub.errors.StrictDataclassClassValidationError: `hidden_size` not divisible by
+            `num_attention_heads`.
+    """
+
+    model_type = "rect_localizer"
+    base_config_key = "localizer_config"
+
+    hidden_size: int = interval(min=1)(default=128)
+    num_fusion_layers: int = interval(min=1)(default=2)
+    num_attention_heads: int = interval(min=1)(default=4)
+    intermediate_size: int = interval(min=1)(default=512)
+    hidden_act: str = "gelu"
+    attention_probs_dropout_prob: float | int = interval(min=0.0, max=1.0, exclude_max=True)(default=0.0)
+    qkv_bias: bool = True
+    decoder_channels: list[int] | tuple[int, ...] = (64, 32, 16, 16)
+    skip_layers: list[int] | tuple[int, ...] | None = None
+    num_fourier_features: int = interval(min=1)(default=10)
+    dice_weight: float | int = interval(min=0.0)(default=1.0)
+    focal_weight: float | int = interval(min=0.0)(default=1.0)
+    iou_weight: float | int = interval(min=0.0)(default=1.0)
+    focal_alpha: float | int = interval(min=0.0, max=1.0)(default=0.25)
+    focal_gamma: float | int = interval(min=0.0)(default=2.0)
+
+    def __post_init__(self, **kwargs):
+        self.decoder_channels = [int(c) for c in self.decoder_channels]
+        if self.skip_layers is not None:
+            self.skip_layers = [int(i) for i in self.skip_layers]
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Cross-field rules (run by `@strict` after construction)."""
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})"
+            )
+        if not self.decoder_channels or min(self.decoder_channels) < 1:
+            raise ValueError(f"`decoder_channels` must hold positive channel counts, got {self.decoder_channels}")
+
+
+@strict
 class ReCTConfig(PreTrainedConfig):
     r"""
     Configuration of [`ReCTModel`] (contrastive vision–text dual encoder) and [`ReCTForVolumeClassification`]
@@ -182,6 +254,8 @@ class ReCTConfig(PreTrainedConfig):
             classification head reads: the CLS token, plus the mean of the patch tokens, plus their max (a focal
             finding anywhere in the volume drives the max, an extended one the mean).
         pos_weight (`list[float]`, *optional*): per-label positive weights of the multi-label BCE (one per label).
+        localizer_config (`dict` or [`ReCTLocalizerConfig`], *optional*): prompt fusion and mask decoder of
+            [`ReCTForLesionLocalization`]; None: that model uses the defaults (and stores them).
         id2label (`dict[int, str]`, *optional*): defaults to the 18 CT-RATE abnormalities.
         problem_type (`str`, *optional*): as in transformers; when unset it is inferred from the first `labels`
             (float `(batch, num_labels)` → multi-label, integer `(batch,)` → single-label, one label → regression).
@@ -201,6 +275,7 @@ class ReCTConfig(PreTrainedConfig):
     sub_configs_defaults = {
         "vision_config": ReCTVisionConfig,
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+        "localizer_config": SubConfigSpec(config_class=ReCTLocalizerConfig, optional=True),
     }
 
     vision_config: dict | ReCTVisionConfig | None = None
@@ -212,6 +287,7 @@ class ReCTConfig(PreTrainedConfig):
     classifier_dropout: float | int = interval(min=0.0, max=1.0, exclude_max=True)(default=0.0)
     classifier_pooling: Literal["cls", "cls_mean", "cls_mean_max"] = "cls_mean_max"
     pos_weight: list[float] | None = None
+    localizer_config: dict | ReCTLocalizerConfig | None = None
 
     def __post_init__(self, **kwargs):
         if self.id2label is None and kwargs.get("num_labels") is None:
@@ -225,6 +301,13 @@ class ReCTConfig(PreTrainedConfig):
         if self.pos_weight is not None and len(self.pos_weight) != self.num_labels:
             raise ValueError(
                 f"`pos_weight` must have one entry per label ({self.num_labels}), got {len(self.pos_weight)}"
+            )
+        skips = self.localizer_config.skip_layers if self.localizer_config is not None else None
+        depth = self.vision_config.num_hidden_layers
+        if skips is not None and any(not 0 <= i <= depth for i in skips):
+            raise ValueError(
+                f"`localizer_config.skip_layers` {skips} must name encoder layers 0..{depth} "
+                f"(`vision_config.num_hidden_layers` = {depth}; 0 = patch embeddings)"
             )
 
     @classmethod
@@ -241,4 +324,4 @@ class ReCTConfig(PreTrainedConfig):
         return config_dict, kwargs
 
 
-__all__ = ["ReCTVisionConfig", "ReCTConfig", "CT_RATE_ABNORMALITIES"]
+__all__ = ["ReCTVisionConfig", "ReCTLocalizerConfig", "ReCTConfig", "CT_RATE_ABNORMALITIES"]

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from hf_models import (
     ReCTConfig,
     ReCTForFeatureExtraction,
+    ReCTForLesionLocalization,
     ReCTForVolumeClassification,
     ReCTModel,
     ReCTVisionConfig,
@@ -27,6 +28,7 @@ from tests.conftest import tiny_text_kwargs, tiny_vision_kwargs
 
 
 SPATIAL = (8, 32, 32)  # tiny_vision_kwargs: patch (2, 8, 8) → grid (4, 4, 4) = 64 tokens
+TINY_LOCALIZER = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, decoder_channels=[16, 8])
 NUM_REGIONS = 5
 
 
@@ -73,6 +75,8 @@ class ModelCase:
         if self.cls in (ReCTVisionModel, ReCTForFeatureExtraction):
             kwargs = tiny_vision_kwargs(attention_type=self.attention_type, stem_channels=list(self.stem_channels))
             return ReCTVisionConfig(**kwargs)
+        if self.cls is ReCTForLesionLocalization:
+            return rect_config(self.attention_type, self.stem_channels, localizer_config=TINY_LOCALIZER)
         return rect_config(self.attention_type, self.stem_channels)
 
     def build(self, seed: int = 0, config=None):
@@ -84,6 +88,18 @@ class ModelCase:
         if self.cls is ReCTModel:
             data["region_mentions"] = (torch.arange(batch * NUM_REGIONS).reshape(batch, NUM_REGIONS) % 3 == 0).float()
             data["return_loss"] = with_labels
+            return data
+        if self.cls is ReCTForLesionLocalization:
+            data.pop("anatomy_mask")
+            data["input_ids"] = data["input_ids"].view(batch, 1, -1).expand(-1, 2, -1).clone()
+            data["attention_mask"] = data["attention_mask"].view(batch, 1, -1).expand(-1, 2, -1).clone()
+            data["input_points"] = torch.tensor([[3.0, 10, 10], [6, 20, 5], [1, 1, 30]]).expand(batch, -1, -1).clone()
+            data["input_labels"] = torch.tensor([1, 0, -1]).expand(batch, -1).clone()
+            data["input_boxes"] = (torch.tensor([1.0, 2, 3, 5, 20, 21]) + torch.arange(batch).view(-1, 1)).clone()
+            if with_labels:
+                masks = torch.zeros(batch, 2, *SPATIAL)
+                masks[:, 0, 2:5, 8:16, 8:16] = 1
+                data["labels"] = masks
             return data
         data.pop("input_ids"), data.pop("attention_mask")
         if self.cls is ReCTForVolumeClassification:
@@ -99,6 +115,8 @@ class ModelCase:
                     "region_logits": output.region_logits}  # fmt: skip
         if self.cls is ReCTForVolumeClassification:
             return {"logits": output.logits}
+        if self.cls is ReCTForLesionLocalization:
+            return {"pred_masks": output.pred_masks, "iou_scores": output.iou_scores}
         if self.cls is ReCTForFeatureExtraction:
             return {"image_embeds": output.image_embeds, "region_embeds": output.region_embeds}
         return {"last_hidden_state": output.last_hidden_state, "region_features": output.region_features}
@@ -116,7 +134,13 @@ class ModelCase:
 
 CASES = [
     ModelCase(cls, attention_type)
-    for cls in (ReCTVisionModel, ReCTForFeatureExtraction, ReCTModel, ReCTForVolumeClassification)
+    for cls in (
+        ReCTVisionModel,
+        ReCTForFeatureExtraction,
+        ReCTModel,
+        ReCTForVolumeClassification,
+        ReCTForLesionLocalization,
+    )
     for attention_type in ("divided", "joint")
 ] + [
     # The convolutional stem (GroupNorm per sample, stride-2 convolutions before the patch projection).

@@ -1,0 +1,476 @@
+"""ReCT-VLM lesion localizer: text, point and box prompts → 3D mask logits at the processor's resolution.
+
+`ReCTForLesionLocalization` = the 3D vision encoder ([`ReCTVisionModel`]) + a BERT-like text tower (the prompt
+embedder) + a two-way prompt/image fusion transformer (SAM's mask decoder, in 3D; the seeds' "denoising
+transformer") + an attention U-Net decoder whose skip connections come from several encoder layers (as UNETR) and
+from the input volume. Each of the K prompts of a volume gets its own mask and a predicted IoU.
+
+Prompt names and layouts follow transformers' SAM: `input_ids` / `attention_mask` `(batch, K, seq)` (or `(batch,
+seq)` for K = 1), `input_points (batch, P, 3)` with `input_labels (batch, P)` (1 positive, 0 negative, -1 padding),
+`input_boxes (batch, 6)` as (z0, y0, x0, z1, y1, x1); coordinates are voxel indices (depth, height, width) of the
+processed volume. Points and boxes apply to every one of the K prompts of their volume.
+"""
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel
+from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils.import_utils import is_torchdynamo_compiling
+
+from .configuration_rect import ReCTConfig, ReCTLocalizerConfig
+from .modeling_rect import ReCTAttention, ReCTMLP, ReCTPreTrainedModel, ReCTVisionModel
+
+
+@dataclass
+class ReCTLesionLocalizationOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*): `dice_weight · dice_loss + focal_weight · focal_loss +
+        iou_weight · iou_loss`, when `labels` are given.
+    pred_masks (`torch.FloatTensor` of shape `(batch, K, depth, height, width)`): mask logits per prompt, at the
+        resolution of `pixel_values`.
+    iou_scores (`torch.FloatTensor` of shape `(batch, K)`): predicted IoU of each mask (after a sigmoid).
+    dice_loss, focal_loss, iou_loss (`torch.FloatTensor` of shape `()`, *optional*): the loss terms.
+    vision_hidden_states (`tuple[torch.FloatTensor]`): encoder hidden states (embeddings and every layer).
+    """
+
+    loss: torch.FloatTensor | None = None
+    pred_masks: torch.FloatTensor | None = None
+    iou_scores: torch.FloatTensor | None = None
+    dice_loss: torch.FloatTensor | None = None
+    focal_loss: torch.FloatTensor | None = None
+    iou_loss: torch.FloatTensor | None = None
+    vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+def fourier_features(coords: torch.Tensor, num_frequencies: int) -> torch.Tensor:
+    """`(..., 3)` coordinates normalised to [0, 1] → `(..., 6 · num_frequencies)` sines and cosines at frequencies
+    π·2^0 … π·2^(F-1) per axis (deterministic, so nothing random needs saving)."""
+    frequencies = math.pi * 2.0 ** torch.arange(num_frequencies, device=coords.device, dtype=coords.dtype)
+    angles = (coords.unsqueeze(-1) * frequencies).flatten(-2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def decoder_scales(patch_size) -> list[tuple[int, int, int]]:
+    """Upsampling factor per decoder stage, coarse to fine: ×2 along each axis until it reaches its patch side."""
+    stages = max(int(math.log2(p)) for p in patch_size)
+    return [tuple(2 if 2 ** (s + 1) <= p else 1 for p in patch_size) for s in range(stages)]
+
+
+def default_skip_layers(num_layers: int, num_skips: int) -> list[int]:
+    """Encoder layers for `num_skips` skip connections, coarse to fine: evenly spaced from the last layer down
+    (UNETR's 12 → 9, 6, 3 for a 12-layer encoder and three skips)."""
+    return [round(num_layers * (num_skips - s) / (num_skips + 1)) for s in range(num_skips)]
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """Sigmoid focal loss (Lin et al. 2017; torchvision's `sigmoid_focal_loss`), mean over every element."""
+    probabilities = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = probabilities * targets + (1 - probabilities) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.mean()
+
+
+def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1 − soft Dice per mask `(M, voxels)`, averaged over the masks whose target is not empty.
+
+    A mask with an empty target has no Dice (0/0): it is left out here, and the focal loss (which penalises every
+    false-positive voxel) is what trains it, so predicting nothing is never rewarded by a Dice of 1 and nothing is
+    divided by zero. With no non-empty target at all the term is 0 (still attached to the graph).
+    """
+    probabilities = logits.sigmoid()
+    present = targets.sum(dim=1) > 0
+    intersection = (probabilities * targets).sum(dim=1)
+    denominator = probabilities.sum(dim=1) + targets.sum(dim=1)
+    dice = 2 * intersection / denominator.clamp(min=1e-6)
+    weights = present.to(logits.dtype)
+    return ((1 - dice) * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+class ReCTFusionLayer(nn.Module):
+    """One two-way fusion layer: prompt self-attention, prompt→image cross-attention, MLP, image→prompt
+    cross-attention; pre-norm, residual. Position encodings are added to queries and keys at every attention, as in
+    SAM's two-way transformer."""
+
+    def __init__(self, config: ReCTLocalizerConfig):
+        super().__init__()
+        self.self_attention = ReCTAttention(config)
+        self.prompt_to_image = ReCTAttention(config)
+        self.image_to_prompt = ReCTAttention(config)
+        self.mlp = ReCTMLP(config)
+        self.norms = nn.ModuleList([nn.LayerNorm(config.hidden_size) for _ in range(5)])
+
+    def forward(
+        self,
+        prompts: torch.Tensor,
+        image: torch.Tensor,
+        prompt_pe: torch.Tensor,
+        image_pe: torch.Tensor,
+        prompt_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts `(M, T, C)`, image `(M, N, C)`, their position encodings, `prompt_mask` `(M, 1, 1, T)` additive
+        (−inf-like on padding prompt tokens) → updated prompts and image tokens."""
+        q = self.norms[0](prompts)
+        prompts = prompts + self.self_attention(q + prompt_pe, attention_mask=prompt_mask)[0]
+        q = self.norms[1](prompts)
+        kv = self.norms[2](image)
+        # Cross-attention: keys carry their positions, values do not (ReCTAttention projects one tensor for both,
+        # so the position is added before projection to keys and values alike, as in a ViT's absolute encodings).
+        prompts = prompts + self.prompt_to_image(q + prompt_pe, key_value_states=kv + image_pe)[0]
+        prompts = prompts + self.mlp(self.norms[3](prompts))
+        q = self.norms[4](image)
+        image = image + self.image_to_prompt(q + image_pe, key_value_states=prompts + prompt_pe,
+                                             attention_mask=prompt_mask)[0]  # fmt: skip
+        return prompts, image
+
+
+class ReCTAttentionGate(nn.Module):
+    """Attention U-Net gate (Oktay et al. 2018): skip features × sigmoid(ψ(ReLU(W_x·skip + W_g·decoder)))."""
+
+    def __init__(self, skip_channels: int, gate_channels: int, inner_channels: int):
+        super().__init__()
+        self.skip_proj = nn.Conv3d(skip_channels, inner_channels, kernel_size=1)
+        self.gate_proj = nn.Conv3d(gate_channels, inner_channels, kernel_size=1)
+        self.psi = nn.Conv3d(inner_channels, 1, kernel_size=1)
+
+    def forward(self, skip: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return skip * torch.sigmoid(self.psi(F.relu(self.skip_proj(skip) + self.gate_proj(gate))))
+
+
+class ReCTConvBlock(nn.Module):
+    """Two 3×3×3 convolutions with GroupNorm and GELU."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        groups = math.gcd(8, out_channels)
+        self.block = nn.Sequential(
+            nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(groups, out_channels),
+            nn.GELU(),
+            nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(groups, out_channels),
+            nn.GELU(),
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.block(hidden_states)
+
+
+class ReCTDecoderStage(nn.Module):
+    """Upsample ×`scale` (transposed convolution), gate the skip features with the upsampled decoder features,
+    concatenate, convolve."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, scale: tuple[int, int, int]):
+        super().__init__()
+        self.upsample = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=scale, stride=scale)
+        self.gate = ReCTAttentionGate(skip_channels, out_channels, max(out_channels // 2, 1))
+        self.block = ReCTConvBlock(out_channels + skip_channels, out_channels)
+
+    def forward(self, hidden_states: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.upsample(hidden_states)
+        return self.block(torch.cat([hidden_states, self.gate(skip, hidden_states)], dim=1))
+
+
+class ReCTForLesionLocalization(ReCTPreTrainedModel):
+    """Promptable 3D lesion (and anatomy) segmentation: text, point and box prompts → mask logits and IoU scores.
+
+    Built from a [`ReCTConfig`]: its `vision_config` (the encoder, without region queries), `text_config` (the prompt
+    embedder) and `localizer_config` ([`ReCTLocalizerConfig`]; None = defaults, stored in the config). Loads the
+    encoder and text tower of a [`ReCTModel`] folder with `from_pretrained` (the fusion and decoder start new).
+    `AutoModel` on a saved localizer folder returns this class, as does `AutoModelForMaskGeneration`.
+    """
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    _auto_class = "AutoModel"
+    _extra_auto_classes = ("AutoModelForMaskGeneration",)
+    _no_split_modules = ["ReCTLayer", "ReCTFusionLayer"]
+
+    def __init__(self, config: ReCTConfig):
+        if config.localizer_config is None:
+            config.localizer_config = ReCTLocalizerConfig()
+        super().__init__(config)
+        loc = config.localizer_config
+        vision_config = copy.deepcopy(config.vision_config)
+        vision_config.num_regions = 0  # the decoder reads tokens; region queries would never get a gradient
+        self.vision_model = ReCTVisionModel._from_config(vision_config)
+        if loc._attn_implementation is None:
+            # The fusion attention follows the encoder's (resolved by `_from_config`); `set_attn_implementation`
+            # later updates this sub-config with the others.
+            loc._attn_implementation = self.vision_model.config._attn_implementation
+        self.text_model = AutoModel.from_config(config.text_config)
+        if isinstance(getattr(self.text_model, "pooler", None), nn.Module):
+            self.text_model.pooler = None  # prompts are mean-pooled; an unused pooler breaks DDP
+        hidden, width = vision_config.hidden_size, loc.hidden_size
+        fourier = 6 * loc.num_fourier_features
+
+        # Prompt encoder (SAM's, in 3D): text → one token; point → position + positive/negative embedding; box →
+        # two corner tokens. Plus the learned mask and IoU query tokens.
+        self.prompt_text_projection = nn.Linear(config.text_config.hidden_size, width)
+        self.position_projection = nn.Linear(fourier, width)
+        self.point_embeddings = nn.Embedding(2, width)  # 0 negative, 1 positive
+        self.box_embeddings = nn.Embedding(2, width)  # (z0, y0, x0) corner, (z1, y1, x1) corner
+        self.query_tokens = nn.Embedding(2, width)  # mask token, IoU token
+        self.image_projection = nn.Linear(hidden, width)
+        self.fusion_layers = nn.ModuleList([ReCTFusionLayer(loc) for _ in range(loc.num_fusion_layers)])
+        self.fusion_norm = nn.LayerNorm(width)
+
+        # Attention U-Net decoder: fused tokens at the patch grid → input resolution.
+        self.scales = decoder_scales(vision_config.patch_size)
+        stages = len(self.scales)
+        channels = [loc.decoder_channels[min(s, len(loc.decoder_channels) - 1)] for s in range(stages)]
+        self.skip_layers = list(loc.skip_layers or default_skip_layers(vision_config.num_hidden_layers, stages - 1))
+        if len(self.skip_layers) != stages - 1:
+            raise ValueError(
+                f"`localizer_config.skip_layers` must name {stages - 1} encoder layer(s) (one per decoder stage but "
+                f"the last; patch size {vision_config.patch_size} gives {stages} stages), got {self.skip_layers}"
+            )
+        self.decoder_input = nn.Conv3d(width, channels[0], kernel_size=1)
+        # Skip s: tokens of encoder layer skip_layers[s] → `channels[s]` features, upsampled (transposed
+        # convolution) from the patch grid to stage s's resolution; the last stage's skip is the input volume.
+        self.skip_projections = nn.ModuleList()
+        for s in range(stages - 1):
+            factor = [1, 1, 1]
+            for scale in self.scales[: s + 1]:
+                factor = [f * k for f, k in zip(factor, scale)]
+            self.skip_projections.append(
+                nn.ConvTranspose3d(hidden, channels[s], kernel_size=tuple(factor), stride=tuple(factor))
+            )
+        self.input_skip = ReCTConvBlock(vision_config.in_channels, channels[-1])
+        self.stages = nn.ModuleList(
+            ReCTDecoderStage(channels[s - 1] if s else channels[0], channels[s], channels[s], self.scales[s])
+            for s in range(stages)
+        )
+        # SAM's hypernetwork: the fused mask token → per-channel weights over the final decoder features.
+        self.mask_embedding = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, channels[-1]))
+        self.iou_head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vision_model.get_input_embeddings()
+
+    def freeze_encoder(self, text: bool = True) -> None:
+        """Stop gradients into the vision encoder (and the text tower unless `text=False`): seed 002's
+        `freeze_encoder`; the prompt encoder, fusion and decoder stay trainable."""
+        self.vision_model.requires_grad_(False)
+        if text:
+            self.text_model.requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Prompts
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _check_prompts(self, spatial, batch, input_ids, input_points, input_labels, input_boxes) -> None:
+        if input_ids is None and input_points is None and input_boxes is None:
+            raise ValueError(
+                "ReCTForLesionLocalization needs at least one prompt: text (`input_ids`), points (`input_points` + "
+                "`input_labels`) or a box (`input_boxes`)"
+            )
+        if input_ids is not None and (input_ids.ndim not in (2, 3) or input_ids.shape[0] != batch):
+            raise ValueError(
+                f"`input_ids` must be (batch, seq) or (batch, K, seq) with batch {batch}, got {tuple(input_ids.shape)}"
+            )
+        if input_points is not None:
+            if input_points.ndim != 3 or input_points.shape[0] != batch or input_points.shape[-1] != 3:
+                raise ValueError(
+                    f"`input_points` must be (batch, P, 3) (z, y, x) with batch {batch}, got "
+                    f"{tuple(input_points.shape)}"
+                )
+            if input_labels is None or tuple(input_labels.shape) != tuple(input_points.shape[:2]):
+                raise ValueError(
+                    f"`input_labels` must be (batch, P) = {tuple(input_points.shape[:2])} beside `input_points` "
+                    f"(1 positive, 0 negative, -1 padding), got "
+                    f"{None if input_labels is None else tuple(input_labels.shape)}"
+                )
+        if input_boxes is not None and tuple(input_boxes.shape) != (batch, 6):
+            raise ValueError(
+                f"`input_boxes` must be (batch, 6) as (z0, y0, x0, z1, y1, x1), got {tuple(input_boxes.shape)}"
+            )
+        if is_torchdynamo_compiling():
+            return  # the value checks below read tensor values; a compiled graph takes them as given
+        upper = torch.tensor([s - 1 for s in spatial], dtype=torch.float32)
+        if input_points is not None:
+            used = input_labels >= 0
+            points = input_points.detach().float().cpu()[used.cpu()]
+            outside = ((points < 0) | (points > upper)).any(dim=-1)
+            if outside.any():
+                raise ValueError(
+                    f"`input_points` must lie inside the processed volume: voxel (z, y, x) in [0, {spatial[0] - 1}] "
+                    f"× [0, {spatial[1] - 1}] × [0, {spatial[2] - 1}], got {points[outside].tolist()}"
+                )
+            if ((input_labels < -1) | (input_labels > 1)).any():
+                raise ValueError("`input_labels` must hold 1 (positive), 0 (negative) or -1 (padding)")
+        if input_boxes is not None:
+            boxes = input_boxes.detach().float().cpu().view(batch, 2, 3)
+            if ((boxes < 0) | (boxes > upper)).any() or (boxes[:, 0] > boxes[:, 1]).any():
+                raise ValueError(
+                    "`input_boxes` (z0, y0, x0, z1, y1, x1) must lie inside the processed volume (voxel indices "
+                    f"[0, {spatial[0] - 1}] × [0, {spatial[1] - 1}] × [0, {spatial[2] - 1}]) with z0 <= z1, y0 <= y1, "
+                    f"x0 <= x1; got {input_boxes.tolist()}"
+                )
+
+    def _positions(self, coords: torch.Tensor, spatial) -> torch.Tensor:
+        """Voxel coordinates `(..., 3)` → position embeddings `(..., width)` (normalised by the volume size)."""
+        # In float32 whatever the model's dtype: bf16 keeps 8 significant bits, too few for the finer frequencies.
+        coords = coords.float()
+        size = torch.tensor(spatial, dtype=coords.dtype, device=coords.device)
+        features = fourier_features((coords + 0.5) / size, self.config.localizer_config.num_fourier_features)
+        return self.position_projection(features.to(self.position_projection.weight.dtype))
+
+    def _prompt_tokens(self, batch, spatial, input_ids, attention_mask, token_type_ids, input_points, input_labels,
+                       input_boxes):  # fmt: skip
+        """Prompt tokens `(batch · K, T, width)`, their position encodings and additive padding mask, and K."""
+        width = self.config.localizer_config.hidden_size
+        dtype = self.query_tokens.weight.dtype
+        device = self.query_tokens.weight.device
+        num_prompts = 1 if input_ids is None or input_ids.ndim == 2 else input_ids.shape[1]
+        tokens = [self.query_tokens.weight.unsqueeze(0).expand(batch, -1, -1)]
+        positions = [torch.zeros(batch, 2, width, dtype=dtype, device=device)]
+        valid = [torch.ones(batch, 2, dtype=torch.bool, device=device)]
+        if input_points is not None:
+            labels = input_labels.long()
+            point_tokens = self.point_embeddings(labels.clamp(min=0))
+            tokens.append(point_tokens * (labels >= 0).unsqueeze(-1).to(dtype))
+            positions.append(self._positions(input_points, spatial))
+            valid.append(labels >= 0)
+        if input_boxes is not None:
+            corners = input_boxes.view(batch, 2, 3)
+            tokens.append(self.box_embeddings.weight.unsqueeze(0).expand(batch, -1, -1))
+            positions.append(self._positions(corners, spatial))
+            valid.append(torch.ones(batch, 2, dtype=torch.bool, device=device))
+        tokens, positions, valid = (torch.cat(t, dim=1) for t in (tokens, positions, valid))
+        # Every one of the K prompts of a volume shares its points and box: repeat per prompt.
+        tokens, positions, valid = (t.repeat_interleave(num_prompts, dim=0) for t in (tokens, positions, valid))
+        if input_ids is not None:
+            ids = input_ids.reshape(-1, input_ids.shape[-1])
+            mask = None if attention_mask is None else attention_mask.reshape(ids.shape)
+            text_kwargs = {"input_ids": ids, "attention_mask": mask}
+            if token_type_ids is not None:
+                text_kwargs["token_type_ids"] = token_type_ids.reshape(ids.shape)
+            text = self.text_model(**text_kwargs, return_dict=True).last_hidden_state
+            weights = (torch.ones_like(ids) if mask is None else mask).unsqueeze(-1).to(text.dtype)
+            pooled = (text * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+            text_token = self.prompt_text_projection(pooled).unsqueeze(1)
+            tokens = torch.cat([tokens, text_token], dim=1)
+            positions = torch.cat([positions, torch.zeros_like(text_token)], dim=1)
+            valid = torch.cat([valid, torch.ones(valid.shape[0], 1, dtype=torch.bool, device=device)], dim=1)
+        additive = torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill(~valid, torch.finfo(dtype).min)
+        return tokens, positions, additive[:, None, None, :], num_prompts
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Forward
+    # ------------------------------------------------------------------------------------------------------------
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        input_points: torch.Tensor | None = None,
+        input_labels: torch.Tensor | None = None,
+        input_boxes: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> ReCTLesionLocalizationOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, depth, height, width)`): processed CT.
+            input_ids, attention_mask, token_type_ids (`torch.LongTensor` of shape `(batch, K, seq)` or `(batch,
+                seq)`, *optional*): K tokenised text prompts per volume (a finding, a report sentence, a region name).
+            input_points (`torch.FloatTensor` of shape `(batch, P, 3)`, *optional*): (z, y, x) voxel coordinates in
+                the processed volume; `input_labels (batch, P)`: 1 positive, 0 negative, -1 padding.
+            input_boxes (`torch.FloatTensor` of shape `(batch, 6)`, *optional*): (z0, y0, x0, z1, y1, x1) voxel
+                coordinates in the processed volume, corners included.
+            labels (`torch.FloatTensor` of shape `(batch, K, depth, height, width)`, *optional*): target masks (0/1)
+                per prompt; give the loss.
+
+        Raises:
+            ValueError: no prompt, prompt shapes that do not match, coordinates outside the volume, a box with a
+                corner after the other, `labels` of the wrong shape.
+        """
+        batch, spatial = pixel_values.shape[0], tuple(pixel_values.shape[2:])
+        self._check_prompts(spatial, batch, input_ids, input_points, input_labels, input_boxes)
+        kwargs.pop("output_hidden_states", None)
+        vision = self.vision_model(pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
+        grid = tuple(s // p for s, p in zip(spatial, self.config.vision_config.patch_size))
+        prompts, prompt_pe, prompt_mask, num_prompts = self._prompt_tokens(
+            batch, spatial, input_ids, attention_mask, token_type_ids, input_points, input_labels, input_boxes
+        )
+
+        # Image tokens (patch tokens of the last layer) and their position encodings, one copy per prompt.
+        image = self.image_projection(vision.last_hidden_state[:, 1:]).repeat_interleave(num_prompts, dim=0)
+        centres = torch.stack(
+            torch.meshgrid(*[torch.arange(g, device=image.device, dtype=image.dtype) for g in grid], indexing="ij"),
+            dim=-1,
+        ).reshape(-1, 3)
+        patch = torch.tensor(self.config.vision_config.patch_size, device=image.device, dtype=image.dtype)
+        image_pe = self._positions(centres * patch + (patch - 1) / 2, spatial).unsqueeze(0).to(image.dtype)
+        for layer in self.fusion_layers:
+            prompts, image = layer(prompts, image, prompt_pe, image_pe, prompt_mask)
+        prompts = self.fusion_norm(prompts)
+        mask_token, iou_token = prompts[:, 0], prompts[:, 1]
+
+        # Decoder, per prompt (batch · K): fused tokens → grid → stages with gated skips → input resolution.
+        hidden = image.transpose(1, 2).reshape(image.shape[0], -1, *grid)
+        hidden = self.decoder_input(hidden)
+        for s, stage in enumerate(self.stages):
+            if s < len(self.skip_projections):
+                tokens = vision.hidden_states[self.skip_layers[s]][:, 1:]
+                skip = tokens.transpose(1, 2).reshape(batch, -1, *grid)
+                skip = self.skip_projections[s](skip)
+            else:
+                skip = self.input_skip(pixel_values.to(hidden.dtype))
+            hidden = stage(hidden, skip.repeat_interleave(num_prompts, dim=0))
+        weights = self.mask_embedding(mask_token)
+        pred_masks = torch.einsum("mc,mczyx->mzyx", weights, hidden).reshape(batch, num_prompts, *spatial)
+        iou_scores = self.iou_head(iou_token).sigmoid().reshape(batch, num_prompts)
+
+        loss = dice_loss = focal_loss = iou_loss = None
+        if labels is not None:
+            dice_loss, focal_loss, iou_loss = self.localization_loss(pred_masks, iou_scores, labels)
+            loc = self.config.localizer_config
+            loss = loc.dice_weight * dice_loss + loc.focal_weight * focal_loss + loc.iou_weight * iou_loss
+        return ReCTLesionLocalizationOutput(
+            loss=loss,
+            pred_masks=pred_masks,
+            iou_scores=iou_scores,
+            dice_loss=dice_loss,
+            focal_loss=focal_loss,
+            iou_loss=iou_loss,
+            vision_hidden_states=vision.hidden_states,
+        )
+
+    def localization_loss(
+        self, pred_masks: torch.Tensor, iou_scores: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dice (non-empty targets only, see `soft_dice_loss`), sigmoid focal loss (every voxel) and the MSE of the
+        predicted IoU against the IoU of the thresholded mask (SAM's IoU head loss)."""
+        if tuple(labels.shape) != tuple(pred_masks.shape):
+            raise ValueError(
+                f"`labels` must be (batch, K, depth, height, width) = {tuple(pred_masks.shape)} (one mask per "
+                f"prompt), got {tuple(labels.shape)}"
+            )
+        loc = self.config.localizer_config
+        logits = pred_masks.flatten(2).flatten(0, 1).float()
+        targets = labels.flatten(2).flatten(0, 1).to(logits.dtype)
+        dice = soft_dice_loss(logits, targets)
+        focal = sigmoid_focal_loss(logits, targets, loc.focal_alpha, loc.focal_gamma)
+        with torch.no_grad():
+            predicted = (logits > 0).to(logits.dtype)
+            intersection = (predicted * targets).sum(dim=1)
+            union = ((predicted + targets) > 0).to(logits.dtype).sum(dim=1)
+            actual_iou = torch.where(union > 0, intersection / union.clamp(min=1.0), torch.ones_like(union))
+        iou = F.mse_loss(iou_scores.flatten().float(), actual_iou)
+        return dice, focal, iou
+
+
+__all__ = ["ReCTForLesionLocalization", "ReCTLesionLocalizationOutput"]

@@ -1,0 +1,318 @@
+"""ReCTForLesionLocalization: prompt combinations, input checks, loss policy, freezing, save/reload and a fresh-process
+Hub load."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from hf_models import ReCTConfig, ReCTForLesionLocalization, ReCTLocalizerConfig, ReCTModel
+from hf_models.modeling_localizer_rect import decoder_scales, default_skip_layers, soft_dice_loss
+from tests.conftest import tiny_text_kwargs, tiny_vision_kwargs
+from trainers.fresh_process import run_without_project
+
+
+SPATIAL = (8, 32, 32)  # tiny_vision_kwargs: patch (2, 8, 8) → grid (4, 4, 4); three decoder stages
+
+
+def localizer_config(**localizer) -> ReCTConfig:
+    loc = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, decoder_channels=[16, 8])
+    loc.update(localizer)
+    return ReCTConfig(vision_config=tiny_vision_kwargs(), text_config=tiny_text_kwargs(), localizer_config=loc)
+
+
+def build(seed: int = 0, **localizer) -> ReCTForLesionLocalization:
+    torch.manual_seed(seed)
+    return ReCTForLesionLocalization(localizer_config(**localizer)).eval()
+
+
+def prompts(batch: int = 2, num_text: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1000, 2000, (batch, num_text, 6), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[:, -1, 4:] = 0
+    points = torch.tensor([[3.0, 10, 10], [0, 0, 0], [7, 31, 31]]).expand(batch, -1, -1).clone()
+    labels = torch.tensor([1, -1, 0]).expand(batch, -1).clone()
+    boxes = torch.tensor([1.0, 2, 3, 5, 20, 21]).expand(batch, -1).clone()
+    return {
+        "pixel_values": torch.rand(batch, 1, *SPATIAL, generator=g),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "input_points": points,
+        "input_labels": labels,
+        "input_boxes": boxes,
+    }
+
+
+COMBINATIONS = {
+    "text": ("input_ids", "attention_mask"),
+    "points": ("input_points", "input_labels"),
+    "box": ("input_boxes",),
+    "text+points": ("input_ids", "attention_mask", "input_points", "input_labels"),
+    "text+box": ("input_ids", "attention_mask", "input_boxes"),
+    "points+box": ("input_points", "input_labels", "input_boxes"),
+    "all": ("input_ids", "attention_mask", "input_points", "input_labels", "input_boxes"),
+}
+
+
+@pytest.mark.parametrize("combination", list(COMBINATIONS))
+def test_every_prompt_combination_gives_one_mask_per_prompt(combination):
+    model = build()
+    data = prompts()
+    inputs = {"pixel_values": data["pixel_values"], **{k: data[k] for k in COMBINATIONS[combination]}}
+    with torch.no_grad():
+        out = model(**inputs)
+    k = 3 if "input_ids" in inputs else 1
+    assert out.pred_masks.shape == (2, k, *SPATIAL)
+    assert out.iou_scores.shape == (2, k)
+    assert torch.isfinite(out.pred_masks).all()
+    assert ((out.iou_scores >= 0) & (out.iou_scores <= 1)).all()
+    assert out.loss is None
+
+
+def test_a_single_text_prompt_per_volume_is_k_1():
+    data = prompts(num_text=1)
+    with torch.no_grad():
+        flat = build()(pixel_values=data["pixel_values"], input_ids=data["input_ids"][:, 0])
+        nested = build()(pixel_values=data["pixel_values"], input_ids=data["input_ids"])
+    assert flat.pred_masks.shape == (2, 1, *SPATIAL)
+    torch.testing.assert_close(flat.pred_masks, nested.pred_masks)
+
+
+def test_prompts_change_the_mask_and_padding_points_do_not():
+    model = build()
+    data = prompts()
+    with torch.no_grad():
+        box = model(pixel_values=data["pixel_values"], input_boxes=data["input_boxes"]).pred_masks
+        other = model(pixel_values=data["pixel_values"], input_boxes=torch.tensor([[0.0, 0, 0, 7, 31, 31]] * 2))
+        points = data["input_points"].clone()
+        base = model(pixel_values=data["pixel_values"], input_points=points, input_labels=data["input_labels"])
+        points[:, 1] = torch.tensor([6.0, 20, 5])  # the padding point (label -1) moves
+        moved = model(pixel_values=data["pixel_values"], input_points=points, input_labels=data["input_labels"])
+    assert not torch.allclose(box, other.pred_masks)
+    torch.testing.assert_close(base.pred_masks, moved.pred_masks)
+
+
+def test_batch_independence():
+    model = build()
+    data = prompts(batch=3)
+    with torch.no_grad():
+        full = model(**data)
+        single = model(**{k: v[1:2] for k, v in data.items()})
+    torch.testing.assert_close(full.pred_masks[1:2], single.pred_masks, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(full.iou_scores[1:2], single.iou_scores, atol=1e-5, rtol=1e-4)
+
+
+def test_no_prompt_is_refused():
+    with pytest.raises(ValueError, match="at least one prompt"):
+        build()(pixel_values=torch.rand(1, 1, *SPATIAL))
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(input_points=torch.tensor([[[3.0, 10, 32]]]), input_labels=torch.tensor([[1]])), "inside the processed"),
+        (
+            dict(input_points=torch.tensor([[[-1.0, 10, 10]]]), input_labels=torch.tensor([[0]])),
+            "inside the processed",
+        ),
+        (dict(input_points=torch.tensor([[[3.0, 10, 10]]]), input_labels=None), "input_labels"),
+        (dict(input_points=torch.tensor([[3.0, 10, 10]]), input_labels=torch.tensor([[1]])), r"\(batch, P, 3\)"),
+        (dict(input_points=torch.tensor([[[3.0, 10, 10]]]), input_labels=torch.tensor([[2]])), "1 \\(positive\\)"),
+        (dict(input_boxes=torch.tensor([[0.0, 0, 0, 8, 31, 31]])), "inside the processed volume"),
+        (dict(input_boxes=torch.tensor([[5.0, 0, 0, 2, 31, 31]])), "z0 <= z1"),
+        (dict(input_boxes=torch.tensor([[0.0, 0, 0, 7, 31]])), r"\(batch, 6\)"),
+        (dict(input_ids=torch.ones(2, 5, dtype=torch.long)), "input_ids"),
+    ],
+)
+def test_bad_prompts_get_specific_errors(change, match):
+    with pytest.raises(ValueError, match=match):
+        build()(pixel_values=torch.rand(1, 1, *SPATIAL), **change)
+
+
+def test_out_of_range_padding_points_are_ignored():
+    out = build()(
+        pixel_values=torch.rand(1, 1, *SPATIAL),
+        input_points=torch.tensor([[[3.0, 10, 10], [-5.0, 99, 99]]]),
+        input_labels=torch.tensor([[1, -1]]),
+    )
+    assert out.pred_masks.shape == (1, 1, *SPATIAL)
+
+
+def test_loss_terms_and_empty_target_policy():
+    model = build()
+    data = prompts(batch=2, num_text=2)
+    labels = torch.zeros(2, 2, *SPATIAL)
+    labels[0, 0, 2:5, 8:16, 8:16] = 1
+    out = model(**data, labels=labels)
+    for name in ("loss", "dice_loss", "focal_loss", "iou_loss"):
+        assert torch.isfinite(getattr(out, name)), name
+    loc = model.config.localizer_config
+    expected = loc.dice_weight * out.dice_loss + loc.focal_weight * out.focal_loss + loc.iou_weight * out.iou_loss
+    torch.testing.assert_close(out.loss, expected)
+
+    # Dice is taken over non-empty targets only; an all-empty batch gives 0 (attached), never NaN.
+    empty = torch.zeros(3, 100)
+    logits = torch.randn(3, 100, requires_grad=True)
+    dice = soft_dice_loss(logits, empty)
+    assert dice.item() == 0.0 and dice.requires_grad
+    # A non-empty target is not satisfied by predicting nothing (Dice loss ≈ 1) ...
+    target = torch.zeros(1, 100)
+    target[0, :10] = 1
+    assert soft_dice_loss(torch.full((1, 100), -20.0), target).item() > 0.99
+    # ... and on an empty target the total loss prefers predicting nothing to predicting everything (focal term).
+    nothing = model.localization_loss(
+        torch.full((1, 1, *SPATIAL), -8.0), torch.zeros(1, 1), torch.zeros(1, 1, *SPATIAL)
+    )
+    everything = model.localization_loss(
+        torch.full((1, 1, *SPATIAL), 8.0), torch.zeros(1, 1), torch.zeros(1, 1, *SPATIAL)
+    )
+    assert sum(t.item() for t in nothing) < sum(t.item() for t in everything)
+
+
+def test_labels_of_the_wrong_shape_are_refused():
+    data = prompts(batch=1, num_text=2)
+    with pytest.raises(ValueError, match=r"one mask per prompt"):
+        build()(**data, labels=torch.zeros(1, 1, *SPATIAL))
+
+
+def test_freeze_encoder_sends_gradients_to_the_prompt_fusion_and_decoder_only():
+    model = build().train()
+    model.freeze_encoder()
+    data = prompts(batch=1, num_text=1)
+    labels = torch.zeros(1, 1, *SPATIAL)
+    labels[0, 0, 2:5, 8:16, 8:16] = 1
+    model(**data, labels=labels).loss.backward()
+    for name, param in model.named_parameters():
+        frozen = name.startswith(("vision_model.", "text_model."))
+        assert param.requires_grad is not frozen, name
+        if frozen:
+            assert param.grad is None, name
+        elif not name.startswith("point_embeddings"):  # both point labels occur; checked below
+            assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert model.point_embeddings.weight.grad is not None
+
+
+def test_decoder_layout_follows_the_config():
+    assert decoder_scales((4, 16, 16)) == [(2, 2, 2), (2, 2, 2), (1, 2, 2), (1, 2, 2)]
+    assert default_skip_layers(12, 3) == [9, 6, 3]
+    model = build()
+    assert model.skip_layers == [1, 1]  # 2-layer encoder, two skips; the last stage reads the input volume
+    custom = build(skip_layers=[2, 0])
+    assert custom.skip_layers == [2, 0]
+    with pytest.raises(ValueError, match="must name 2 encoder layer"):
+        build(skip_layers=[1])
+    with pytest.raises(Exception, match="skip_layers"):
+        localizer_config(skip_layers=[3, 1])
+
+
+def test_localizer_config_defaults_are_stored():
+    config = ReCTConfig(vision_config=tiny_vision_kwargs(), text_config=tiny_text_kwargs())
+    assert config.localizer_config is None
+    model = ReCTForLesionLocalization(config)
+    assert isinstance(model.config.localizer_config, ReCTLocalizerConfig)
+    assert model.config.to_dict()["localizer_config"]["decoder_channels"] == [64, 32, 16, 16]
+
+
+def test_starts_from_a_contrastive_model_folder(tmp_path):
+    torch.manual_seed(3)
+    dual = ReCTModel(ReCTConfig(vision_config=tiny_vision_kwargs(), text_config=tiny_text_kwargs()))
+    dual.save_pretrained(tmp_path / "dual")
+    model = ReCTForLesionLocalization.from_pretrained(
+        tmp_path / "dual", localizer_config=localizer_config().localizer_config
+    )
+    dual_state = dual.state_dict()
+    for name, value in model.state_dict().items():
+        if name.startswith(("vision_model.", "text_model.")) and name in dual_state:
+            torch.testing.assert_close(value, dual_state[name], atol=0, rtol=0, msg=name)
+    assert type(model.config.localizer_config) is ReCTLocalizerConfig
+
+
+FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    from transformers import AutoModel, AutoModelForMaskGeneration
+
+    root = Path(sys.argv[1])
+    inputs = torch.load(root / "inputs.pt")
+    model = AutoModel.from_pretrained(root / "localizer", trust_remote_code=True).eval()
+    mask_model = AutoModelForMaskGeneration.from_pretrained(root / "localizer", trust_remote_code=True).eval()
+    with torch.no_grad():
+        results = {"auto": model(**inputs).pred_masks, "mask_generation": mask_model(**inputs).pred_masks}
+    torch.save(results, root / "results.pt")
+    modules = sorted(m for m in sys.modules if m.split(".")[0] in ("hf_models", "trainers", "tests"))
+    (root / "classes.json").write_text(json.dumps({
+        "auto": type(model).__name__, "mask_generation": type(mask_model).__name__, "project_modules": modules}))
+    """
+)
+
+
+def test_save_reload_and_fresh_process_auto_load(tmp_path):
+    model = build()
+    data = prompts(batch=1, num_text=2)
+    with torch.no_grad():
+        expected = model(**data).pred_masks
+    model.save_pretrained(tmp_path / "localizer")
+    saved = json.loads((tmp_path / "localizer" / "config.json").read_text())
+    assert saved["auto_map"]["AutoModel"] == "modeling_localizer_rect.ReCTForLesionLocalization"
+    assert saved["auto_map"]["AutoModelForMaskGeneration"] == "modeling_localizer_rect.ReCTForLesionLocalization"
+    assert {p.name for p in (tmp_path / "localizer").glob("*.py")} >= {
+        "modeling_localizer_rect.py",
+        "modeling_rect.py",
+        "configuration_rect.py",
+    }
+    reloaded = ReCTForLesionLocalization.from_pretrained(tmp_path / "localizer").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**data).pred_masks, expected, atol=0, rtol=0)
+
+    torch.save(data, tmp_path / "inputs.pt")
+    proc = run_without_project(
+        FRESH_PROCESS_SCRIPT, tmp_path, cwd=tmp_path, timeout=300, env={"HF_MODULES_CACHE": str(tmp_path / "mods")}
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "classes.json").read_text())
+    assert report == {"auto": "ReCTForLesionLocalization", "mask_generation": "ReCTForLesionLocalization",
+                      "project_modules": []}  # fmt: skip
+    results = torch.load(tmp_path / "results.pt")
+    for name in ("auto", "mask_generation"):
+        torch.testing.assert_close(results[name], expected, atol=0, rtol=0, msg=name)
+
+
+def test_learns_a_box_prompted_blob():
+    """Seed-fixed and small: 60 steps on random volumes with a bright cube and its box prompt; the Dice of the
+    thresholded mask on new volumes rises from near 0 to well above it."""
+    torch.manual_seed(0)
+    model = build().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def sample(generator, batch=4):
+        volumes = torch.rand(batch, 1, *SPATIAL, generator=generator) * 0.2
+        masks = torch.zeros(batch, 1, *SPATIAL)
+        boxes = []
+        for b in range(batch):
+            z, y, x = (int(torch.randint(0, s - e, (1,), generator=generator)) for s, e in zip(SPATIAL, (3, 8, 8)))
+            volumes[b, 0, z : z + 3, y : y + 8, x : x + 8] += 0.8
+            masks[b, 0, z : z + 3, y : y + 8, x : x + 8] = 1
+            boxes.append([z, y, x, z + 2, y + 7, x + 7])
+        return volumes, masks, torch.tensor(boxes, dtype=torch.float32)
+
+    def dice(generator):
+        volumes, masks, boxes = sample(generator, 8)
+        with torch.no_grad():
+            predicted = (model.eval()(pixel_values=volumes, input_boxes=boxes).pred_masks > 0).float()
+        model.train()
+        return (2 * (predicted * masks).sum() / (predicted.sum() + masks.sum())).item()
+
+    before = dice(torch.Generator().manual_seed(99))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(60):
+        volumes, masks, boxes = sample(g)
+        loss = model(pixel_values=volumes, input_boxes=boxes, labels=masks).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = dice(torch.Generator().manual_seed(99))
+    assert after > 0.6 and after > before + 0.3, (before, after)
