@@ -253,6 +253,16 @@ def load_volume(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a 3D 0/1 mask (uint8); an empty mask stays empty."""
+    ndimage = optional_import("scipy.ndimage", "post_process_masks(largest_component=True)")
+    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count <= 1:
+        return mask.astype(np.uint8)
+    sizes = np.bincount(components.ravel())[1:]
+    return (components == 1 + int(np.argmax(sizes))).astype(np.uint8)
+
+
 class ReCTImageProcessor(BaseImageProcessor):
     r"""
     Turns CT volumes (NIfTI, DICOM series, `.npy`, nibabel images, arrays) into `pixel_values`
@@ -889,7 +899,12 @@ class ReCTImageProcessor(BaseImageProcessor):
         return meta.steps
 
     def post_process_masks(
-        self, masks: Any, volume_meta: list | VolumeMetadata | Mapping, is_logits: bool | None = None
+        self,
+        masks: Any,
+        volume_meta: list | VolumeMetadata | Mapping,
+        is_logits: bool | None = None,
+        threshold: float | None = None,
+        largest_component: bool = False,
     ) -> list[np.ndarray]:
         """Map model-grid masks or logits back to each volume's original voxel grid.
 
@@ -899,19 +914,27 @@ class ReCTImageProcessor(BaseImageProcessor):
         grid recorded in `original_shape` / `original_affine` (what `save_mask` writes).
 
         Args:
-            masks: `(batch, channels, depth, height, width)` tensor/array, or a list of `(channels, D, H, W)`.
+            masks: `(batch, channels, depth, height, width)` tensor/array (e.g. a localizer's `pred_masks`, one
+                channel per prompt), or a list of `(channels, D, H, W)`.
             volume_meta: the `volume_meta` list from the processor output (one `VolumeMetadata` or its dict per
                 batch item), or one record for a single volume.
             is_logits: treat values as continuous logits (trilinear) or labels (nearest). Default: floating point
                 input = logits, integer/bool = labels.
+            threshold: binarise logits after mapping them back (`logit > threshold`; 0.0 is probability 0.5):
+                the result is a uint8 mask. None keeps the logits.
+            largest_component: with `threshold`, keep only the largest 26-connected component of each channel
+                (needs scipy).
 
         Returns:
             One numpy array per volume: shape `original_shape` when channels == 1, else `(channels, *original_shape)`.
-            Labels keep their dtype; logits are float32.
+            Labels keep their dtype; logits are float32; thresholded masks uint8.
 
         Raises:
-            ValueError: batch size or grid shape does not match `volume_meta`, or a record is not the processor's.
+            ValueError: batch size or grid shape does not match `volume_meta`, a record is not the processor's, or
+                `largest_component` without `threshold`.
         """
+        if largest_component and threshold is None:
+            raise ValueError("post_process_masks: `largest_component=True` needs a `threshold` (it works on masks)")
         metas = [volume_meta] if isinstance(volume_meta, Mapping) else list(volume_meta)
         metas = [VolumeMetadata.coerce(meta, f"volume_meta[{i}]") for i, meta in enumerate(metas)]
         items = list(masks) if isinstance(masks, (list, tuple)) else [m for m in masks]
@@ -931,8 +954,164 @@ class ReCTImageProcessor(BaseImageProcessor):
                 )
             logits = array.dtype.kind == "f" if is_logits is None else bool(is_logits)
             restored = to_original_grid(array, steps, logits)
+            if threshold is not None:
+                restored = (restored > threshold).astype(np.uint8)
+                if largest_component:
+                    restored = np.stack([_largest_component(channel) for channel in restored])
             outputs.append(restored[0] if restored.shape[0] == 1 else restored)
         return outputs
+
+    # ---- prompts into the model grid -----------------------------------------------------------------------------
+
+    def coordinates_to_model_grid(
+        self, coordinates: Any, volume_meta: VolumeMetadata | Mapping, space: str = "voxel", label: str = "points"
+    ) -> np.ndarray:
+        """Map points of the original scan onto the model grid: `(..., 3)` → `(..., 3)` float32 (z, y, x) voxel
+        coordinates of the processed volume (what `ReCTForLesionLocalization` takes as `input_points`).
+
+        Args:
+            coordinates: `(..., 3)` numbers: voxel indices `(i, j, k)` of the original scan in its own axis order
+                (`space="voxel"`, as nibabel indexes the file's array), or world coordinates in mm, RAS+ (`"ras"`,
+                nibabel's convention) or LPS+ (`"lps"`, DICOM / ITK's).
+            volume_meta: the volume's `VolumeMetadata` (from the processor output).
+            space: `"voxel"`, `"ras"` or `"lps"`.
+            label: names the coordinates in error messages.
+
+        The map is the exact affine one: original voxel → world (`original_affine`) → model voxel (the inverse of
+        `processed_affine`). A point up to half a voxel outside the model grid is moved onto its border voxel.
+
+        Raises:
+            ValueError: an unknown `space`, coordinates not of shape `(..., 3)` or not finite, or a point outside the
+                model grid (cut off by the processor's crop or outside the scan), named with its position.
+        """
+        meta = VolumeMetadata.coerce(volume_meta, f"{label}: volume_meta")
+        points = self._coordinate_array(coordinates, 3, label)
+        model = self._to_model_voxels(points, meta, space, label)
+        outside = self._outside(model, meta)
+        if outside.any():
+            first = int(np.flatnonzero(outside)[0])
+            raise ValueError(
+                f"{label}: {int(outside.sum())} point(s) lie outside the model grid {list(meta.processed_shape)} of "
+                f"{meta.source or 'the volume'} (cropped away, or outside the scan); the first, "
+                f"{points[first].tolist()} ({space}), maps to model voxel {np.round(model[first], 2).tolist()}"
+            )
+        return self._clip(model, meta).reshape(np.shape(coordinates)).astype(np.float32)
+
+    def boxes_to_model_grid(
+        self, boxes: Any, volume_meta: VolumeMetadata | Mapping, space: str = "voxel", label: str = "boxes"
+    ) -> np.ndarray:
+        """Map boxes of the original scan onto the model grid: `(..., 6)` as two opposite corners `(i0, j0, k0, i1,
+        j1, k1)` in `space` (see `coordinates_to_model_grid`) → `(..., 6)` float32 `(z0, y0, x0, z1, y1, x1)` model
+        voxel coordinates (corners included, z0 <= z1 ...): the bounding box of the eight mapped corners, clipped to
+        the model grid (a box the processor's crop cut keeps its inside part).
+
+        Raises:
+            ValueError: an unknown `space`, boxes not of shape `(..., 6)` or not finite, or a box entirely outside
+                the model grid.
+        """
+        meta = VolumeMetadata.coerce(volume_meta, f"{label}: volume_meta")
+        flat = self._coordinate_array(boxes, 6, label)
+        low, high = np.minimum(flat[:, :3], flat[:, 3:]), np.maximum(flat[:, :3], flat[:, 3:])
+        corners = np.stack([np.where(np.array(bits, bool), high, low) for bits in np.ndindex(2, 2, 2)], axis=1)
+        model = self._to_model_voxels(corners.reshape(-1, 3), meta, space, label).reshape(-1, 8, 3)
+        result = np.concatenate([model.min(axis=1), model.max(axis=1)], axis=1)
+        upper = np.asarray(meta.processed_shape, dtype=np.float64) - 1
+        disjoint = ((result[:, 3:] < -0.5) | (result[:, :3] > upper + 0.5)).any(axis=1)
+        if disjoint.any():
+            first = int(np.flatnonzero(disjoint)[0])
+            raise ValueError(
+                f"{label}: box {flat[first].tolist()} ({space}) lies entirely outside the model grid "
+                f"{list(meta.processed_shape)} of {meta.source or 'the volume'} (it maps to "
+                f"{np.round(result[first], 2).tolist()})"
+            )
+        result = np.concatenate([np.clip(result[:, :3], 0, upper), np.clip(result[:, 3:], 0, upper)], axis=1)
+        return result.reshape(np.shape(boxes)).astype(np.float32)
+
+    @staticmethod
+    def _coordinate_array(values: Any, width: int, label: str) -> np.ndarray:
+        array = to_array(values, label).astype(np.float64)
+        if array.ndim == 0 or array.shape[-1] != width:
+            raise ValueError(f"{label}: expected shape (..., {width}), found {tuple(array.shape)}")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{label}: expected finite coordinates, found NaN or infinity")
+        return array.reshape(-1, width)
+
+    @staticmethod
+    def _to_model_voxels(points: np.ndarray, meta: VolumeMetadata, space: str, label: str) -> np.ndarray:
+        if space not in ("voxel", "ras", "lps"):
+            raise ValueError(f"{label}: space must be 'voxel', 'ras' or 'lps', found {space!r}")
+        homogeneous = np.concatenate([points, np.ones((points.shape[0], 1))], axis=1)
+        if space == "voxel":
+            world = homogeneous @ np.asarray(meta.original_affine, dtype=np.float64).T
+        else:
+            world = homogeneous.copy()
+            if space == "lps":
+                world[:, :2] *= -1
+        return (world @ np.linalg.inv(np.asarray(meta.processed_affine, dtype=np.float64)).T)[:, :3]
+
+    @staticmethod
+    def _outside(model: np.ndarray, meta: VolumeMetadata) -> np.ndarray:
+        upper = np.asarray(meta.processed_shape, dtype=np.float64) - 1
+        return ((model < -0.5) | (model > upper + 0.5)).any(axis=1)
+
+    @staticmethod
+    def _clip(model: np.ndarray, meta: VolumeMetadata) -> np.ndarray:
+        return np.clip(model, 0, np.asarray(meta.processed_shape, dtype=np.float64) - 1)
+
+    # ---- findings table ------------------------------------------------------------------------------------------
+
+    def mask_findings(
+        self, mask: Any, volume_meta: VolumeMetadata | Mapping, names: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """One row per connected lesion (26-connectivity) of a mask on the ORIGINAL grid (e.g. from
+        `post_process_masks(..., threshold=0.0)`): `finding` (the channel's name, or its index), `lesion` (1, 2, ...
+        by decreasing size), `voxels`, `volume_ml` (voxels × voxel volume from `original_spacing`), `centroid_voxel`
+        (i, j, k) and `centroid_ras` (mm, RAS+). Needs scipy.
+
+        Args:
+            mask: `original_shape` or `(channels, *original_shape)`, nonzero = lesion.
+            volume_meta: the volume's `VolumeMetadata`.
+            names: one name per channel (e.g. the text prompts).
+
+        Raises:
+            ValueError: the mask is not on the original grid, or `names` does not have one entry per channel.
+        """
+        ndimage = optional_import("scipy.ndimage", "mask_findings")
+        meta = VolumeMetadata.coerce(volume_meta, "mask_findings: volume_meta")
+        array = to_array(mask, "mask_findings: mask")
+        shape = tuple(meta.original_shape)
+        channels = array[None] if array.shape == shape else array
+        if channels.ndim != 4 or tuple(channels.shape[1:]) != shape:
+            raise ValueError(
+                f"mask_findings: expected a mask of shape {shape} or (channels, {', '.join(map(str, shape))}) (the "
+                f"original grid; use post_process_masks first), found {tuple(array.shape)}"
+            )
+        if names is not None and len(names) != channels.shape[0]:
+            raise ValueError(
+                f"mask_findings: expected {channels.shape[0]} name(s), one per channel, found {len(names)}"
+            )
+        affine = np.asarray(meta.original_affine, dtype=np.float64)
+        voxel_ml = float(np.prod(meta.original_spacing)) / 1000.0
+        rows = []
+        for index, channel in enumerate(channels):
+            components, count = ndimage.label(channel != 0, structure=np.ones((3, 3, 3), dtype=bool))
+            if count == 0:
+                continue
+            sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+            centroids = ndimage.center_of_mass(np.ones(shape), components, range(1, count + 1))
+            for rank, component in enumerate(np.argsort(-sizes, kind="stable"), start=1):
+                centroid = np.asarray(centroids[component], dtype=np.float64)
+                rows.append(
+                    {
+                        "finding": names[index] if names is not None else index,
+                        "lesion": rank,
+                        "voxels": int(sizes[component]),
+                        "volume_ml": round(float(sizes[component]) * voxel_ml, 4),
+                        "centroid_voxel": [round(float(c), 2) for c in centroid],
+                        "centroid_ras": [round(float(c), 2) for c in (affine @ np.append(centroid, 1.0))[:3]],
+                    }
+                )
+        return rows
 
     def save_mask(self, mask: Any, volume_meta: VolumeMetadata | Mapping, path: str | os.PathLike) -> str:
         """Write a mask on the ORIGINAL voxel grid as NIfTI with the original affine in both qform and sform.

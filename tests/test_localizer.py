@@ -4,12 +4,23 @@ Hub load."""
 import json
 import textwrap
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
-from hf_models import ReCTConfig, ReCTForLesionLocalization, ReCTLocalizerConfig, ReCTModel
+from hf_models import (
+    ReCTConfig,
+    ReCTForLesionLocalization,
+    ReCTImageProcessor,
+    ReCTLocalizerConfig,
+    ReCTModel,
+    ReCTProcessor,
+)
 from hf_models.modeling_localizer_rect import decoder_scales, default_skip_layers, soft_dice_loss
 from tests.conftest import tiny_text_kwargs, tiny_vision_kwargs
+from tests.test_real_ct import NIFTI_CT, REAL_CT, SERIES
 from trainers.fresh_process import run_without_project
 
 
@@ -316,3 +327,158 @@ def test_learns_a_box_prompted_blob():
         optimizer.step()
     after = dice(torch.Generator().manual_seed(99))
     assert after > 0.6 and after > before + 0.3, (before, after)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts in the scan's coordinates and masks back in its geometry
+# ----------------------------------------------------------------------------------------------------------------
+
+LPS_AFFINE = np.array([[-0.8, 0, 0, 20.0], [0, -0.8, 0, 30.0], [0, 0, 2.5, -10.0], [0, 0, 0, 1]])
+BLOB_CENTRE = np.array([40.0, 18.0, 9.0])
+
+
+@pytest.fixture(scope="module")
+def lps_scan(tmp_path_factory):
+    """An LPS, anisotropic (0.8 × 0.8 × 2.5 mm) scan of 60 × 50 × 24 voxels with a 10 mm sphere and its mask."""
+    folder = tmp_path_factory.mktemp("lps")
+    shape = (60, 50, 24)
+    grid = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    spacing = np.abs(np.diag(LPS_AFFINE)[:3])
+    blob = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, BLOB_CENTRE, spacing)) < 10.0**2
+    volume = np.random.default_rng(0).normal(-800, 20, shape).astype(np.int16)
+    volume[blob] = 60
+    nib.save(nib.Nifti1Image(volume, LPS_AFFINE), folder / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(blob.astype(np.uint8), LPS_AFFINE), folder / "blob.nii.gz")
+    assert nib.aff2axcodes(LPS_AFFINE) == ("L", "P", "S")
+    return folder, blob
+
+
+def test_post_processing_puts_a_blob_back_in_an_lps_anisotropic_scan(lps_scan, tmp_path):
+    folder, blob = lps_scan
+    processor = ReCTImageProcessor(volume_size=[24, 48, 48], windows=["lung"])
+    out = processor([str(folder / "ct.nii.gz")], lesion_mask=[str(folder / "blob.nii.gz")], return_tensors="pt")
+    meta = out["volume_meta"][0]
+    # What a perfect localizer would output on the model grid: the processed blob as logits.
+    logits = (out["lesion_mask"].float() * 2 - 1) * 5
+    restored = processor.post_process_masks(logits, out["volume_meta"], threshold=0.0, largest_component=True)[0]
+    assert restored.shape == blob.shape and restored.dtype == np.uint8
+    dice = 2 * (restored * blob).sum() / (restored.sum() + blob.sum())
+    assert dice >= 0.95, dice
+    path = processor.save_mask(restored, meta, tmp_path / "blob_back.nii.gz")
+    saved = nib.load(path)
+    np.testing.assert_allclose(saved.affine, LPS_AFFINE)
+    np.testing.assert_allclose(saved.get_qform(), LPS_AFFINE)
+
+    (row,) = processor.mask_findings(restored, meta, names=["blob"])
+    expected_ml = blob.sum() * 0.8 * 0.8 * 2.5 / 1000
+    assert row["finding"] == "blob" and row["lesion"] == 1
+    assert abs(row["volume_ml"] - expected_ml) / expected_ml < 0.05, (row, expected_ml)
+    centre_ras = (LPS_AFFINE @ np.append(BLOB_CENTRE, 1))[:3]
+    assert np.abs(np.array(row["centroid_ras"]) - centre_ras).max() < 1.0, (row, centre_ras)
+
+
+def test_largest_component_keeps_the_biggest_lesion_and_findings_list_both(lps_scan):
+    folder, blob = lps_scan
+    processor = ReCTImageProcessor(volume_size=[24, 48, 48], windows=["lung"])
+    meta = processor([str(folder / "ct.nii.gz")])["volume_meta"][0]
+    logits = np.full((1, 1, 24, 48, 48), -5.0, dtype=np.float32)
+    logits[0, 0, 2:8, 4:20, 4:20] = 5.0
+    logits[0, 0, 15:17, 30:34, 30:34] = 5.0
+    both = processor.post_process_masks(logits, [meta], threshold=0.0)[0]
+    largest = processor.post_process_masks(logits, [meta], threshold=0.0, largest_component=True)[0]
+    rows = processor.mask_findings(both, meta)
+    assert [r["lesion"] for r in rows] == [1, 2] and rows[0]["voxels"] > rows[1]["voxels"]
+    assert largest.sum() == rows[0]["voxels"]
+    with pytest.raises(ValueError, match="needs a `threshold`"):
+        processor.post_process_masks(logits, [meta], largest_component=True)
+    with pytest.raises(ValueError, match="original grid"):
+        processor.mask_findings(logits[0], meta)
+
+
+def test_processor_maps_prompts_from_the_scan_onto_the_model_grid(lps_scan, minilm_dir):
+    folder, blob = lps_scan
+    processor = ReCTProcessor(
+        image_processor=ReCTImageProcessor(volume_size=[24, 48, 48], windows=["lung"]),
+        tokenizer=AutoTokenizer.from_pretrained(minilm_dir),
+    )
+    ct = str(folder / "ct.nii.gz")
+    low, high = np.argwhere(blob).min(0), np.argwhere(blob).max(0)
+    world = (LPS_AFFINE @ np.append(BLOB_CENTRE, 1))[:3]
+    batch = processor(
+        images=[ct, ct],
+        text=[["pleural effusion", "a nodule in the left lower lobe"], ["aorta", "heart"]],
+        input_points=[[BLOB_CENTRE.tolist()], [BLOB_CENTRE.tolist(), [10, 10, 5]]],
+        input_labels=[[1], [1, 0]],
+        input_boxes=[np.concatenate([low, high])] * 2,
+        lesion_mask=[str(folder / "blob.nii.gz")] * 2,
+        return_tensors="pt",
+    )
+    assert batch["input_ids"].shape[:2] == (2, 2) and batch["attention_mask"].shape == batch["input_ids"].shape
+    assert batch["input_points"].shape == (2, 2, 3) and batch["input_labels"].tolist() == [[1, -1], [1, 0]]
+    processed = batch["lesion_mask"][0, 0].numpy()
+    point = batch["input_points"][0, 0].numpy()
+    assert processed[tuple(np.round(point).astype(int))] == 1
+    np.testing.assert_allclose(point, np.argwhere(processed).mean(0), atol=0.5)
+    for space, coords in (("ras", world), ("lps", world * [-1, -1, 1])):
+        again = processor(images=[ct], input_points=[[coords.tolist()]], input_labels=[[1]], prompt_space=space)
+        np.testing.assert_allclose(again["input_points"][0][0], point, atol=1e-4)
+    box = batch["input_boxes"][0].numpy()
+    inside = np.argwhere(processed)
+    assert (inside >= np.floor(box[:3]) - 0.5).all() and (inside <= np.ceil(box[3:]) + 0.5).all()
+
+    # The batch drives the localizer as it is (a model built for this grid; untrained).
+    config = ReCTConfig(
+        vision_config=tiny_vision_kwargs(volume_size=[24, 48, 48], patch_size=[4, 8, 8], in_channels=1),
+        text_config=tiny_text_kwargs(),
+        localizer_config=dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, decoder_channels=[16, 8]),
+    )
+    inputs = {k: v for k, v in batch.items() if k not in ("volume_meta", "lesion_mask")}
+    with torch.no_grad():
+        out = ReCTForLesionLocalization(config).eval()(**inputs)
+    assert out.pred_masks.shape == (2, 2, 24, 48, 48)
+    masks = processor.post_process_masks(out.pred_masks, batch["volume_meta"], threshold=0.0)
+    assert [m.shape for m in masks] == [(2, *blob.shape)] * 2
+
+    with pytest.raises(ValueError, match="outside the model grid"):
+        processor(images=[ct], input_points=[[[0, 0, 40]]], input_labels=[[1]])
+    with pytest.raises(ValueError, match="`input_labels` are needed"):
+        processor(images=[ct], input_points=[[[3, 3, 3]]])
+    with pytest.raises(ValueError, match="entirely outside"):
+        processor(images=[ct], input_boxes=[[100, 100, 40, 120, 120, 50]])
+    with pytest.raises(ValueError, match="same number of prompts"):
+        processor(images=[ct, ct], text=[["aorta"], ["aorta", "heart"]])
+    with pytest.raises(ValueError, match="space must be"):
+        processor(images=[ct], input_points=[[[3, 3, 3]]], input_labels=[[1]], prompt_space="mm")
+
+
+@pytest.mark.skipif(not REAL_CT.is_dir(), reason=f"real CT files not found at {REAL_CT}")
+@pytest.mark.parametrize("scan", [NIFTI_CT, SERIES], ids=["nifti", "dicom-series"])
+def test_runs_on_real_ct_and_writes_masks_in_the_scans_geometry(scan, tmp_path, minilm_dir):
+    """No lesion ground truth on these scans: the localizer must run from a text prompt and a box given in world
+    coordinates, and its masks must land on the scan's own grid with its affine."""
+    processor = ReCTProcessor(
+        image_processor=ReCTImageProcessor(volume_size=[32, 64, 64], windows=["lung", "mediastinum"]),
+        tokenizer=AutoTokenizer.from_pretrained(minilm_dir),
+    )
+    meta = processor(images=[str(scan)])["volume_meta"][0]
+    centre = np.asarray(meta.original_shape) / 2
+    corners = np.concatenate([centre - 5, centre + 5])
+    batch = processor(
+        images=[str(scan)], text=[["liver", "pleural effusion"]], input_boxes=[corners], return_tensors="pt"
+    )
+    config = ReCTConfig(
+        vision_config=tiny_vision_kwargs(volume_size=[32, 64, 64], patch_size=[4, 16, 16], in_channels=2),
+        text_config=tiny_text_kwargs(),
+        localizer_config=dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, decoder_channels=[16, 8]),
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = ReCTForLesionLocalization(config).eval()(**{k: v for k, v in batch.items() if k != "volume_meta"})
+    assert torch.isfinite(out.pred_masks).all()
+    (masks,) = processor.post_process_masks(out.pred_masks, batch["volume_meta"], threshold=0.0)
+    assert masks.shape == (2, *meta.original_shape)
+    path = processor.save_mask(masks[0], batch["volume_meta"][0], tmp_path / "liver.nii.gz")
+    saved = nib.load(path)
+    assert saved.shape == tuple(meta.original_shape)
+    np.testing.assert_allclose(saved.affine, np.asarray(meta.original_affine), atol=1e-4)
+    np.testing.assert_allclose(saved.get_qform(), np.asarray(meta.original_affine), atol=1e-4)
