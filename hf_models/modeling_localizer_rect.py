@@ -6,7 +6,8 @@ transformer") + an attention U-Net decoder whose skip connections come from seve
 from the input volume. Each of the K prompts of a volume gets its own mask and a predicted IoU.
 
 Prompt names and layouts follow transformers' SAM: `input_ids` / `attention_mask` `(batch, K, seq)` (or `(batch,
-seq)` for K = 1), `input_points (batch, P, 3)` with `input_labels (batch, P)` (1 positive, 0 negative, -1 padding),
+seq)` for K = 1), `input_points (batch, P, 3)` with `input_labels (batch, P)` (1 positive, 0 negative, any negative
+value padding: -1, or SAM's pad value -10),
 `input_boxes (batch, 6)` as (z0, y0, x0, z1, y1, x1); coordinates are voxel indices (depth, height, width) of the
 processed volume. Points and boxes apply to every one of the K prompts of their volume.
 """
@@ -286,7 +287,7 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
             if input_labels is None or tuple(input_labels.shape) != tuple(input_points.shape[:2]):
                 raise ValueError(
                     f"`input_labels` must be (batch, P) = {tuple(input_points.shape[:2])} beside `input_points` "
-                    f"(1 positive, 0 negative, -1 padding), got "
+                    f"(1 positive, 0 negative, negative = padding), got "
                     f"{None if input_labels is None else tuple(input_labels.shape)}"
                 )
         if input_boxes is not None and tuple(input_boxes.shape) != (batch, 6):
@@ -305,8 +306,10 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
                     f"`input_points` must lie inside the processed volume: voxel (z, y, x) in [0, {spatial[0] - 1}] "
                     f"× [0, {spatial[1] - 1}] × [0, {spatial[2] - 1}], got {points[outside].tolist()}"
                 )
-            if ((input_labels < -1) | (input_labels > 1)).any():
-                raise ValueError("`input_labels` must hold 1 (positive), 0 (negative) or -1 (padding)")
+            if (input_labels > 1).any():
+                raise ValueError(
+                    "`input_labels` must hold 1 (positive), 0 (negative) or a negative pad value (-1, or SAM's -10)"
+                )
         if input_boxes is not None:
             boxes = input_boxes.detach().float().cpu().view(batch, 2, 3)
             if ((boxes < 0) | (boxes > upper)).any() or (boxes[:, 0] > boxes[:, 1]).any():
@@ -387,7 +390,7 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
             input_ids, attention_mask, token_type_ids (`torch.LongTensor` of shape `(batch, K, seq)` or `(batch,
                 seq)`, *optional*): K tokenised text prompts per volume (a finding, a report sentence, a region name).
             input_points (`torch.FloatTensor` of shape `(batch, P, 3)`, *optional*): (z, y, x) voxel coordinates in
-                the processed volume; `input_labels (batch, P)`: 1 positive, 0 negative, -1 padding.
+                the processed volume; `input_labels (batch, P)`: 1 positive, 0 negative, negative values padding.
             input_boxes (`torch.FloatTensor` of shape `(batch, 6)`, *optional*): (z0, y0, x0, z1, y1, x1) voxel
                 coordinates in the processed volume, corners included.
             labels (`torch.FloatTensor` of shape `(batch, K, depth, height, width)`, *optional*): target masks (0/1)

@@ -163,8 +163,8 @@ def test_unknown_override_key_is_one_line(cohort, tmp_path):
         (["classification", "--tiny", "--data", "{missing}", "--output-dir", "{out}"], ["--data", "no such folder"]),
         (["classification", "--tiny", "--data", "{cohort}"], ["--output-dir is required"]),
         (
-            ["localization", "--tiny", "--data", "{cohort}", "--output-dir", "{out}"],
-            ["'localization'", "classification"],
+            ["report_stage1", "--tiny", "--data", "{cohort}", "--output-dir", "{out}"],
+            ["'report_generation'", "classification"],
         ),
         (
             ["classification", "--data", "{cohort}", "--output-dir", "{out}", "--max_steps", "x"],
@@ -187,9 +187,9 @@ def test_train_usage_errors(cohort, tmp_path, capsys, args, expected):
 
 
 def test_unsupported_task_names_it_and_the_supported_ones(tmp_path):
-    expected = r"task 'localization'.*supported tasks: \['classification', 'vision_pretrain'\]"
+    expected = r"task 'report_generation'.*supported tasks: \['classification', 'localization', 'vision_pretrain'\]"
     with pytest.raises(NotImplementedError, match=expected):
-        train_from_recipe("localization", tmp_path / "data", tmp_path / "out", tiny=True)
+        train_from_recipe("report_stage1", tmp_path / "data", tmp_path / "out", tiny=True)
 
 
 def test_vision_pretrain_tiny_trains_and_saves_a_hub_folder(cohort, tmp_path):
@@ -226,3 +226,27 @@ def test_vision_pretrain_tiny_trains_and_saves_a_hub_folder(cohort, tmp_path):
     assert set(encoder) <= set(pretrained)  # the classifier's tower: the same, less the region queries
     for name, tensor in encoder.items():
         torch.testing.assert_close(tensor, pretrained[name], rtol=0, atol=0, msg=name)
+
+
+def test_localization_tiny_trains_and_saves_a_hub_folder(cohort, tmp_path):
+    from transformers import AutoModel, AutoModelForMaskGeneration, AutoProcessor
+
+    out = tmp_path / "localizer"
+    summary = train_from_recipe("localization", cohort, out, tiny=True, overrides={"use_cpu": True}, progress=False)
+    assert summary["task"] == "localization" and summary["global_step"] == 8
+    assert summary["train_examples"] > 6 and summary["eval_examples"] > 4  # (volume, target) pairs
+    assert summary["eval_metrics"]["eval_loss"] > 0
+    logged = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert all({"dice_loss", "focal_loss", "iou_loss", "grad_norm"} <= set(e) for e in logged)
+    model = AutoModel.from_pretrained(out, trust_remote_code=True)
+    assert type(model).__name__ == "ReCTForLesionLocalization"
+    assert type(AutoModelForMaskGeneration.from_pretrained(out, trust_remote_code=True)) is type(model)
+    saved = load_file(out / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0, msg=name)
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    volume = next((cohort / "dataset" / "valid").rglob("*.nii.gz"))
+    batch = processor(images=[str(volume)], text=[["pleural effusion", "aorta"]], return_tensors="pt")
+    with torch.no_grad():
+        masks = model(**{k: v for k, v in batch.items() if k != "volume_meta"}).pred_masks
+    assert masks.shape == (1, 2, 8, 32, 32)

@@ -52,6 +52,9 @@ class TaskParts:
     #: `TrainingArguments.label_names` the task needs (unless the user sets them), e.g. an input the Trainer must
     #: gather for `compute_metrics` on a model without labels.
     label_names: list[str] | None = None
+    #: Evaluate the loss only (`TrainingArguments.prediction_loss_only`, unless the user sets it): the task's
+    #: outputs are too large to gather over a whole evaluation split (a localizer's full-resolution masks).
+    prediction_loss_only: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,22 +129,7 @@ def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progr
         raise ValueError(
             f"{source}: data.text_fields: expected Findings_EN, Impressions_EN or both, found {list(fields)}"
         )
-    text_pretrained = recipe.model.text_pretrained
-    config_kwargs = dict(recipe.model.config)
-    if text_pretrained:
-        from transformers import AutoConfig
-
-        config_kwargs["text_config"] = AutoConfig.from_pretrained(text_pretrained).to_dict()
-    config = ReCTConfig(**config_kwargs)
-    model = _new_or_pretrained(recipe, hf_models.ReCTModel, config)
-    if text_pretrained:
-        _load_text_tower(model, text_pretrained)
-    tokenizer = _text_tokenizer(text_pretrained or recipe.model.pretrained)
-    if len(tokenizer) > model.config.text_config.vocab_size:
-        raise ValueError(
-            f"{source}: model.config.text_config.vocab_size {model.config.text_config.vocab_size} is smaller than "
-            f"the tokenizer's vocabulary ({len(tokenizer)})"
-        )
+    model, tokenizer = model_with_text_tower(recipe, hf_models.ReCTModel, ReCTConfig)
     num_regions = model.config.vision_config.num_regions
     cache = VolumeCache(cache_dir, image_processor)
     train, valid = _cached_splits(
@@ -167,6 +155,80 @@ def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progr
     )
 
 
+def build_localization(recipe: Recipe, data_dir: Path, cache_dir: Path, progress: bool) -> TaskParts:
+    """`ReCTForLesionLocalization` over a CT-RATE-layout cohort with lesion and anatomy masks (`data.format`
+    `ct_rate` or `phantom`): one example per (volume, target) — every finding of `data.labels` (None = all 18)
+    present in the volume's lesion mask, every anatomy region present, and one absent finding (an empty target) —
+    prompted by its name, with text alone, text + box or text + points per batch
+    (`trainers.data.localization`). The text tower is the recipe's (`model.text_pretrained` loads BERT weights);
+    prompts are tokenised with its tokenizer or MiniLM's. The Trainer evaluates the loss (Dice + focal + IoU) on
+    the evaluation split and saves a `ReCTProcessor` with the model.
+
+    Raises:
+        ValueError: `data.volume_size`/`data.windows` missing or disagreeing with the model; an unknown label; a
+            text tower whose vocabulary is smaller than the tokenizer's; no target in the cohort.
+        DatasetFormatError, MissingFilesError: the cohort's files, including its masks (see `read_ct_rate`).
+    """
+    import hf_models
+    from hf_models import CT_RATE_ABNORMALITIES, ReCTConfig, ReCTProcessor
+
+    from .data.cache import VolumeCache
+    from .data.localization import LocalizationTargets, PromptModeCollator
+    from .data.phantom import LESION_IDS
+
+    data = recipe.data
+    image_processor = _image_processor(recipe)
+    names = list(data.labels or CT_RATE_ABNORMALITIES)
+    unknown = [n for n in names if n not in LESION_IDS]
+    if unknown:
+        raise ValueError(f"{recipe.source}: data.labels: unknown finding(s) {unknown}; choose from {list(LESION_IDS)}")
+    model, tokenizer = model_with_text_tower(recipe, hf_models.ReCTForLesionLocalization, ReCTConfig)
+    losses = model.config.localizer_config
+    if recipe.losses.dice is not None:
+        losses.dice_weight = recipe.losses.dice
+    if recipe.losses.focal is not None:
+        losses.focal_weight = recipe.losses.focal
+    cache = VolumeCache(cache_dir, image_processor)
+    train, valid = _cached_splits(recipe, data_dir, cache, progress, anatomy=True, lesion_column="lesion_mask_path")
+    findings = {name: LESION_IDS[name] for name in names}
+    seed = recipe.optimization.seed
+    return TaskParts(
+        model=model,
+        image_processor=image_processor,
+        train_dataset=LocalizationTargets(train, findings, seed=seed),
+        eval_dataset=LocalizationTargets(valid, findings, seed=seed + 1) if valid is not None else None,
+        data_collator=PromptModeCollator(tokenizer, max_length=data.max_length or 32),
+        compute_metrics=None,
+        processor=ReCTProcessor(image_processor=image_processor, tokenizer=tokenizer),
+        prediction_loss_only=True,
+    )
+
+
+def model_with_text_tower(recipe: Recipe, base_class: type, config_class: type) -> tuple[Any, Any]:
+    """The recipe's model (see `_new_or_pretrained`) whose text tower is `model.text_pretrained`'s when given (its
+    config replaces `config.text_config`, its weights are loaded), and the tokenizer for it.
+
+    Raises:
+        ValueError: the text tower's vocabulary is smaller than the tokenizer's.
+    """
+    text_pretrained = recipe.model.text_pretrained
+    config_kwargs = dict(recipe.model.config)
+    if text_pretrained:
+        from transformers import AutoConfig
+
+        config_kwargs["text_config"] = AutoConfig.from_pretrained(text_pretrained).to_dict()
+    model = _new_or_pretrained(recipe, base_class, config_class(**config_kwargs))
+    if text_pretrained:
+        _load_text_tower(model, text_pretrained)
+    tokenizer = _text_tokenizer(text_pretrained or recipe.model.pretrained)
+    if len(tokenizer) > model.config.text_config.vocab_size:
+        raise ValueError(
+            f"{recipe.source}: model.config.text_config.vocab_size {model.config.text_config.vocab_size} is smaller "
+            f"than the tokenizer's vocabulary ({len(tokenizer)})"
+        )
+    return model, tokenizer
+
+
 def _cached_splits(recipe: Recipe, data_dir: Path, cache: Any, progress: bool, **dataset_kwargs) -> tuple[Any, Any]:
     """The recipe's training and evaluation splits (None without `data.valid_split`) of a CT-RATE-layout cohort as
     `CachedVolumeDataset`s with `dataset_kwargs`, their volumes processed into `cache`."""
@@ -174,9 +236,10 @@ def _cached_splits(recipe: Recipe, data_dir: Path, cache: Any, progress: bool, *
     from .data.volume_dataset import CachedVolumeDataset
 
     anatomy = dataset_kwargs.get("anatomy", False)
+    lesions = dataset_kwargs.get("lesion_column") is not None
 
     def split(name: str) -> Any:
-        rows = read_ct_rate(data_dir, name, anatomy_masks=anatomy, cot=False)
+        rows = read_ct_rate(data_dir, name, anatomy_masks=anatomy, lesion_masks=lesions, cot=False)
         dataset = CachedVolumeDataset(rows, cache, **dataset_kwargs)
         dataset.prepare(progress=progress)
         return dataset
@@ -268,6 +331,7 @@ def _text_tokenizer(pretrained: str | None) -> Any:
 SUPPORTED_TASKS: dict[str, Callable[[Recipe, Path, Path, bool], TaskParts]] = {
     "classification": build_classification,
     "vision_pretrain": build_vision_pretrain,
+    "localization": build_localization,
 }
 
 
@@ -456,6 +520,8 @@ def train_from_recipe(
             logger.warning("resuming from %s", checkpoint)
     if parts.label_names is not None and "label_names" not in overrides:
         args.label_names = parts.label_names
+    if parts.prediction_loss_only and "prediction_loss_only" not in overrides:
+        args.prediction_loss_only = True
     trainer = ReCTTrainer(
         model=parts.model,
         args=args,
@@ -502,6 +568,8 @@ __all__ = [
     "SUPPORTED_TASKS",
     "TaskParts",
     "build_classification",
+    "build_localization",
+    "model_with_text_tower",
     "build_vision_pretrain",
     "checkpoint_problem",
     "checkpoints",

