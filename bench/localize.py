@@ -17,16 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
+
+from _measure import REPO_ROOT, run_child, timed_peak
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 
@@ -63,24 +58,7 @@ def one_measurement(size: list[int], layers: int, prompts: int, runs: int, part:
         if cuda:
             torch.cuda.synchronize()
 
-    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    forward()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        forward()
-        times.append(time.perf_counter() - start)
-    if cuda:
-        peak_mib = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_kib) / 1024
-    return {
-        "seconds": statistics.median(times),
-        "peak_mib": peak_mib,
-        "device": torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads",
-    }
+    return timed_peak(forward, runs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,16 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {}
         for part in ("encoder", "localizer"):
             spec = dict(size=size, layers=args.layers, prompts=args.prompts, runs=args.runs, part=part)
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", json.dumps(spec)],
-                capture_output=True,
-                text=True,
-                env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
-            )
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return proc.returncode
-            result[part] = json.loads(proc.stdout.strip().splitlines()[-1])
+            result[part] = run_child(__file__, spec)
         enc, loc = result["encoder"], result["localizer"]
         print(
             f"{text_size:>12}: encoder {enc['seconds']:7.3f} s/volume, peak {enc['peak_mib']:7.0f} MiB | localizer "

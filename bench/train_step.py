@@ -18,16 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
+
+from _measure import REPO_ROOT, run_child, timed_peak
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 
@@ -75,25 +70,13 @@ def one_configuration(size: list[int], layers: int, batch: int, steps: int, chec
         if cuda:
             torch.cuda.synchronize()
 
-    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    step()  # warm-up (also allocates the optimizer state)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    if cuda:
-        peak_mib = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_kib) / 1024
-    seconds = statistics.median(times)
+    measured = timed_peak(step, steps)  # the warm-up step also allocates the optimizer state
+    seconds = measured["seconds"]
     return {
         "seconds_per_step": seconds,
         "samples_per_second": batch / seconds,
-        "peak_mib": peak_mib,
-        "device": torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads",
+        "peak_mib": measured["peak_mib"],
+        "device": measured["device"],
         "tokens": model.config.vision_config.patch_grid[0]
         * model.config.vision_config.patch_grid[1]
         * model.config.vision_config.patch_grid[2],
@@ -127,16 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                     checkpointing=checkpointing,
                     attention=attention,
                 )
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--child", json.dumps(spec)],
-                    capture_output=True,
-                    text=True,
-                    env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
-                )
-                if proc.returncode != 0:
-                    print(proc.stderr[-3000:], file=sys.stderr)
-                    return proc.returncode
-                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                result = run_child(__file__, spec)
                 results[(text_size, attention, checkpointing)] = result
                 print(
                     f"{text_size:>12} ({result['tokens']:5d} tokens) {attention:7s} checkpointing "
