@@ -105,18 +105,26 @@ class ReCTProcessor(ProcessorMixin):
         return padded, label_rows
 
     @classmethod
-    def from_args_and_dict(cls, args, processor_dict, **kwargs):
-        """As `ProcessorMixin`, but say which saved keys this version does not know instead of dropping them
-        silently (a folder written by another version still loads)."""
+    def _known_keys(cls, processor_dict):
+        """`processor_dict` without the keys this version does not know, each said in a warning (a folder written by
+        another version still loads; nothing is dropped silently)."""
         known = set(cls.get_attributes()) | {"auto_map", "processor_class", "chat_template", "audio_tokenizer"}
         unknown = sorted(set(processor_dict) - known)
         if unknown:
             warnings.warn(
-                f"ReCTProcessor: ignoring unknown key(s) {unknown} in the saved processor config", UserWarning, 2
+                f"ReCTProcessor: ignoring unknown key(s) {unknown} in the saved processor config", UserWarning, 3
             )
-        return super().from_args_and_dict(
-            args, {k: v for k, v in processor_dict.items() if k not in unknown}, **kwargs
-        )
+        return {k: v for k, v in processor_dict.items() if k not in unknown}
+
+    @classmethod
+    def from_args_and_dict(cls, args, processor_dict, **kwargs):
+        """As `ProcessorMixin` (transformers 5.24 loads through it), after `_known_keys`."""
+        return super().from_args_and_dict(args, cls._known_keys(processor_dict), **kwargs)
+
+    @classmethod
+    def from_dict(cls, processor_dict, **kwargs):
+        """As `ProcessorMixin` (transformers 5.25 loads through it), after `_known_keys`."""
+        return super().from_dict(cls._known_keys(processor_dict), **kwargs)
 
     def post_process_masks(self, masks, volume_meta, **kwargs):
         """Forwarded to [`ReCTImageProcessor.post_process_masks`]: model-space masks/logits → original voxel grids."""
