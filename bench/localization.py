@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from hf_models.anatomy_rect import ANATOMY_REGIONS
 from trainers.classification import ClassifierRecipe
 from trainers.data.phantom import LESION_IDS
+from trainers.data.volume_dataset import CachedVolumeDataset
 from trainers.demo import demo_cohort_parameters, prepare_cohort
 from trainers.metrics.segmentation import segmentation_case_metrics
 from trainers.text import minilm_tokenizer
@@ -77,28 +78,40 @@ def localization_recipe(seed: int, steps: int, batch: int):
     return recipe
 
 
-def evaluate(model, cohort: Path, cache_dir: Path, recipe, max_volumes: int | None) -> dict:
-    """Per-target Dice / HD95 on the held-out split (its first `max_volumes` volumes): findings (text, text + box,
-    box filled), regions (text). The text prompts of one volume go through the model together (K prompts)."""
+def held_out(cohort: Path, cache_dir: Path, recipe, max_volumes: int | None) -> list[dict]:
+    """The held-out split's first `max_volumes` volumes, read once: pixel values, lesion and anatomy masks and the
+    model grid's voxel spacing (mm)."""
     from trainers.classification import ct_image_processor
     from trainers.data.cache import VolumeCache
     from trainers.data.readers import read_ct_rate
-    from trainers.data.volume_dataset import CachedVolumeDataset
 
-    tokenizer = minilm_tokenizer()
     cache = VolumeCache(cache_dir, ct_image_processor(recipe.data.volume_size, recipe.data.windows))
     rows = read_ct_rate(cohort, "valid", anatomy_masks=True, lesion_masks=True, cot=False)
     volumes = CachedVolumeDataset(rows, cache, anatomy=True, lesion_column="lesion_mask_path")
-    volumes.prepare(progress=False)
+    examples = []
+    for index in range(min(len(volumes), max_volumes or len(volumes))):
+        entry = cache.get(volumes.sources(volumes.rows[index])[0])
+        affine = np.asarray(entry["volume_meta"]["processed_affine"], dtype=np.float64)
+        examples.append(
+            {
+                "pixel_values": torch.as_tensor(entry["pixel_values"]).float()[None],
+                "lesion": np.asarray(entry["lesion_mask"])[0],
+                "anatomy": np.asarray(entry["anatomy_mask"])[0],
+                "spacing": np.linalg.norm(affine[:3, :3], axis=0),
+            }
+        )
+    return examples
+
+
+def evaluate(model, examples: list[dict], tokenizer) -> dict:
+    """Per-target Dice / HD95 on the held-out `examples`: findings (text, text + box, box filled), regions (text).
+    The text prompts of one volume go through the model together (K prompts)."""
     regions = {r.id: r.name for r in ANATOMY_REGIONS if r.id}
     scores: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     model.eval()
-    for index in range(min(len(volumes), max_volumes or len(volumes))):
-        example = volumes[index]
-        meta = cache.get(volumes.sources(volumes.rows[index])[0])["volume_meta"]
-        spacing = np.linalg.norm(np.asarray(meta["processed_affine"], dtype=np.float64)[:3, :3], axis=0)
-        pixel_values = torch.as_tensor(example["pixel_values"]).float()[None]
-        lesion, anatomy = np.asarray(example["lesion_mask"])[0], np.asarray(example["anatomy_mask"])[0]
+    for example in examples:
+        pixel_values, spacing = example["pixel_values"], example["spacing"]
+        lesion, anatomy = example["lesion"], example["anatomy"]
         targets = [("finding", n, lesion == i) for n, i in LESION_IDS.items() if (lesion == i).any()]
         targets += [("region", regions[i], anatomy == i) for i in regions if (anatomy == i).any()]
         text = tokenizer([name.lower() for _, name, _ in targets], padding=True, return_tensors="pt")
@@ -170,18 +183,20 @@ def main() -> None:
     cohort, cache = workdir / "cohort", workdir / "cache"
     stamp = prepare_cohort(cohort, demo_cohort_parameters(), progress=True)
     print(f"cohort: {stamp['volumes']} volumes ({'reused' if stamp['reused'] else 'generated'}) in {cohort}")
+    examples = held_out(cohort, cache, localization_recipe(0, args.steps, args.batch), args.eval_volumes)
+    tokenizer = minilm_tokenizer()
     runs = {}
     for seed in args.seeds:
         recipe = localization_recipe(seed, args.steps, args.batch)
         out = workdir / f"seed_{seed}"
         torch.manual_seed(seed)
         untrained, _ = model_with_text_tower(recipe, ReCTForLesionLocalization, ReCTConfig)
-        baseline = evaluate(untrained, cohort, cache, recipe, args.eval_volumes)
+        baseline = evaluate(untrained, examples, tokenizer)
         start, cpu = time.perf_counter(), time.process_time()
         summary = train_from_recipe(recipe, cohort, out, cache_dir=cache, progress=True)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
         model = ReCTForLesionLocalization.from_pretrained(out)
-        result = evaluate(model, cohort, cache, recipe, args.eval_volumes)
+        result = evaluate(model, examples, tokenizer)
         runs[seed] = {"trained": result, "untrained": baseline, "train_loss": summary["train_loss"],
                       "seconds": seconds, "cpu_seconds": cpu_seconds}  # fmt: skip
         (workdir / f"seed_{seed}.json").write_text(json.dumps(runs[seed], indent=1))

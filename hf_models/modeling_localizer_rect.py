@@ -238,12 +238,8 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
         # convolution) from the patch grid to stage s's resolution; the last stage's skip is the input volume.
         self.skip_projections = nn.ModuleList()
         for s in range(stages - 1):
-            factor = [1, 1, 1]
-            for scale in self.scales[: s + 1]:
-                factor = [f * k for f, k in zip(factor, scale)]
-            self.skip_projections.append(
-                nn.ConvTranspose3d(hidden, channels[s], kernel_size=tuple(factor), stride=tuple(factor))
-            )
+            factor = tuple(math.prod(scale[axis] for scale in self.scales[: s + 1]) for axis in range(3))
+            self.skip_projections.append(nn.ConvTranspose3d(hidden, channels[s], kernel_size=factor, stride=factor))
         self.input_skip = ReCTConvBlock(vision_config.in_channels, channels[-1])
         self.stages = nn.ModuleList(
             ReCTDecoderStage(channels[s - 1] if s else channels[0], channels[s], channels[s], self.scales[s])
