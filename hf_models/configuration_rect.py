@@ -186,6 +186,8 @@ class ReCTLocalizerConfig(PreTrainedConfig):
         num_fourier_features (`int`, defaults to 10): sine/cosine frequencies per axis (π·2^0 … π·2^(F-1) over
             coordinates normalised to [0, 1]) encoding point, box and token positions; 10 resolves about a thousandth
             of the volume's extent.
+        point_sigma (`float`, defaults to 2.0): width (voxels of the processed volume) of the Gaussian bump each point
+            prompt adds to the decoder's dense prompt maps.
         dice_weight (`float`, defaults to 1.0), focal_weight (`float`, defaults to 1.0), iou_weight (`float`,
             defaults to 1.0): weights of the Dice, focal and predicted-IoU (MSE) losses.
         focal_alpha (`float`, defaults to 0.25), focal_gamma (`float`, defaults to 2.0): sigmoid focal loss (Lin et
@@ -210,6 +212,7 @@ class ReCTLocalizerConfig(PreTrainedConfig):
     decoder_channels: list[int] | tuple[int, ...] = (64, 32, 16, 16)
     skip_layers: list[int] | tuple[int, ...] | None = None
     num_fourier_features: int = interval(min=1)(default=10)
+    point_sigma: float | int = interval(min=0.0, exclude_min=True)(default=2.0)
     dice_weight: float | int = interval(min=0.0)(default=1.0)
     focal_weight: float | int = interval(min=0.0)(default=1.0)
     iou_weight: float | int = interval(min=0.0)(default=1.0)

@@ -3,7 +3,15 @@
 `ReCTForLesionLocalization` = the 3D vision encoder ([`ReCTVisionModel`]) + a BERT-like text tower (the prompt
 embedder) + a two-way prompt/image fusion transformer (SAM's mask decoder, in 3D; the seeds' "denoising
 transformer") + an attention U-Net decoder whose skip connections come from several encoder layers (as UNETR) and
-from the input volume. Each of the K prompts of a volume gets its own mask and a predicted IoU.
+from a convolutional pyramid over the input volume. Each of the K prompts of a volume gets its own mask and a
+predicted IoU.
+
+As in SAM, the expensive part runs once per volume and the prompts only steer it: the U-Net decodes the volume once
+into per-voxel mask features at its last two stages (points and the box enter it as dense maps beside the input
+volume, SAM's dense prompt embedding), and each prompt's mask is the dot product of those features with weights made
+from its fused mask token (SAM's hypernetwork), plus that prompt's coarse mask at the patch grid, read from the
+image tokens after fusion; the coarser maps are resized trilinearly and summed. Asking for K masks of one volume
+costs K fusion passes at the patch grid and K dot products, not K decoders.
 
 Prompt names and layouts follow transformers' SAM: `input_ids` / `attention_mask` `(batch, K, seq)` (or `(batch,
 seq)` for K = 1), `input_points (batch, P, 3)` with `input_labels (batch, P)` (1 positive, 0 negative, any negative
@@ -25,6 +33,11 @@ from transformers.utils.import_utils import is_torchdynamo_compiling
 
 from .configuration_rect import ReCTConfig, ReCTLocalizerConfig
 from .modeling_rect import ReCTAttention, ReCTMLP, ReCTPreTrainedModel, ReCTVisionModel
+
+
+#: Dense prompt maps the decoder reads beside the volume: box (+1 inside, −1 outside, 0 without a box), positive
+#: points and negative points (Gaussian bumps of `point_sigma` voxels, 0 without points).
+NUM_DENSE_PROMPTS = 3
 
 
 @dataclass
@@ -54,6 +67,32 @@ def fourier_features(coords: torch.Tensor, num_frequencies: int) -> torch.Tensor
     frequencies = math.pi * 2.0 ** torch.arange(num_frequencies, device=coords.device, dtype=coords.dtype)
     angles = (coords.unsqueeze(-1) * frequencies).flatten(-2)
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def linear_resize_matrix(in_size: int, out_size: int, dtype=None, device=None) -> torch.Tensor:
+    """`(out_size, in_size)` weights of 1D linear interpolation as `F.interpolate(mode="linear", align_corners=False)`
+    computes it: a trilinear resize is three of these, one per axis (`einsum`), whose backward pass is a matrix
+    product instead of a scatter over every output voxel."""
+    source = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
+    low = source.floor().long().clamp(max=in_size - 1)
+    high = (low + 1).clamp(max=in_size - 1)
+    frac = source - low
+    weights = torch.zeros(out_size, in_size, dtype=torch.float64)
+    rows = torch.arange(out_size)
+    weights.index_put_((rows, low), 1 - frac, accumulate=True)
+    weights.index_put_((rows, high), frac, accumulate=True)
+    return weights.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def linear_resize(maps: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """`(..., d, h, w)` → `(..., *size)` by trilinear interpolation (`F.interpolate(mode="trilinear",
+    align_corners=False)`), as one matrix product per axis."""
+    if tuple(maps.shape[-3:]) == tuple(size):
+        return maps
+    depth, height, width = (linear_resize_matrix(n, s, maps.dtype, maps.device) for n, s in zip(maps.shape[-3:], size))
+    maps = maps @ width.T
+    maps = (maps.transpose(-1, -2) @ height.T).transpose(-1, -2)
+    return torch.einsum("...ayx,za->...zyx", maps, depth)
 
 
 def decoder_scales(patch_size) -> list[tuple[int, int, int]]:
@@ -179,6 +218,33 @@ class ReCTDecoderStage(nn.Module):
         return self.block(torch.cat([hidden_states, self.gate(skip, hidden_states)], dim=1))
 
 
+class ReCTInputPyramid(nn.Module):
+    """The input volume and the dense prompt maps → features at every decoder stage's resolution: a conv block at
+    full resolution, then per stage, fine to coarse, a strided convolution undoing that stage's upsampling and a conv
+    block (a U-Net's contracting path). Its high-resolution detail; the encoder's tokens give the semantics."""
+
+    def __init__(self, in_channels: int, channels: list[int], scales: list[tuple[int, int, int]]):
+        super().__init__()
+        self.full = ReCTConvBlock(in_channels, channels[-1])
+        self.downs = nn.ModuleList()
+        for s in range(len(channels) - 1, 0, -1):  # stage s's resolution → stage s - 1's
+            self.downs.append(
+                nn.Sequential(
+                    nn.Conv3d(channels[s], channels[s - 1], kernel_size=scales[s], stride=scales[s], bias=False),
+                    nn.GroupNorm(math.gcd(8, channels[s - 1]), channels[s - 1]),
+                    nn.GELU(),
+                    ReCTConvBlock(channels[s - 1], channels[s - 1]),
+                )
+            )
+
+    def forward(self, volume: torch.Tensor) -> list[torch.Tensor]:
+        """→ features per decoder stage, coarse to fine (stage order)."""
+        features = [self.full(volume)]
+        for down in self.downs:
+            features.append(down(features[-1]))
+        return features[::-1]
+
+
 class ReCTForLesionLocalization(ReCTPreTrainedModel):
     """Promptable 3D lesion (and anatomy) segmentation: text, point and box prompts → mask logits and IoU scores.
 
@@ -234,19 +300,26 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
                 f"the last; patch size {vision_config.patch_size} gives {stages} stages), got {self.skip_layers}"
             )
         self.decoder_input = nn.Conv3d(width, channels[0], kernel_size=1)
-        # Skip s: tokens of encoder layer skip_layers[s] → `channels[s]` features, upsampled (transposed
-        # convolution) from the patch grid to stage s's resolution; the last stage's skip is the input volume.
+        # Skip s: the input pyramid's features at stage s's resolution, plus (every stage but the last) the tokens of
+        # encoder layer skip_layers[s], upsampled (transposed convolution) from the patch grid to that resolution.
+        # The pyramid reads the volume and the dense prompt maps (box, positive points, negative points).
         self.skip_projections = nn.ModuleList()
         for s in range(stages - 1):
             factor = tuple(math.prod(scale[axis] for scale in self.scales[: s + 1]) for axis in range(3))
             self.skip_projections.append(nn.ConvTranspose3d(hidden, channels[s], kernel_size=factor, stride=factor))
-        self.input_skip = ReCTConvBlock(vision_config.in_channels, channels[-1])
+        self.input_pyramid = ReCTInputPyramid(vision_config.in_channels + NUM_DENSE_PROMPTS, channels, self.scales)
         self.stages = nn.ModuleList(
             ReCTDecoderStage(channels[s - 1] if s else channels[0], channels[s], channels[s], self.scales[s])
             for s in range(stages)
         )
-        # SAM's hypernetwork: the fused mask token → per-channel weights over the final decoder features.
-        self.mask_embedding = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, channels[-1]))
+        # SAM's hypernetwork: the fused mask token → per-channel weights over the features of the last two decoder
+        # stages, and weights over the fused image tokens for the prompt's coarse mask at the patch grid.
+        self.mask_channels = channels[-2:] if stages > 1 else channels[-1:]
+        self.mask_embedding = nn.Sequential(
+            nn.Linear(width, width), nn.GELU(), nn.Linear(width, sum(self.mask_channels))
+        )
+        self.coarse_mask_embedding = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+        self.image_norm = nn.LayerNorm(width)
         self.iou_head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
         self.post_init()
 
@@ -363,6 +436,32 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
         additive = torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill(~valid, torch.finfo(dtype).min)
         return tokens, positions, additive[:, None, None, :], num_prompts
 
+    def _dense_prompts(self, batch, spatial, input_points, input_labels, input_boxes, dtype, device) -> torch.Tensor:
+        """`(batch, NUM_DENSE_PROMPTS, D, H, W)`: the box as +1 inside / −1 outside (0 everywhere without one), and
+        the positive and negative points as the maximum of Gaussian bumps (σ = `point_sigma` voxels)."""
+        dense = torch.zeros(batch, NUM_DENSE_PROMPTS, *spatial, dtype=torch.float32, device=device)
+        axes = [torch.arange(size, dtype=torch.float32, device=device) for size in spatial]
+        if input_boxes is not None:
+            boxes = input_boxes.float()
+            inside = torch.ones(batch, *spatial, dtype=torch.bool, device=device)
+            for axis, coords in enumerate(axes):
+                shape = [batch, 1, 1, 1]
+                shape[axis + 1] = -1
+                low, high = boxes[:, axis, None], boxes[:, axis + 3, None]
+                inside = inside & ((coords >= low) & (coords <= high)).view(shape)
+            dense[:, 0] = inside.float() * 2 - 1
+        if input_points is not None:
+            sigma = self.config.localizer_config.point_sigma
+            grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (D, H, W, 3)
+            labels = input_labels.long()
+            for p in range(input_points.shape[1]):
+                distance = ((grid - input_points[:, p].float().view(batch, 1, 1, 1, 3)) ** 2).sum(-1)
+                bump = torch.exp(-distance / (2 * sigma**2))
+                for channel, label in ((1, 1), (2, 0)):
+                    chosen = (labels[:, p] == label).view(batch, 1, 1, 1)
+                    dense[:, channel] = torch.where(chosen, torch.maximum(dense[:, channel], bump), dense[:, channel])
+        return dense.to(dtype)
+
     # ------------------------------------------------------------------------------------------------------------
     # Forward
     # ------------------------------------------------------------------------------------------------------------
@@ -405,8 +504,25 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
             batch, spatial, input_ids, attention_mask, token_type_ids, input_points, input_labels, input_boxes
         )
 
-        # Image tokens (patch tokens of the last layer) and their position encodings, one copy per prompt.
-        image = self.image_projection(vision.last_hidden_state[:, 1:]).repeat_interleave(num_prompts, dim=0)
+        # Shared decoder, once per volume: projected tokens at the patch grid → stages with gated skips (encoder
+        # layers + the input pyramid over the volume and the dense prompts) → mask features at input resolution.
+        image = self.image_projection(vision.last_hidden_state[:, 1:])
+        dense = self._dense_prompts(
+            batch, spatial, input_points, input_labels, input_boxes, pixel_values.dtype, pixel_values.device
+        )
+        pyramid = self.input_pyramid(torch.cat([pixel_values, dense], dim=1))
+        hidden = self.decoder_input(image.transpose(1, 2).reshape(batch, -1, *grid))
+        stage_features = []
+        for s, stage in enumerate(self.stages):
+            skip = pyramid[s]
+            if s < len(self.skip_projections):
+                tokens = vision.hidden_states[self.skip_layers[s]][:, 1:]
+                skip = skip + self.skip_projections[s](tokens.transpose(1, 2).reshape(batch, -1, *grid))
+            hidden = stage(hidden, skip)
+            stage_features.append(hidden)
+
+        # Fusion, per prompt (batch · K) at the patch grid: prompt tokens ↔ image tokens (with positions).
+        image = image.repeat_interleave(num_prompts, dim=0)
         centres = torch.stack(
             torch.meshgrid(*[torch.arange(g, device=image.device, dtype=image.dtype) for g in grid], indexing="ij"),
             dim=-1,
@@ -418,19 +534,16 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
         prompts = self.fusion_norm(prompts)
         mask_token, iou_token = prompts[:, 0], prompts[:, 1]
 
-        # Decoder, per prompt (batch · K): fused tokens → grid → stages with gated skips → input resolution.
-        hidden = image.transpose(1, 2).reshape(image.shape[0], -1, *grid)
-        hidden = self.decoder_input(hidden)
-        for s, stage in enumerate(self.stages):
-            if s < len(self.skip_projections):
-                tokens = vision.hidden_states[self.skip_layers[s]][:, 1:]
-                skip = tokens.transpose(1, 2).reshape(batch, -1, *grid)
-                skip = self.skip_projections[s](skip)
-            else:
-                skip = self.input_skip(pixel_values.to(hidden.dtype))
-            hidden = stage(hidden, skip.repeat_interleave(num_prompts, dim=0))
-        weights = self.mask_embedding(mask_token)
-        pred_masks = torch.einsum("mc,mczyx->mzyx", weights, hidden).reshape(batch, num_prompts, *spatial)
+        # Mask per prompt: its coarse mask (its weights · its fused image tokens) at the patch grid, resized to the
+        # last stage but one and added to its weights · that stage's features, resized to the input resolution and
+        # added to its weights · the last stage's features (SAM's hypernetwork, over two scales).
+        weights = self.mask_embedding(mask_token).view(batch, num_prompts, -1).split(self.mask_channels, dim=-1)
+        logits = torch.einsum("mc,mnc->mn", self.coarse_mask_embedding(mask_token), self.image_norm(image))
+        logits = logits.view(batch, num_prompts, *grid)
+        for stage_weights, features in zip(weights, stage_features[-len(weights) :]):
+            logits = linear_resize(logits, tuple(features.shape[2:]))
+            logits = logits + torch.einsum("bkc,bczyx->bkzyx", stage_weights, features)
+        pred_masks = logits
         iou_scores = self.iou_head(iou_token).sigmoid().reshape(batch, num_prompts)
 
         loss = dice_loss = focal_loss = iou_loss = None

@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from hf_models import (
@@ -18,7 +19,14 @@ from hf_models import (
     ReCTModel,
     ReCTProcessor,
 )
-from hf_models.modeling_localizer_rect import decoder_scales, default_skip_layers, soft_dice_loss
+from hf_models.modeling_localizer_rect import (
+    NUM_DENSE_PROMPTS,
+    decoder_scales,
+    default_skip_layers,
+    linear_resize,
+    linear_resize_matrix,
+    soft_dice_loss,
+)
 from tests.conftest import tiny_text_kwargs, tiny_vision_kwargs
 from tests.test_real_ct import NIFTI_CT, REAL_CT, SERIES
 from trainers.fresh_process import run_without_project
@@ -203,6 +211,51 @@ def test_freeze_encoder_sends_gradients_to_the_prompt_fusion_and_decoder_only():
         elif not name.startswith("point_embeddings"):  # both point labels occur; checked below
             assert param.grad is not None and torch.isfinite(param.grad).all(), name
     assert model.point_embeddings.weight.grad is not None
+
+
+def test_k_prompts_together_get_the_masks_they_get_alone():
+    """The decoder runs once per volume and each prompt only steers it: asking K prompts of a volume at once gives
+    each the mask (and IoU) it gets when asked alone, whatever the other prompts are."""
+    model = build()
+    inputs = prompts(batch=2, num_text=3)
+    together = model(**inputs)
+    for k in range(3):
+        alone = model(**dict(inputs, input_ids=inputs["input_ids"][:, k : k + 1],
+                             attention_mask=inputs["attention_mask"][:, k : k + 1]))  # fmt: skip
+        torch.testing.assert_close(alone.pred_masks[:, 0], together.pred_masks[:, k], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone.iou_scores[:, 0], together.iou_scores[:, k], atol=1e-5, rtol=1e-5)
+
+
+def test_dense_prompt_maps_hold_the_box_and_the_points_by_label():
+    model = build()
+    spatial, batch = SPATIAL, 2
+    boxes = torch.tensor([[1.0, 2, 3, 5, 20, 21], [0, 0, 0, 7, 31, 31]])
+    points = torch.tensor([[[3.0, 10, 10], [6, 25, 5], [0, 0, 0]], [[2.0, 3, 4], [0, 0, 0], [0, 0, 0]]])
+    labels = torch.tensor([[1, 0, -10], [0, -1, -1]])
+    dense = model._dense_prompts(batch, spatial, points, labels, boxes, torch.float32, torch.device("cpu"))
+    assert dense.shape == (batch, NUM_DENSE_PROMPTS, *spatial)
+    inside = torch.zeros(spatial, dtype=torch.bool)
+    inside[1:6, 2:21, 3:22] = True
+    assert torch.equal(dense[0, 0], inside.float() * 2 - 1) and (dense[1, 0] == 1).all()
+    assert dense[0, 1, 3, 10, 10] == 1 and dense[0, 1].argmax() == 3 * 32 * 32 + 10 * 32 + 10  # positive point
+    assert dense[0, 2, 6, 25, 5] == 1 and dense[0, 2, 3, 10, 10] < 1e-6  # negative point, in its own map
+    assert dense[0, 1, 0, 0, 0] < 1e-6 and dense[0, 2, 0, 0, 0] < 1e-6  # the padding point adds nothing
+    assert (dense[1, 1] == 0).all() and dense[1, 2, 2, 3, 4] == 1
+    assert dense[0, 1, 3, 10, 12] == pytest.approx(np.exp(-4 / (2 * 2.0**2)))  # σ = point_sigma (2 voxels)
+    none = model._dense_prompts(batch, spatial, None, None, None, torch.float32, torch.device("cpu"))
+    assert (none == 0).all()
+
+
+@pytest.mark.parametrize("sizes", [((4, 4, 4), (8, 32, 32)), ((8, 4, 4), (32, 64, 64)), ((3, 5, 2), (7, 11, 2))])
+def test_separable_resize_is_trilinear_interpolation(sizes):
+    grid, spatial = sizes
+    coarse = torch.randn(3, *grid, dtype=torch.float64)
+    expected = F.interpolate(coarse[:, None], size=spatial, mode="trilinear", align_corners=False)[:, 0]
+    resized = torch.einsum(
+        "mabc,za,yb,xc->mzyx", coarse, *[linear_resize_matrix(g, s, torch.float64) for g, s in zip(grid, spatial)]
+    )
+    torch.testing.assert_close(resized, expected)
+    torch.testing.assert_close(linear_resize(coarse, spatial), expected)
 
 
 def test_decoder_layout_follows_the_config():

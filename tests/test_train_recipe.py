@@ -231,10 +231,13 @@ def test_vision_pretrain_tiny_trains_and_saves_a_hub_folder(cohort, tmp_path):
 def test_localization_tiny_trains_and_saves_a_hub_folder(cohort, tmp_path):
     from transformers import AutoModel, AutoModelForMaskGeneration, AutoProcessor
 
+    from trainers.data.readers import read_ct_rate
+
     out = tmp_path / "localizer"
     summary = train_from_recipe("localization", cohort, out, tiny=True, overrides={"use_cpu": True}, progress=False)
     assert summary["task"] == "localization" and summary["global_step"] == 8
-    assert summary["train_examples"] > 6 and summary["eval_examples"] > 4  # (volume, target) pairs
+    volumes = {split: len(read_ct_rate(cohort, split, cot=False)) for split in ("train", "valid")}
+    assert (summary["train_examples"], summary["eval_examples"]) == (volumes["train"], volumes["valid"])  # 1 per volume
     assert summary["eval_metrics"]["eval_loss"] > 0
     logged = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     assert all({"dice_loss", "focal_loss", "iou_loss", "grad_norm"} <= set(e) for e in logged)
@@ -250,3 +253,31 @@ def test_localization_tiny_trains_and_saves_a_hub_folder(cohort, tmp_path):
     with torch.no_grad():
         masks = model(**{k: v for k, v in batch.items() if k != "volume_meta"}).pred_masks
     assert masks.shape == (1, 2, 8, 32, 32)
+
+
+def test_localization_reads_a_seed_002_segmentation_csv(cohort, tmp_path):
+    """`data.format: segmentation_csv`: the phantom's seed-002 CSV (binary pleural-effusion masks), split per
+    patient, one target per volume prompted by the one name in `data.labels`."""
+    from trainers.data.readers import read_segmentation_csv
+    from trainers.recipes import load_recipe
+
+    def recipe(**data):
+        loaded = load_recipe("localization", tiny=True)
+        loaded.data.format, loaded.data.labels, loaded.data.valid_split = (
+            "segmentation_csv",
+            ["pleural effusion"],
+            "validation",
+        )
+        for key, value in data.items():
+            setattr(loaded.data, key, value)
+        loaded.optimization.max_steps = 2
+        return loaded
+
+    splits = read_segmentation_csv(cohort / "segmentation.csv")
+    summary = train_from_recipe(recipe(), cohort, tmp_path / "csv", overrides={"use_cpu": True}, progress=False)
+    assert summary["global_step"] == 2 and summary["eval_metrics"]["eval_loss"] > 0
+    assert (summary["train_examples"], summary["eval_examples"]) == (len(splits["train"]), len(splits["validation"]))
+    with pytest.raises(ValueError, match="one entry of data.labels"):
+        train_from_recipe(recipe(labels=None), cohort, tmp_path / "none", progress=False)
+    with pytest.raises(ValueError, match=r"split per patient into \['train', 'validation'\]; got split 'valid'"):
+        train_from_recipe(recipe(valid_split="valid"), cohort / "segmentation.csv", tmp_path / "split", progress=False)

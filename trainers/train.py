@@ -157,17 +157,21 @@ def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progr
 
 def build_localization(recipe: Recipe, data_dir: Path, cache_dir: Path, progress: bool) -> TaskParts:
     """`ReCTForLesionLocalization` over a CT-RATE-layout cohort with lesion and anatomy masks (`data.format`
-    `ct_rate` or `phantom`): one example per (volume, target) — every finding of `data.labels` (None = all 18)
-    present in the volume's lesion mask, every anatomy region present, and one absent finding (an empty target) —
-    prompted by its name, with text alone, text + box or text + points per batch
-    (`trainers.data.localization`). The text tower is the recipe's (`model.text_pretrained` loads BERT weights);
-    prompts are tokenised with its tokenizer or MiniLM's. The Trainer evaluates the loss (Dice + focal + IoU) on
-    the evaluation split and saves a `ReCTProcessor` with the model.
+    `ct_rate` or `phantom`): one example per volume with `data.targets_per_volume` targets (default 16) — findings of
+    `data.labels` (None = all 18) present in the volume's lesion mask, absent findings (empty targets) and anatomy
+    regions — prompted by their names; per batch the K text prompts, or the first target's text + box or text +
+    points (`trainers.data.localization`). With `data.format: segmentation_csv` the data is seed 002's CSV (`path,
+    label, patient_id`; `--data` the CSV or its folder), split per patient into `train` and `validation`: one target
+    per volume, its binary mask, prompted by the one name in `data.labels`. The text tower is the recipe's
+    (`model.text_pretrained` loads BERT weights); prompts are tokenised with its tokenizer or MiniLM's. The Trainer
+    evaluates the loss (Dice + focal + IoU) on the evaluation split and saves a `ReCTProcessor` with the model.
 
     Raises:
-        ValueError: `data.volume_size`/`data.windows` missing or disagreeing with the model; an unknown label; a
-            text tower whose vocabulary is smaller than the tokenizer's; no target in the cohort.
-        DatasetFormatError, MissingFilesError: the cohort's files, including its masks (see `read_ct_rate`).
+        ValueError: `data.volume_size`/`data.windows` missing or disagreeing with the model; an unknown label (or not
+            exactly one for a segmentation CSV); a split the segmentation CSV does not have; a text tower whose
+            vocabulary is smaller than the tokenizer's.
+        DatasetFormatError, MissingFilesError: the cohort's files, including its masks (see `read_ct_rate`,
+            `read_segmentation_csv`).
     """
     import hf_models
     from hf_models import CT_RATE_ABNORMALITIES, ReCTConfig, ReCTProcessor
@@ -177,10 +181,16 @@ def build_localization(recipe: Recipe, data_dir: Path, cache_dir: Path, progress
     from .data.phantom import LESION_IDS
 
     data = recipe.data
-    image_processor = _image_processor(recipe)
-    names = list(data.labels or CT_RATE_ABNORMALITIES)
+    image_processor = _image_processor(recipe, ("ct_rate", "phantom", "segmentation_csv"))
+    csv = data.format == "segmentation_csv"
+    names = list(data.labels or ([] if csv else CT_RATE_ABNORMALITIES))
+    if csv and len(names) != 1:
+        raise ValueError(
+            f"{recipe.source}: data.labels: a segmentation CSV holds binary masks of one target; name it (its text "
+            f"prompt) as the one entry of data.labels, got {data.labels}"
+        )
     unknown = [n for n in names if n not in LESION_IDS]
-    if unknown:
+    if unknown and not csv:
         raise ValueError(f"{recipe.source}: data.labels: unknown finding(s) {unknown}; choose from {list(LESION_IDS)}")
     model, tokenizer = model_with_text_tower(recipe, hf_models.ReCTForLesionLocalization, ReCTConfig)
     losses = model.config.localizer_config
@@ -190,13 +200,20 @@ def build_localization(recipe: Recipe, data_dir: Path, cache_dir: Path, progress
         losses.focal_weight = recipe.losses.focal
     cache = VolumeCache(cache_dir, image_processor)
     train, valid = _cached_splits(recipe, data_dir, cache, progress, anatomy=True, lesion_column="lesion_mask_path")
-    findings = {name: LESION_IDS[name] for name in names}
     seed = recipe.optimization.seed
+    if csv:  # the mask's voxels of value 1 (as the seed-002 binary masks hold), no regions: one target per volume
+        findings, regions, per_volume, absent = {names[0]: 1}, [], 1, 0
+    else:
+        findings, regions, per_volume, absent = {n: LESION_IDS[n] for n in names}, None, data.targets_per_volume, 2
+
+    def targets(volumes, seed):
+        return LocalizationTargets(volumes, findings, regions, per_volume or 16, absent_per_volume=absent, seed=seed)
+
     return TaskParts(
         model=model,
         image_processor=image_processor,
-        train_dataset=LocalizationTargets(train, findings, seed=seed),
-        eval_dataset=LocalizationTargets(valid, findings, seed=seed + 1) if valid is not None else None,
+        train_dataset=targets(train, seed),
+        eval_dataset=targets(valid, seed + 1) if valid is not None else None,
         data_collator=PromptModeCollator(tokenizer, max_length=data.max_length or 32),
         compute_metrics=None,
         processor=ReCTProcessor(image_processor=image_processor, tokenizer=tokenizer),
@@ -231,15 +248,30 @@ def model_with_text_tower(recipe: Recipe, base_class: type, config_class: type) 
 
 def _cached_splits(recipe: Recipe, data_dir: Path, cache: Any, progress: bool, **dataset_kwargs) -> tuple[Any, Any]:
     """The recipe's training and evaluation splits (None without `data.valid_split`) of a CT-RATE-layout cohort as
-    `CachedVolumeDataset`s with `dataset_kwargs`, their volumes processed into `cache`."""
-    from .data.readers import read_ct_rate
+    `CachedVolumeDataset`s with `dataset_kwargs`, their volumes processed into `cache`. With `data.format:
+    segmentation_csv`, `data_dir` is seed 002's CSV (or a folder holding `segmentation.csv`), split per patient by
+    `read_segmentation_csv` into `train` and `validation`; its binary masks are the examples' `lesion_mask`."""
+    from .data.readers import read_ct_rate, read_segmentation_csv
     from .data.volume_dataset import CachedVolumeDataset
 
     anatomy = dataset_kwargs.get("anatomy", False)
     lesions = dataset_kwargs.get("lesion_column") is not None
+    segmentation = None
+    if recipe.data.format == "segmentation_csv":
+        csv = data_dir / "segmentation.csv" if data_dir.is_dir() else data_dir
+        segmentation = read_segmentation_csv(csv)
+        dataset_kwargs = dict(dataset_kwargs, volume_column="image_path", lesion_column="label_path", anatomy=False)
 
     def split(name: str) -> Any:
-        rows = read_ct_rate(data_dir, name, anatomy_masks=anatomy, lesion_masks=lesions, cot=False)
+        if segmentation is None:
+            rows = read_ct_rate(data_dir, name, anatomy_masks=anatomy, lesion_masks=lesions, cot=False)
+        elif name in segmentation:
+            rows = segmentation[name]
+        else:
+            raise ValueError(
+                f"{recipe.source}: data: the segmentation CSV {data_dir} is split per patient into "
+                f"{sorted(segmentation)}; got split {name!r} (set data.train_split / data.valid_split)"
+            )
         dataset = CachedVolumeDataset(rows, cache, **dataset_kwargs)
         dataset.prepare(progress=progress)
         return dataset
@@ -256,14 +288,16 @@ _TEXT_COLUMNS = {
 }
 
 
-def _image_processor(recipe: Recipe) -> Any:
-    """The recipe's image processor: `data.volume_size` and `data.windows` (`ct_image_processor`)."""
+def _image_processor(recipe: Recipe, formats: tuple[str, ...] = ("ct_rate", "phantom")) -> Any:
+    """The recipe's image processor: `data.volume_size` and `data.windows` (`ct_image_processor`); `data.format`
+    must be one of `formats`."""
     from .classification import ct_image_processor
 
     data = recipe.data
-    if data.format not in ("ct_rate", "phantom"):
+    if data.format not in formats:
         raise ValueError(
-            f"{recipe.source}: data.format: the {recipe.task} task reads 'ct_rate' or 'phantom', got {data.format!r}"
+            f"{recipe.source}: data.format: the {recipe.task} task reads {' or '.join(map(repr, formats))}, got "
+            f"{data.format!r}"
         )
     for key in ("volume_size", "windows"):
         if getattr(data, key) is None:

@@ -95,9 +95,10 @@ class ContrastiveCollator:
 
 @dataclass
 class LocalizationCollator:
-    """→ `pixel_values`, `labels` (the lesion mask, `(batch, 1, D, H, W)`), optional tokenised text prompts,
-    `input_points (batch, P, 3)` + `input_labels (batch, P)` padded to the batch's largest P with label -10 (SAM's
-    pad), and `input_boxes (batch, 6)` as (z0, y0, x0, z1, y1, x1)."""
+    """→ `pixel_values`, `labels` (the lesion masks: `(batch, 1, D, H, W)`, or `(batch, K, D, H, W)` from K masks per
+    example), optional tokenised text prompts (one string per example → `(batch, seq)`; a list of K → `(batch, K,
+    seq)`), `input_points (batch, P, 3)` + `input_labels (batch, P)` padded to the batch's largest P with label -10
+    (SAM's pad), and `input_boxes (batch, 6)` as (z0, y0, x0, z1, y1, x1)."""
 
     tokenizer: Any = None
     max_length: int = 64
@@ -109,10 +110,19 @@ class LocalizationCollator:
             if self.tokenizer is None:
                 raise ValueError("LocalizationCollator: text prompts need a tokenizer")
             prompts = [example.get("prompt") or "" for example in examples]
-            text = self.tokenizer(
-                prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
-            batch["input_ids"], batch["attention_mask"] = text["input_ids"], text["attention_mask"]
+            nested = [isinstance(p, (list, tuple)) for p in prompts]
+            if any(nested) and not all(nested) or len({len(p) for p in prompts if isinstance(p, (list, tuple))}) > 1:
+                raise ValueError(
+                    "LocalizationCollator: every example of a batch needs one prompt, or the same number K of "
+                    f"prompts (a list), got {[len(p) if isinstance(p, (list, tuple)) else 'one' for p in prompts]}"
+                )
+            flat = [q for p in prompts for q in p] if all(nested) else prompts
+            text = self.tokenizer(flat, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            input_ids, attention_mask = text["input_ids"], text["attention_mask"]
+            if all(nested):  # K prompts per volume → (batch, K, seq)
+                input_ids = input_ids.view(len(examples), -1, input_ids.shape[-1])
+                attention_mask = attention_mask.view(input_ids.shape)
+            batch["input_ids"], batch["attention_mask"] = input_ids, attention_mask
         if any(example.get("input_points") is not None for example in examples):
             count = max(len(example.get("input_points") or []) for example in examples)
             points = torch.zeros(len(examples), count, 3)

@@ -1,11 +1,12 @@
-"""Localizer training examples from a cohort with lesion and anatomy masks: one example per (volume, target).
+"""Localizer training examples from a cohort with lesion and anatomy masks: one example per volume, with K targets.
 
-A target is a finding present in the volume's lesion mask, an anatomy region present in its anatomy mask, or (a few
-per volume) a finding absent from it, whose target is empty: the localizer must learn to answer "nothing" as well.
-Each example carries its text prompt (the finding's name in lower case, or the region's name), its target mask, and
-the box and points a user could give for it (the target's bounding box, a point inside it and one outside).
-`PromptModeCollator` decides per batch which prompts the model sees — text alone, text + box, or text + points —
-from the batch's example indices, so a resumed run sees exactly the batches an uninterrupted one would.
+A target is a finding present in the volume's lesion mask, an anatomy region present in its anatomy mask, or a
+finding absent from it, whose target is empty: the localizer must learn to answer "nothing" as well. Each example
+carries the K text prompts (a finding's name in lower case, or a region's name) and their target masks, which the
+model answers in one pass (the decoder runs once per volume), and the box and points a user could give for its first
+target (that target's bounding box, a point inside it and one outside). `PromptModeCollator` decides per batch which
+prompts the model sees — the K text prompts alone, or the first target's text + box, or text + points — from the
+batch's example indices, so a resumed run sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -27,26 +28,36 @@ PROMPT_MODES = ("text", "text+box", "text+points")
 
 @dataclass(frozen=True)
 class Target:
-    """One training target: the volume (index into the volume dataset), which mask and id, and the prompt."""
+    """One training target: which mask (`lesion` or `anatomy`) and id, and the prompt."""
 
-    volume: int
-    source: str  # "lesion" or "anatomy"
+    source: str
     mask_id: int
     prompt: str
 
 
 class LocalizationTargets(torch.utils.data.Dataset):
-    """Every (volume, target) pair of a `CachedVolumeDataset` read with `anatomy=True` and a lesion column.
+    """Per volume of a `CachedVolumeDataset` read with a lesion column (and `anatomy=True` for region targets): K
+    targets.
+
+    The K targets of volume i (chosen with a generator seeded by `(seed, i)`, so an example is the same in every
+    epoch and in a resumed run): its first target is a finding present in the volume (a region where none is, an
+    absent finding where neither is), then
+    `absent_per_volume` absent findings, every other present finding and present regions, in this order until there
+    are K; whatever is still missing to K is filled with more absent findings (so every example has the same K and
+    batches stack).
 
     Args:
-        volumes: the volume dataset (examples with `pixel_values`, `anatomy_mask`, `lesion_mask`).
-        findings: finding name → lesion-mask id (e.g. `trainers.data.phantom.LESION_IDS` for some names).
-        regions: anatomy region ids to use as targets (default: every region of the anatomy table but background).
-        absent_per_volume: findings absent from a volume added as empty targets, per volume (chosen with `seed`).
-        seed: the choice of absent findings and of the points.
+        volumes: the volume dataset (examples with `pixel_values`, `lesion_mask` and, for regions, `anatomy_mask`).
+        findings: finding name → lesion-mask id (e.g. `trainers.data.phantom.LESION_IDS` for some names; `{"pleural
+            effusion": 1}` for the binary masks of a segmentation CSV).
+        regions: anatomy region ids to use as targets (default: every region of the anatomy table but background;
+            `[]` for volumes without anatomy masks).
+        targets_per_volume: K.
+        absent_per_volume: findings absent from a volume among its targets (more when K leaves room).
+        seed: the choice of targets and of the points.
 
     Raises:
-        ValueError: no target at all (no finding or region present in any volume).
+        ValueError: `targets_per_volume` larger than the findings and regions together, or below 1.
     """
 
     def __init__(
@@ -54,54 +65,71 @@ class LocalizationTargets(torch.utils.data.Dataset):
         volumes,
         findings: dict[str, int],
         regions: list[int] | None = None,
-        absent_per_volume: int = 1,
+        targets_per_volume: int = 16,
+        absent_per_volume: int = 2,
         seed: int = 0,
     ):
         self.volumes = volumes
         self.seed = seed
+        self.findings = {name: int(i) for name, i in findings.items()}
         names = {region.id: region.name for region in ANATOMY_REGIONS}
-        regions = [r for r in (regions if regions is not None else names) if r != 0]
-        rng = np.random.default_rng(seed)
-        targets: list[Target] = []
+        self.regions = {int(r): names[r] for r in (regions if regions is not None else names) if r != 0}
+        if not 1 <= targets_per_volume <= len(self.findings) + len(self.regions):
+            raise ValueError(
+                f"LocalizationTargets: targets_per_volume must be in [1, {len(self.findings) + len(self.regions)}] "
+                f"({len(self.findings)} findings + {len(self.regions)} regions), got {targets_per_volume}"
+            )
+        self.targets_per_volume = targets_per_volume
+        self.absent_per_volume = absent_per_volume
+        self.present: list[tuple[list[int], list[int]]] = []  # per volume: present lesion ids, present region ids
         for index in range(len(volumes)):
             example = volumes[index]
             lesion_ids = set(np.unique(np.asarray(example["lesion_mask"])).tolist())
-            anatomy_ids = set(np.unique(np.asarray(example["anatomy_mask"])).tolist())
-            present = [name for name, i in findings.items() if i in lesion_ids]
-            absent = [name for name, i in findings.items() if i not in lesion_ids]
-            targets += [Target(index, "lesion", findings[name], name.lower()) for name in present]
-            targets += [Target(index, "anatomy", r, names[r]) for r in regions if r in anatomy_ids]
-            for name in rng.permutation(absent)[:absent_per_volume] if absent else []:
-                targets.append(Target(index, "lesion", findings[str(name)], str(name).lower()))
-        if not targets:
-            raise ValueError("LocalizationTargets: no finding or anatomy region is present in any volume")
-        self.targets = targets
+            anatomy_ids = set(np.unique(np.asarray(example["anatomy_mask"])).tolist()) if self.regions else set()
+            self.present.append(([i for i in self.findings.values() if i in lesion_ids],
+                                 [r for r in self.regions if r in anatomy_ids]))  # fmt: skip
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return len(self.volumes)
+
+    def targets(self, index: int) -> list[Target]:
+        """The K targets of volume `index` (see the class docstring)."""
+        rng = np.random.default_rng((self.seed, int(index)))
+        lesion_ids, region_ids = self.present[int(index)]
+        by_id = {i: name for name, i in self.findings.items()}
+        present = [Target("lesion", int(i), by_id[i].lower()) for i in rng.permutation(lesion_ids)]
+        absent = [Target("lesion", i, name.lower()) for name, i in self.findings.items() if i not in lesion_ids]
+        absent = [absent[j] for j in rng.permutation(len(absent))]
+        regions = [Target("anatomy", int(r), self.regions[int(r)]) for r in rng.permutation(region_ids)]
+        chosen = present[:1] or regions[:1] or absent[:1]
+        rest = [t for t in absent[: self.absent_per_volume] + present + regions if t not in chosen]
+        chosen += rest[: self.targets_per_volume - 1]
+        chosen += absent[self.absent_per_volume :][: self.targets_per_volume - len(chosen)]
+        return chosen[: self.targets_per_volume]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        target = self.targets[int(index)]
-        example = self.volumes[target.volume]
-        mask = torch.as_tensor(np.asarray(example[f"{target.source}_mask"]) == target.mask_id)
+        example = self.volumes[int(index)]
+        targets = self.targets(index)
+        masks = {source: np.asarray(example[f"{source}_mask"])[0] for source in {t.source for t in targets}}
+        stacked = np.stack([masks[t.source] == t.mask_id for t in targets])
         out = {
             "pixel_values": example["pixel_values"],
-            "lesion_mask": mask.to(torch.float32),
-            "prompt": target.prompt,
-            "target_kind": target.source,
+            "lesion_mask": torch.from_numpy(stacked.astype(np.float32)),
+            "prompt": [t.prompt for t in targets],
             "item": int(index),
         }
-        voxels = torch.nonzero(mask[0])
+        mask = torch.from_numpy(stacked[0])
+        voxels = torch.nonzero(mask)
         if len(voxels):
-            rng = np.random.default_rng((self.seed, int(index)))
+            rng = np.random.default_rng((self.seed, int(index), 1))
             low, high = voxels.min(dim=0).values, voxels.max(dim=0).values
-            shape = torch.tensor(mask.shape[1:])
+            shape = torch.tensor(mask.shape)
             jitter = torch.from_numpy(rng.integers(-1, 2, size=6))
             low = torch.minimum(torch.clamp(low + jitter[:3], min=0), shape - 1)
             high = torch.minimum(torch.clamp(high + jitter[3:], min=0), shape - 1)
             box = torch.cat([torch.minimum(low, high), torch.maximum(low, high)])
             inside = voxels[int(rng.integers(len(voxels)))]
-            outside = torch.nonzero(~mask[0])
+            outside = torch.nonzero(~mask)
             negative = outside[int(rng.integers(len(outside)))] if len(outside) else inside
             out["input_boxes"] = box.float()
             # Lists, as `LocalizationCollator` pads them per batch.
@@ -112,10 +140,11 @@ class LocalizationTargets(torch.utils.data.Dataset):
 
 @dataclass
 class PromptModeCollator(LocalizationCollator):
-    """`LocalizationCollator` over `LocalizationTargets` examples, with the prompts of one mode per batch: `text`,
-    `text+box` or `text+points` (`modes`), chosen from the sum of the batch's example indices (deterministic, so
-    resumed runs match). A box or point batch that holds an empty target falls back to text alone (there is no
-    box around nothing)."""
+    """`LocalizationCollator` over `LocalizationTargets` examples, with the prompts of one mode per batch: `text`
+    (every example's K text prompts), `text+box` or `text+points` (each example's first target only, with its box
+    or points), chosen from the sum of the batch's example indices (deterministic, so resumed runs match). A box or
+    point batch that holds an example with an empty first target falls back to text (there is no box around
+    nothing)."""
 
     modes: tuple[str, ...] = PROMPT_MODES
 
@@ -124,5 +153,10 @@ class PromptModeCollator(LocalizationCollator):
         if any("input_boxes" not in e for e in examples):
             mode = "text"
         keep = {"text": (), "text+box": ("input_boxes",), "text+points": ("input_points", "input_labels")}[mode]
-        drop = {"input_boxes", "input_points", "input_labels", "target_kind", "item"} - set(keep)
-        return super().__call__([{k: v for k, v in e.items() if k not in drop} for e in examples])
+        drop = {"input_boxes", "input_points", "input_labels", "item"} - set(keep)
+        examples = [{k: v for k, v in e.items() if k not in drop} for e in examples]
+        if mode != "text":
+            for example in examples:
+                example["prompt"] = example["prompt"][:1]
+                example["lesion_mask"] = example["lesion_mask"][:1]
+        return super().__call__(examples)

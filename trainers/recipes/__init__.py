@@ -80,6 +80,8 @@ class DataSection:
     #: Volumes generated per split for `format: phantom` (`trainers.data.phantom.generate_cohort`).
     n_train: int | None = None
     n_val: int | None = None
+    #: Localization: masks (prompts) per volume and training step, answered in one decoder pass (K).
+    targets_per_volume: int | None = None
 
 
 @dataclass
