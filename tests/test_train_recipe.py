@@ -237,7 +237,8 @@ def test_localization_tiny_trains_and_saves_a_hub_folder(cohort, tmp_path):
     summary = train_from_recipe("localization", cohort, out, tiny=True, overrides={"use_cpu": True}, progress=False)
     assert summary["task"] == "localization" and summary["global_step"] == 8
     volumes = {split: len(read_ct_rate(cohort, split, cot=False)) for split in ("train", "valid")}
-    assert (summary["train_examples"], summary["eval_examples"]) == (volumes["train"], volumes["valid"])  # 1 per volume
+    # one example (K targets) per volume
+    assert (summary["train_examples"], summary["eval_examples"]) == (volumes["train"], volumes["valid"])
     assert summary["eval_metrics"]["eval_loss"] > 0
     logged = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     assert all({"dice_loss", "focal_loss", "iou_loss", "grad_norm"} <= set(e) for e in logged)
