@@ -333,6 +333,12 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
         if text:
             self.text_model.requires_grad_(False)
 
+    def save_vision_encoder(self, save_directory, **kwargs) -> None:
+        """Save the vision encoder alone as a Hub folder (its config, weights and code): seed 002's
+        `sam_encoder.pth`, for reuse as another model's vision tower. `ReCTVisionModel.from_pretrained(folder)` and
+        `AutoModel.from_pretrained(folder, trust_remote_code=True)` load it; `kwargs` go to `save_pretrained`."""
+        self.vision_model.save_pretrained(save_directory, **kwargs)
+
     # ------------------------------------------------------------------------------------------------------------
     # Prompts
     # ------------------------------------------------------------------------------------------------------------

@@ -248,6 +248,12 @@ def test_localization_tiny_trains_and_saves_a_hub_folder(cohort, tmp_path):
     saved = load_file(out / "model.safetensors")
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0, msg=name)
+    # Seed 002's encoder export: the vision encoder alone, a Hub folder of its own.
+    encoder = AutoModel.from_pretrained(out / "vision_encoder", trust_remote_code=True)
+    assert type(encoder).__name__ == "ReCTVisionModel"
+    assert encoder.state_dict().keys() == model.vision_model.state_dict().keys()
+    for name, tensor in model.vision_model.state_dict().items():
+        torch.testing.assert_close(encoder.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
     volume = next((cohort / "dataset" / "valid").rglob("*.nii.gz"))
     batch = processor(images=[str(volume)], text=[["pleural effusion", "aorta"]], return_tensors="pt")

@@ -35,6 +35,9 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 SUMMARY_NAME = "training_summary.json"
 
+#: Subfolder of a localization output with its vision encoder alone (`export_vision_encoder`).
+VISION_ENCODER_DIR = "vision_encoder"
+
 
 @dataclass
 class TaskParts:
@@ -55,6 +58,8 @@ class TaskParts:
     #: Evaluate the loss only (`TrainingArguments.prediction_loss_only`, unless the user sets it): the task's
     #: outputs are too large to gather over a whole evaluation split (a localizer's full-resolution masks).
     prediction_loss_only: bool = False
+    #: Called with the output folder on the main process once the final model is saved there (extra exports).
+    after_save: Callable[[Path], None] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,7 +223,17 @@ def build_localization(recipe: Recipe, data_dir: Path, cache_dir: Path, progress
         compute_metrics=None,
         processor=ReCTProcessor(image_processor=image_processor, tokenizer=tokenizer),
         prediction_loss_only=True,
+        after_save=export_vision_encoder,
     )
+
+
+def export_vision_encoder(output_dir: Path) -> None:
+    """Seed 002's encoder export: the saved localizer's vision encoder alone in `output_dir/vision_encoder` (read
+    back from the saved weights, so it is the gathered model under ZeRO-3 as well)."""
+    import hf_models
+
+    model = hf_models.ReCTForLesionLocalization.from_pretrained(output_dir)
+    model.save_vision_encoder(output_dir / VISION_ENCODER_DIR)
 
 
 def model_with_text_tower(recipe: Recipe, base_class: type, config_class: type) -> tuple[Any, Any]:
@@ -574,6 +589,8 @@ def train_from_recipe(
     # code files and the image processor, its `processing_class`).
     trainer.save_model(str(output_dir))
     trainer.save_state()
+    if parts.after_save is not None and trainer.is_world_process_zero():
+        parts.after_save(output_dir)
     state = trainer.state
     summary = {
         "recipe": recipe.source,
@@ -607,6 +624,8 @@ __all__ = [
     "build_vision_pretrain",
     "checkpoint_problem",
     "checkpoints",
+    "export_vision_encoder",
+    "VISION_ENCODER_DIR",
     "latest_valid_checkpoint",
     "safetensors_problem",
     "train_from_recipe",
