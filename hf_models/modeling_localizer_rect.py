@@ -21,6 +21,7 @@ processed volume. Points and boxes apply to every one of the K prompts of their 
 """
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 
@@ -72,7 +73,13 @@ def fourier_features(coords: torch.Tensor, num_frequencies: int) -> torch.Tensor
 def linear_resize_matrix(in_size: int, out_size: int, dtype=None, device=None) -> torch.Tensor:
     """`(out_size, in_size)` weights of 1D linear interpolation as `F.interpolate(mode="linear", align_corners=False)`
     computes it: a trilinear resize is three of these, one per axis (`einsum`), whose backward pass is a matrix
-    product instead of a scatter over every output voxel."""
+    product instead of a scatter over every output voxel. Built once per size pair (cached), then cast."""
+    weights = _linear_resize_weights(int(in_size), int(out_size))
+    return weights.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _linear_resize_weights(in_size: int, out_size: int) -> torch.Tensor:
     source = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
     low = source.floor().long().clamp(max=in_size - 1)
     high = (low + 1).clamp(max=in_size - 1)
@@ -81,7 +88,7 @@ def linear_resize_matrix(in_size: int, out_size: int, dtype=None, device=None) -
     rows = torch.arange(out_size)
     weights.index_put_((rows, low), 1 - frac, accumulate=True)
     weights.index_put_((rows, high), frac, accumulate=True)
-    return weights.to(dtype=dtype or torch.get_default_dtype(), device=device)
+    return weights
 
 
 def linear_resize(maps: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:

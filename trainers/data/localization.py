@@ -72,6 +72,7 @@ class LocalizationTargets(torch.utils.data.Dataset):
         self.volumes = volumes
         self.seed = seed
         self.findings = {name: int(i) for name, i in findings.items()}
+        self._finding_names = {i: name for name, i in self.findings.items()}
         names = {region.id: region.name for region in ANATOMY_REGIONS}
         self.regions = {int(r): names[r] for r in (regions if regions is not None else names) if r != 0}
         if not 1 <= targets_per_volume <= len(self.findings) + len(self.regions):
@@ -96,8 +97,7 @@ class LocalizationTargets(torch.utils.data.Dataset):
         """The K targets of volume `index` (see the class docstring)."""
         rng = np.random.default_rng((self.seed, int(index)))
         lesion_ids, region_ids = self.present[int(index)]
-        by_id = {i: name for name, i in self.findings.items()}
-        present = [Target("lesion", int(i), by_id[i].lower()) for i in rng.permutation(lesion_ids)]
+        present = [Target("lesion", int(i), self._finding_names[i].lower()) for i in rng.permutation(lesion_ids)]
         absent = [Target("lesion", i, name.lower()) for name, i in self.findings.items() if i not in lesion_ids]
         absent = [absent[j] for j in rng.permutation(len(absent))]
         regions = [Target("anatomy", int(r), self.regions[int(r)]) for r in rng.permutation(region_ids)]
