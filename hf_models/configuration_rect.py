@@ -87,6 +87,9 @@ class ReCTVisionConfig(PreTrainedConfig):
             voxels; same token grid. It costs more compute per token and trains much faster from scratch on small
             data; every axis of `patch_size` must be divisible by `2**len(stem_channels)`.
         qkv_bias (`bool`, defaults to `True`): bias on the query/key/value projections.
+        use_cls_token (`bool`, defaults to `True`): prepend a learned CLS token (with its own position embedding);
+            `pooler_output` is its final state. `False` (MONAI's `ViT(classification=False)`, SegVol, SAM-Med3D)
+            keeps patch tokens only and pools by their mean.
         attention_type (`"divided"` or `"joint"`, defaults to `"divided"`): `"divided"` attends along z across slabs
             and then within each axial slab of tokens (slice-aware attention); `"joint"` is plain full attention
             (needed to load MONAI/M3D-style ViT weights exactly).
@@ -122,6 +125,7 @@ class ReCTVisionConfig(PreTrainedConfig):
     in_channels: int = interval(min=1)(default=1)
     stem_channels: list[int] | tuple[int, ...] = ()
     qkv_bias: bool = True
+    use_cls_token: bool = True
     attention_type: Literal["divided", "joint"] = "divided"
     num_regions: int = interval(min=0)(default=DEFAULT_NUM_REGIONS)
     region_patch_fraction: float = interval(min=0.0, max=1.0, exclude_min=True)(default=0.25)
@@ -154,6 +158,11 @@ class ReCTVisionConfig(PreTrainedConfig):
                 f"`patch_size` {self.patch_size} must be divisible by 2**len(`stem_channels`) = {factor} along every "
                 f"axis: each of the {len(self.stem_channels)} stem convolutions halves the grid"
             )
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in `last_hidden_state` and `hidden_states` (the CLS token, if any)."""
+        return int(self.use_cls_token)
 
     @property
     def patch_grid(self) -> tuple[int, int, int]:

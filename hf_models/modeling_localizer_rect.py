@@ -519,7 +519,8 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
 
         # Shared decoder, once per volume: projected tokens at the patch grid → stages with gated skips (encoder
         # layers + the input pyramid over the volume and the dense prompts) → mask features at input resolution.
-        image = self.image_projection(vision.last_hidden_state[:, 1:])
+        prefix = self.config.vision_config.num_prefix_tokens
+        image = self.image_projection(vision.last_hidden_state[:, prefix:])
         dense = self._dense_prompts(
             batch, spatial, input_points, input_labels, input_boxes, pixel_values.dtype, pixel_values.device
         )
@@ -529,7 +530,7 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
         for s, stage in enumerate(self.stages):
             skip = pyramid[s]
             if s < len(self.skip_projections):
-                tokens = vision.hidden_states[self.skip_layers[s]][:, 1:]
+                tokens = vision.hidden_states[self.skip_layers[s]][:, prefix:]
                 skip = skip + self.skip_projections[s](tokens.transpose(1, 2).reshape(batch, -1, *grid))
             hidden = stage(hidden, skip)
             stage_features.append(hidden)

@@ -260,16 +260,19 @@ class ReCTPatchEmbeddings(nn.Module):
         self.stem = nn.Sequential(*stem) if stem else None
         kernel = tuple(p // 2 ** len(stem) for p in self.patch_size)
         self.projection = nn.Conv3d(channels, config.hidden_size, kernel_size=kernel, stride=kernel)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + num_patches, config.hidden_size))
+        self.num_prefix_tokens = config.num_prefix_tokens
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.use_cls_token else None
+        self.position_embeddings = nn.Parameter(
+            torch.zeros(1, self.num_prefix_tokens + num_patches, config.hidden_size)
+        )
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def interpolate_pos_encoding(self, grid: tuple[int, int, int]) -> torch.Tensor:
-        """Position embeddings `(1, 1 + prod(grid), hidden)` for a patch grid (depth, height, width)."""
+        """Position embeddings `(1, prefix + prod(grid), hidden)` for a patch grid (depth, height, width)."""
         if tuple(grid) == self.grid:
             return self.position_embeddings
-        cls_pos = self.position_embeddings[:, :1]
-        patch_pos = self.position_embeddings[:, 1:]
+        cls_pos = self.position_embeddings[:, : self.num_prefix_tokens]
+        patch_pos = self.position_embeddings[:, self.num_prefix_tokens :]
         hidden = patch_pos.shape[-1]
         patch_pos = patch_pos.reshape(1, *self.grid, hidden).permute(0, 4, 1, 2, 3)
         patch_pos = F.interpolate(patch_pos.float(), size=tuple(grid), mode="trilinear", align_corners=False)
@@ -277,7 +280,7 @@ class ReCTPatchEmbeddings(nn.Module):
         return torch.cat([cls_pos, patch_pos], dim=1)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """pixel_values `(batch, channels, depth, height, width)` → tokens `(batch, 1 + N, hidden)` and the grid."""
+        """pixel_values `(batch, channels, depth, height, width)` → tokens `(batch, prefix + N, hidden)`, grid."""
         if pixel_values.ndim != 5:
             raise ValueError(
                 "`pixel_values` must be (batch, channels, depth, height, width), got shape "
@@ -301,8 +304,9 @@ class ReCTPatchEmbeddings(nn.Module):
         embeddings = self.projection(embeddings)
         grid = tuple(embeddings.shape[2:])
         embeddings = embeddings.flatten(2).transpose(1, 2)
-        cls = self.cls_token.expand(embeddings.shape[0], -1, -1)
-        embeddings = torch.cat([cls, embeddings], dim=1) + self.interpolate_pos_encoding(grid)
+        if self.cls_token is not None:
+            embeddings = torch.cat([self.cls_token.expand(embeddings.shape[0], -1, -1), embeddings], dim=1)
+        embeddings = embeddings + self.interpolate_pos_encoding(grid)
         return self.dropout(embeddings), grid
 
 
@@ -319,6 +323,7 @@ class ReCTLayer(GradientCheckpointingLayer):
     def __init__(self, config: ReCTVisionConfig):
         super().__init__()
         self.attention_type = config.attention_type
+        self.num_prefix_tokens = config.num_prefix_tokens
         if self.attention_type == "divided":
             self.depth_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
             self.depth_attention = ReCTAttention(config)
@@ -329,24 +334,25 @@ class ReCTLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, grid: tuple[int, int, int], **kwargs) -> torch.Tensor:
-        """hidden_states `(batch, 1 + d*h*w, hidden)` over the patch grid `(d, h, w)` → same shape."""
+        """hidden_states `(batch, prefix + d*h*w, hidden)` over the patch grid `(d, h, w)` → same shape."""
         if self.attention_type == "joint":
             attn_out, _ = self.attention(self.layernorm_before(hidden_states), **kwargs)
             hidden_states = hidden_states + self.dropout(attn_out)
         else:
             batch, _, hidden = hidden_states.shape
             d, h, w = grid
-            cls, tokens = hidden_states[:, :1], hidden_states[:, 1:]
+            prefix = self.num_prefix_tokens
+            cls, tokens = hidden_states[:, :prefix], hidden_states[:, prefix:]
             # Along z: sequences of length d, one per (height, width) position.
             columns = tokens.reshape(batch, d, h * w, hidden).transpose(1, 2).reshape(batch * h * w, d, hidden)
             depth_out, _ = self.depth_attention(self.depth_layernorm(columns), **kwargs)
             depth_out = depth_out.reshape(batch, h * w, d, hidden).transpose(1, 2).reshape(batch, d * h * w, hidden)
             tokens = tokens + self.dropout(depth_out)
-            # Within each axial slab: sequences of 1 + h*w tokens, CLS copied into every slab.
+            # Within each axial slab: sequences of prefix + h*w tokens, the CLS token copied into every slab.
             slabs = torch.cat([cls.repeat_interleave(d, dim=0), tokens.reshape(batch * d, h * w, hidden)], dim=1)
             slab_out, _ = self.attention(self.layernorm_before(slabs), **kwargs)
-            cls_out = slab_out[:, 0].reshape(batch, d, hidden).mean(dim=1, keepdim=True)
-            slab_out = slab_out[:, 1:].reshape(batch, d * h * w, hidden)
+            cls_out = slab_out[:, :prefix].reshape(batch, d, prefix, hidden).mean(dim=1)
+            slab_out = slab_out[:, prefix:].reshape(batch, d * h * w, hidden)
             hidden_states = torch.cat([cls, tokens], dim=1) + self.dropout(torch.cat([cls_out, slab_out], dim=1))
         return hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
 
@@ -513,7 +519,8 @@ class ReCTPreTrainedModel(PreTrainedModel):
             std = config.vision_config.initializer_range
         if isinstance(module, ReCTPatchEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
-            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+            if module.cls_token is not None:
+                init.trunc_normal_(module.cls_token, mean=0.0, std=std)
         elif isinstance(module, ReCTRegionAttention):
             init.trunc_normal_(module.region_queries, mean=0.0, std=std)
         elif isinstance(module, ReCTContrastiveHead):
@@ -591,15 +598,16 @@ class ReCTVisionModel(ReCTPreTrainedModel):
         for layer in self.layers:
             hidden_states = layer(hidden_states, grid, **kwargs)
         last_hidden_state = self.layernorm(hidden_states)
+        patch_tokens = last_hidden_state[:, self.config.num_prefix_tokens :]
 
         region_features = region_present = None
         if anatomy_mask is not None:
             if self.region_attention is None:
                 raise ValueError("`anatomy_mask` was given but the config has `num_regions=0`")
-            region_features, region_present = self.region_attention(last_hidden_state[:, 1:], anatomy_mask)
+            region_features, region_present = self.region_attention(patch_tokens, anatomy_mask)
         return ReCTVisionModelOutput(
             last_hidden_state=last_hidden_state,
-            pooler_output=last_hidden_state[:, 0],
+            pooler_output=last_hidden_state[:, 0] if self.config.use_cls_token else patch_tokens.mean(dim=1),
             region_features=region_features,
             region_present=region_present,
         )
@@ -918,8 +926,9 @@ class ReCTForVolumeClassification(ReCTPreTrainedModel):
             )
         kwargs.pop("anatomy_mask", None)
         vision = self.vision_model(pixel_values, **kwargs, return_dict=True)
-        tokens = vision.last_hidden_state
-        pooled = {"cls": tokens[:, 0], "mean": tokens[:, 1:].mean(dim=1), "max": tokens[:, 1:].amax(dim=1)}
+        # "cls" is the encoder's pooled output: the CLS token, or the patch mean for an encoder without one.
+        tokens = vision.last_hidden_state[:, self.vision_model.config.num_prefix_tokens :]
+        pooled = {"cls": vision.pooler_output, "mean": tokens.mean(dim=1), "max": tokens.amax(dim=1)}
         features = torch.cat([pooled[name] for name in self.config.classifier_pooling.split("_")], dim=-1)
         logits = self.classifier(self.dropout(features))
         loss = None if labels is None else self.classification_loss(logits, labels)

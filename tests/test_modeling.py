@@ -406,6 +406,35 @@ def test_vision_outputs_hidden_states_and_attentions(attention_type):
     assert plain.region_features is None and plain.hidden_states is None and plain.attentions is None
 
 
+@pytest.mark.parametrize("attention_type", ["joint", "divided"])
+def test_encoder_without_cls_token(attention_type):
+    """`use_cls_token=False` (MONAI ViT without classification, SAM-Med3D): patch tokens only, pooled by their
+    mean; region attention, the classifier and the localizer read the patch tokens."""
+    torch.manual_seed(0)
+    config = ReCTVisionConfig(**tiny_vision_kwargs(attention_type=attention_type, use_cls_token=False))
+    model = ReCTVisionModel(config).eval()
+    assert model.embeddings.cls_token is None and model.embeddings.position_embeddings.shape[1] == 64
+    inputs = make_batch(2)
+    out = model(inputs["pixel_values"], inputs["anatomy_mask"], output_hidden_states=True)
+    assert out.last_hidden_state.shape == (2, 64, 32) and out.hidden_states[-1].shape == (2, 64, 32)
+    torch.testing.assert_close(out.pooler_output, out.last_hidden_state.mean(dim=1))
+    assert out.region_present.tolist() == [[True] * 4 + [False], [True] * 3 + [False] * 2]
+    # Other volume sizes interpolate the patch positions alone.
+    assert model(torch.randn(1, 1, 16, 32, 32)).last_hidden_state.shape == (1, 128, 32)
+
+    vision = tiny_vision_kwargs(attention_type=attention_type, use_cls_token=False, num_regions=0)
+    classifier = ReCTForVolumeClassification(ReCTConfig(vision_config=vision, text_config=None, num_labels=3))
+    loss = classifier(inputs["pixel_values"], labels=torch.ones(2, 3)).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    localizer = ReCTForLesionLocalization(
+        ReCTConfig(vision_config=vision, text_config=tiny_text_kwargs(), localizer_config=TINY_LOCALIZER)
+    )
+    boxes = torch.tensor([[1, 4, 4, 5, 20, 20]], dtype=torch.float32).repeat(2, 1)
+    masks = localizer(inputs["pixel_values"], input_boxes=boxes).pred_masks
+    assert masks.shape[0] == 2 and masks.shape[-3:] == (8, 32, 32) and torch.isfinite(masks).all()
+
+
 def test_feature_embeddings_are_unit_length_and_absent_regions_zero():
     model = ModelCase(ReCTForFeatureExtraction, "divided").build()
     inputs = make_batch(2)

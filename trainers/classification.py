@@ -246,7 +246,7 @@ def _lesion_supervised_trainer(lesion_head: torch.nn.Module, weight: float):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             targets = inputs.pop("lesion_tokens")
             outputs = model(**inputs, output_hidden_states=True)
-            tokens = outputs.hidden_states[-1][:, 1:]
+            tokens = outputs.hidden_states[-1][:, -targets.shape[1] :]  # the patch tokens, after any CLS
             lesion_loss = F.binary_cross_entropy_with_logits(lesion_head(tokens), targets.to(tokens.dtype))
             loss = outputs.loss + weight * lesion_loss
             return (loss, outputs) if return_outputs else loss

@@ -462,6 +462,57 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_convert_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="checkpoint file (.pt/.pth/.bin/.ckpt/.safetensors) or folder (DeepSpeed, PEFT)")
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", "raw", "lightning", "deepspeed", "peft", "monai-vit", "sam-med3d"),
+        help="source layout (default: detected from the file or folder)",
+    )
+    parser.add_argument("--out", required=True, help="output folder (absent or empty unless --overwrite)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="target config.json (file, folder, or inline JSON): the model the keys belong to (raw, lightning, "
+        "deepspeed; the base model for peft) or overrides for monai-vit / sam-med3d",
+    )
+    parser.add_argument(
+        "--source-config",
+        default=None,
+        help="upstream constructor arguments as JSON (file or inline), e.g. MONAI ViT's img_size, patch_size, ...",
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="read pickles that construct arbitrary objects (runs code from the file: only for files you trust)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the new one is done")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from conversion import convert
+
+    result = convert(
+        args.src,
+        args.out,
+        format=args.format,
+        config=args.config,
+        source_config=args.source_config,
+        trust_pickle=args.trust_pickle,
+        overwrite=args.overwrite,
+    )
+    print(f"converted {args.src} → {result.out}: {result.report.summary()}")
+    for source, reason in result.report.dropped.items():
+        print(f"  dropped {source}: {reason}")
+    for target, reason in result.report.initialized.items():
+        print(f"  initialised {target}: {reason}")
+    for note in result.report.notes:
+        print(f"  note: {note}")
+    print(f"report: {result.out / 'conversion_report.json'}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Registry and entry point
 # ----------------------------------------------------------------------------------------------------------------
@@ -485,6 +536,12 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callab
         "train a recipe (trainers/recipes/*.yaml) with ReCTTrainer; --resume continues from the last good checkpoint",
         add_train_parser,
         run_train,
+    ),
+    (
+        "convert",
+        "convert a raw checkpoint (plain, Lightning, DeepSpeed, PEFT, MONAI ViT, SAM-Med3D) into a Hub folder",
+        add_convert_parser,
+        run_convert,
     ),
     (
         "demo",
@@ -520,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_error_message(err: BaseException) -> str | None:
     """The one-line message for a user's mistake, or None when `err` is not one."""
     if isinstance(err, UsageError):
+        return str(err)
+    conversion = sys.modules.get("conversion.readers")
+    if conversion is not None and isinstance(err, conversion.ConversionError):
         return str(err)
     # Dataset errors can only come from the readers once they are imported; checking `sys.modules` keeps this
     # module free of their heavy imports.
