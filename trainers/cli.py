@@ -513,6 +513,94 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise argparse.ArgumentTypeError(f"expected COMPONENT=PATH, got {text!r}")
+    return key, value
+
+
+#: `conversion.release.COMPONENTS` (key → repo name), listed here so that `--help` imports nothing heavy.
+RELEASE_COMPONENTS = {
+    "vision-encoder": "ReCT-VisionEncoder",
+    "classifier": "ReCT-Classifier",
+    "localizer": "ReCT-Localizer",
+}
+
+
+def add_release_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--org", required=True, help="Hub organisation or user the repos belong to")
+    parser.add_argument("--out", default="hub", help="staging folder: <out>/<org>/<repo>/ per component")
+    for key, repo in RELEASE_COMPONENTS.items():
+        parser.add_argument(f"--{key}", default=None, metavar="FOLDER", help=f"folder to release as {repo}")
+    parser.add_argument(
+        "--eval",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="COMPONENT=JSON",
+        help="evaluation JSON for a component's card (default: eval_results.json in its folder)",
+    )
+    parser.add_argument(
+        "--base-model", type=key_value, action="append", default=[], metavar="COMPONENT=REPO", help="card base_model"
+    )
+    parser.add_argument("--version", default="v0.1.0", help="tag created on every repo")
+    parser.add_argument("--scan", default=None, help="CT scan every staged folder is verified on (default: random)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", dest="dry_run", action="store_true", default=True, help="plan only (default)")
+    mode.add_argument("--upload", dest="dry_run", action="store_false", help="upload to the Hub (needs a token)")
+    parser.add_argument("--public", action="store_true", help="create public repos (default: private)")
+    parser.add_argument("--gated", choices=("auto", "manual"), default=None, help="gate access to the repos")
+    parser.add_argument("--revision", default=None, help="branch to upload to (default: main)")
+
+
+def run_release(args: argparse.Namespace) -> int:
+    from conversion.release import release
+
+    components = {key: getattr(args, key.replace("-", "_")) for key in RELEASE_COMPONENTS}
+    components = {key: folder for key, folder in components.items() if folder is not None}
+    result = release(
+        components,
+        args.out,
+        args.org,
+        version=args.version,
+        evaluations=dict(args.eval),
+        base_models=dict(args.base_model),
+        scan=args.scan,
+        dry_run=args.dry_run,
+        private=not args.public,
+        gated=args.gated,
+        revision=args.revision,
+    )
+    for repo, check in zip(result["staged"], result["verified"]):
+        print(
+            f"staged {repo.repo_id} → {repo.folder}: fresh-process {check['class']} max |Δ| "
+            f"{check['max_abs_diff']:.1e}" + (f"; left out {repo.left_out}" if repo.left_out else "")
+        )
+    for step in result["plan"]:
+        detail = {k: v for k, v in step.items() if k not in ("call", "files")}
+        print(f"{'called' if result['uploaded'] else 'would call'} HfApi.{step['call']}({detail})")
+        for file in step.get("files", []):
+            print(f"    {file['path']:40s} {file['bytes']:>12,d} bytes")
+    if not result["uploaded"]:
+        print(f"dry run: nothing was sent; the plan is in {Path(args.out) / args.org / 'release_plan.json'}")
+    return 0
+
+
+def add_download_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="component repo name (ReCT-Classifier) or key (classifier)")
+    parser.add_argument("--org", required=True)
+    parser.add_argument("--revision", default=None, help="tag or branch, e.g. v0.1.0")
+    parser.add_argument("--cache-dir", default=None)
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from conversion.release import download
+
+    print(download(args.name, args.org, args.revision, args.cache_dir))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Registry and entry point
 # ----------------------------------------------------------------------------------------------------------------
@@ -542,6 +630,18 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callab
         "convert a raw checkpoint (plain, Lightning, DeepSpeed, PEFT, MONAI ViT, SAM-Med3D) into a Hub folder",
         add_convert_parser,
         run_convert,
+    ),
+    (
+        "release",
+        "stage component Hub repos with model cards, verify them in a fresh process, upload (dry run by default)",
+        add_release_parser,
+        run_release,
+    ),
+    (
+        "download",
+        "download a released component (snapshot_download by name and revision)",
+        add_download_parser,
+        run_download,
     ),
     (
         "demo",
