@@ -57,13 +57,34 @@ def test_demo_from_a_relative_out_with_spaces_then_reused_through_an_absolute_pa
     assert summary["cohort"]["reused"] is False
     assert summary["fresh_process"]["max_abs_diff"] <= 1e-5
     assert summary["fresh_process"]["volumes"] >= 3
-    assert set(summary["stage_seconds"]) == {"phantom cohort", "fine-tuning", "Hub folder", "fresh-process check"}
+    assert set(summary["stage_seconds"]) == {
+        "phantom cohort",
+        "fine-tuning",
+        "Hub folder",
+        "fresh-process check",
+        "Hub release (dry run)",
+    }
     assert "macro" in summary["valid_auroc"]
     # The trained model's held-out AUROC, recomputed from the fresh process's probabilities on the same volumes.
     trained, reloaded = summary["valid_auroc"], summary["fresh_process"]["valid_auroc"]
     assert {k: v for k, v in reloaded.items() if k in trained} == pytest.approx(
         {k: v for k, v in trained.items() if k in reloaded}, abs=1e-6
     )
+    # The release stage: both repos staged, each loaded in a fresh process and run on a held-out scan.
+    released = {r["repo_id"]: r for r in summary["release"]}
+    assert set(released) == {"rect-vlm/ReCT-VisionEncoder", "rect-vlm/ReCT-Classifier"}
+    assert all(r["max_abs_diff"] == 0 and r["scan"].endswith(".nii.gz") for r in released.values())
+    assert released["rect-vlm/ReCT-Classifier"]["class"] == "ReCTForVolumeClassification"
+    for repo in ("ReCT-VisionEncoder", "ReCT-Classifier"):
+        staged = {p.name for p in (out / "hub" / "rect-vlm" / repo).iterdir()}
+        assert {"README.md", "config.json", "model.safetensors", "manifest.json", "modeling_rect.py"} <= staged
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"trained", "untrained"} and "auroc_macro" in metrics["trained"]
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "hub" / "rect-vlm" / "ReCT-Classifier" / "README.md")
+    reported = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert reported["accuracy_macro"] == pytest.approx(metrics["trained"]["accuracy_macro"])
     for text in (
         "held-out AUROC",
         "max |p_fresh - p_here|",

@@ -28,7 +28,7 @@ from .data.collators import ClassificationCollator, stack_field
 from .data.phantom import LESION_IDS
 from .data.readers import read_ct_rate
 from .data.volume_dataset import CachedVolumeDataset
-from .metrics import multilabel_auroc
+from .metrics import multilabel_auroc, multilabel_classification_metrics
 
 
 logger = logging.getLogger(__name__)
@@ -254,22 +254,34 @@ def _lesion_supervised_trainer(lesion_head: torch.nn.Module, weight: float):
     return LesionSupervisedTrainer
 
 
-def evaluate_classifier(model, dataset, batch_size: int, label_names, progress: bool = True) -> dict[str, Any]:
-    """Sigmoid scores over a dataset → per-label AUROC (None where a label has one class), `macro` over the
-    defined labels and `macro_easy` over the `EASY_LABELS` among them."""
+def classifier_scores(model, dataset, batch_size: int, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid scores `(volumes, labels)` of `model` over `dataset` and the targets beside them. The global RNG
+    is left as it was (a DataLoader draws its base seed from it), so scoring before training changes nothing."""
     from tqdm.auto import tqdm
 
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=ClassificationCollator()
     )
     scores, targets = [], []
+    was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
         for batch in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False):
             labels = batch.pop("labels")
             scores.append(model(**batch).logits.sigmoid().float().numpy())
             targets.append(labels.numpy())
-    result = multilabel_auroc(np.concatenate(scores), np.concatenate(targets), list(label_names))
+    model.train(was_training)
+    return np.concatenate(scores), np.concatenate(targets)
+
+
+def evaluate_classifier(model, dataset, batch_size: int, label_names, progress: bool = True) -> dict[str, Any]:
+    """Sigmoid scores over a dataset → per-label AUROC (None where a label has one class), `macro` over the
+    defined labels and `macro_easy` over the `EASY_LABELS` among them."""
+    return _auroc_summary(*classifier_scores(model, dataset, batch_size, progress), label_names)
+
+
+def _auroc_summary(scores: np.ndarray, targets: np.ndarray, label_names) -> dict[str, Any]:
+    result = multilabel_auroc(scores, targets, list(label_names))
     easy = [result[name] for name in EASY_LABELS if result.get(name) is not None]
     if easy:
         result["macro_easy"] = float(np.mean(easy))
@@ -313,8 +325,9 @@ def train_classifier(
 
     Returns a summary (also written to `output_dir/summary.json`): the recipe, volume counts, `train_loss`,
     `train_seconds` (wall) and `train_cpu_seconds` (this process's CPU time, which other jobs on the machine do not
-    inflate), `loss_history` (one value per `logging_steps`) and `valid_auroc` (per label, `macro`, `macro_easy`,
-    `defined_labels`).
+    inflate), `loss_history` (one value per `logging_steps`), `valid_auroc` (per label, `macro`, `macro_easy`,
+    `defined_labels`), and `valid_metrics` / `untrained_metrics`: `multilabel_classification_metrics` of the trained
+    model and of the same model before training (scored before the first step; training is unchanged by it).
 
     Raises:
         ValueError: an unknown label name, or a label without positive or negative training examples.
@@ -399,10 +412,15 @@ def train_classifier(
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_compact_progress_callback())
+    names = list(recipe.label_names)
+    untrained = multilabel_classification_metrics(
+        *classifier_scores(model, valid, recipe.eval_batch_size, progress=progress), names
+    )
     start, cpu_start = time.perf_counter(), time.process_time()
     result = trainer.train()
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    auroc = evaluate_classifier(model, valid, recipe.eval_batch_size, recipe.label_names, progress=progress)
+    scores, targets = classifier_scores(model, valid, recipe.eval_batch_size, progress=progress)
+    auroc = _auroc_summary(scores, targets, names)
 
     model.save_pretrained(output_dir / "model")
     image_processor.save_pretrained(output_dir / "model")
@@ -415,6 +433,8 @@ def train_classifier(
         "train_cpu_seconds": round(cpu_seconds, 1),
         "lesion_supervision_used": lesion_supervision,
         "valid_auroc": auroc,
+        "valid_metrics": multilabel_classification_metrics(scores, targets, names),
+        "untrained_metrics": untrained,
         "loss_history": [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e],
     }
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

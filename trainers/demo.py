@@ -340,6 +340,47 @@ def _auroc_text(value: float | None) -> str:
     return "undefined (one class in the held-out split)" if value is None else f"{value:.3f}"
 
 
+#: The Hub organisation the demo stages its repos under (`demo_out/hub/<org>/<repo>/`); nothing is uploaded.
+DEMO_ORG = "rect-vlm"
+#: The metrics of `multilabel_classification_metrics` the classifier's model card reports.
+CARD_METRICS = ("auroc_macro", "f1_macro", "accuracy_macro", "exact_match")
+
+
+def demo_evaluation(result: dict[str, Any], params: dict[str, Any], held_out: int) -> dict[str, Any]:
+    """The classifier's evaluation JSON (`conversion.release`) from a training summary: the card's numbers are the
+    ones this run measured, with the untrained model as the baseline; undefined values are left out."""
+    from .classification import EASY_LABELS
+
+    def pick(metrics: dict[str, Any]) -> dict[str, float]:
+        chosen = {name: metrics.get(name) for name in CARD_METRICS}
+        easy = [metrics.get(f"auroc/{name}") for name in EASY_LABELS]
+        if easy and all(v is not None for v in easy):
+            chosen["auroc_macro_five_large"] = sum(easy) / len(easy)
+        chosen.update({f"auroc/{n}": metrics.get(f"auroc/{n}") for n in EASY_LABELS})
+        return {k: float(v) for k, v in chosen.items() if v is not None}
+
+    shape = "×".join(map(str, params["shape"]))
+    return {
+        "task": "image-classification",
+        "dataset": {
+            "name": f"ReCT phantom chest CT, held-out split ({held_out} volumes)",
+            "type": "rect-vlm/phantom-chest-ct",
+            "split": "valid",
+        },
+        "description": (
+            f"Measured by `rect-vlm demo` on the held-out split of its synthetic cohort (seed {params['seed']}); "
+            "the baseline is the same model before fine-tuning. Phantom numbers show that the pipeline learns; "
+            "they say nothing about performance on real CT."
+        ),
+        "training_data": (
+            f"{params['n_train']} synthetic phantom chest CTs ({shape} voxels) written by `rect-vlm synth`; no "
+            f"patient data. Fine-tuned for {result['recipe']['max_steps']} steps."
+        ),
+        "metrics": pick(result["valid_metrics"]),
+        "baseline": {"name": "untrained", "metrics": pick(result["untrained_metrics"])},
+    }
+
+
 def run_demo(
     out_dir: str | os.PathLike = "demo_out",
     *,
@@ -379,7 +420,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     cohort, cache, classifier = out / "cohort", out / "cache", out / "classifier"
     folder = classifier / "model"
-    clock = StageClock(["phantom cohort", "fine-tuning", "Hub folder", "fresh-process check"])
+    clock = StageClock(["phantom cohort", "fine-tuning", "Hub folder", "fresh-process check", "Hub release (dry run)"])
 
     # 1. cohort
     params = demo_cohort_parameters(n_train, n_val, shape, seed, prevalence)
@@ -472,6 +513,12 @@ def run_demo(
         print("        " + "    ".join(cells[i : i + 2]))
     clock.end()
 
+    # 5. Stage the component repos as `rect-vlm release --dry-run` does, and load each in a fresh process.
+    hub = out / "hub"
+    clock.begin("Hub release (dry run)", f"ReCT-VisionEncoder and ReCT-Classifier → {hub / DEMO_ORG}")
+    released = stage_release(out, folder, result, params, scans[0]["path"])
+    clock.end()
+
     total, total_cpu, cores, load = clock.total, clock.total_cpu, os.cpu_count() or 1, os.getloadavg()[2]
     summary = {
         "out_dir": str(out),
@@ -490,6 +537,7 @@ def run_demo(
             "model_class": loaded["model_class"],
             "valid_auroc": fresh_auroc,
         },
+        "release": released,
         "stage_seconds": clock.seconds,
         "stage_cpu_seconds": clock.cpu_seconds,
         "total_seconds": total,
@@ -509,5 +557,51 @@ def run_demo(
     print("  classifier/model/        the Hub folder: AutoModelForImageClassification.from_pretrained(")
     print(f"                             {str(folder)!r}, trust_remote_code=True)")
     print("  classifier/summary.json  training summary (recipe, loss, held-out AUROC)")
-    print("  demo_summary.json        this run: stage times, AUROC, fresh-process check")
+    print(f"  hub/{DEMO_ORG}/            staged Hub repos (ReCT-VisionEncoder, ReCT-Classifier) with model cards")
+    print("  metrics.json             held-out metrics, trained and untrained")
+    print("  demo_summary.json        this run: stage times, AUROC, fresh-process check, release")
     return summary
+
+
+def stage_release(out: Path, classifier_folder: Path, result: dict, params: dict, scan: str) -> list[dict[str, Any]]:
+    """Write `metrics.json` and the classifier's evaluation file, save the classifier's encoder as its own folder,
+    stage both repos under `out/hub/<DEMO_ORG>/` and verify each in a fresh process on the held-out `scan`."""
+    from conversion.release import release
+    from hf_models import ReCTForVolumeClassification, ReCTImageProcessor
+
+    metrics = {"trained": result["valid_metrics"], "untrained": result["untrained_metrics"]}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    evaluation = out / "classifier" / "eval_results.json"
+    evaluation.write_text(json.dumps(demo_evaluation(result, params, result["valid_volumes"]), indent=1))
+    encoder = out / "vision_encoder"
+    ReCTForVolumeClassification.from_pretrained(classifier_folder).vision_model.save_pretrained(encoder)
+    ReCTImageProcessor.from_pretrained(classifier_folder).save_pretrained(encoder)
+    done = release(
+        {"vision-encoder": encoder, "classifier": classifier_folder},
+        out / "hub",
+        DEMO_ORG,
+        evaluations={"classifier": evaluation},
+        scan=scan,
+        dry_run=True,
+    )
+    rows = []
+    for repo, check in zip(done["staged"], done["verified"]):
+        files = sorted(p.name for p in repo.folder.iterdir())
+        print(f"      {repo.repo_id}: {len(files)} files, model card {repo.folder / 'README.md'}")
+        print(
+            f"        fresh process: {check['class']} via {repo.component.auto_class} (trust_remote_code=True, "
+            f"project not importable) on {Path(scan).name}, max |Δ| vs this process {check['max_abs_diff']:.1e}"
+        )
+        rows.append({"repo_id": repo.repo_id, "folder": str(repo.folder), **check})
+    card = json.loads(evaluation.read_text())
+    trained, untrained = card["metrics"], card["baseline"]["metrics"]
+    print(
+        "      classifier card, held-out (trained / untrained): "
+        + ", ".join(
+            f"{k} {trained[k]:.3f} / {untrained.get(k, float('nan')):.3f}"
+            for k in ("auroc_macro", "auroc_macro_five_large")
+            if k in trained
+        )
+    )
+    print(f"      upload plan (not sent): {out / 'hub' / DEMO_ORG / 'release_plan.json'}")
+    return rows
