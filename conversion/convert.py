@@ -37,7 +37,7 @@ from .readers import (
 from .writer import REPORT, atomic_folder, save_model_folder, write_manifest
 
 
-FORMATS = ("auto", "raw", "lightning", "deepspeed", "peft", "monai-vit", "sam-med3d")
+FORMATS = ("auto", "raw", "lightning", "deepspeed", "peft", "rect-tree", "monai-vit", "sam-med3d")
 
 #: Classes a target config's `architectures` may name.
 TARGET_CLASSES = {
@@ -59,6 +59,9 @@ class ConversionResult:
     out: Path
     report: ConversionReport
     model: torch.nn.Module | None
+    #: rect-tree: one report per converted component, and the tree entries left out with their reasons.
+    components: dict[str, ConversionReport] | None = None
+    skipped: dict[str, str] | None = None
 
 
 def detect_format(src: Path) -> str:
@@ -68,9 +71,13 @@ def detect_format(src: Path) -> str:
             return "deepspeed"
         if (src / "adapter_config.json").is_file():
             return "peft"
+        from .tree import TREE_COMPONENTS
+
+        if any((src / name).is_dir() for name in TREE_COMPONENTS):
+            return "rect-tree"
         raise ConversionError(
-            f"{src}: cannot tell the format of this folder (not a DeepSpeed checkpoint, no adapter_config.json); "
-            "pass --format"
+            f"{src}: cannot tell the format of this folder (not a DeepSpeed checkpoint, no adapter_config.json, no "
+            "seed-000 component folders); pass --format"
         )
     if src.suffix == ".ckpt":
         return "lightning"
@@ -177,6 +184,19 @@ def convert(
     target_config = load_json_arg(config, "--config")
     args = load_json_arg(source_config, "--source-config")
     source_info = {"path": src.name, "format": format, "sha256": source_sha256(src)}
+
+    if format == "rect-tree":
+        from .tree import convert_tree
+
+        result = convert_tree(src, out, target_config, trust_pickle, overwrite)
+        skipped = result.pop("skipped")
+        merged = ConversionReport()
+        for name, report in result.items():
+            merged.mapped.update({f"{name}/{k}": v for k, v in report.mapped.items()})
+            merged.dropped.update({f"{name}/{k}": v for k, v in report.dropped.items()})
+            merged.initialized.update({f"{name}/{k}": v for k, v in report.initialized.items()})
+        merged.notes = [f"{path}: left out, {reason}" for path, reason in skipped.items()]
+        return ConversionResult(Path(out), merged, None, components=result, skipped=skipped)
 
     if format == "peft":
         return _convert_peft(src, Path(out), target_config, trust_pickle, overwrite, source_info)

@@ -524,3 +524,81 @@ def test_source_config_and_format_errors(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(ConversionError, match="cannot tell the format"):
         convert(tmp_path / "folder", tmp_path / "out", config=config_dict(model))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The seed-000 checkpoint tree
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_seed_tree_converts_every_component(tmp_path):
+    from hf_models import ReCTConfig, ReCTForLesionLocalization, ReCTForVolumeClassification
+    from tests.conftest import tiny_text_kwargs
+
+    tree = tmp_path / "checkpoints"
+    encoder = tiny_encoder(seed=1)
+    torch.manual_seed(2)
+    classifier = ReCTForVolumeClassification(
+        ReCTConfig(vision_config=tiny_vision_kwargs(), text_config=None, num_labels=3)
+    ).eval()
+    torch.manual_seed(3)
+    localizer = ReCTForLesionLocalization(
+        ReCTConfig(
+            vision_config=tiny_vision_kwargs(),
+            text_config=tiny_text_kwargs(),
+            localizer_config=dict(
+                hidden_size=32, num_attention_heads=4, intermediate_size=64, decoder_channels=[16, 8]
+            ),
+        )
+    ).eval()
+    for name, model in (("vision_encoder", encoder), ("classification", classifier), ("localization", localizer)):
+        (tree / name).mkdir(parents=True)
+        (tree / name / "config.json").write_text(json.dumps(config_dict(model)))
+    torch.save({"model_state_dict": encoder.state_dict(), "epoch": 50}, tree / "vision_encoder" / "model_epoch_50.pt")
+    torch.save({"model_state_dict": tiny_encoder(seed=9).state_dict()}, tree / "vision_encoder" / "model_epoch_8.pt")
+    # The classification head saved alone: its encoder comes from vision_encoder/.
+    head = {k: v for k, v in classifier.state_dict().items() if not k.startswith("vision_model.")}
+    torch.save({"state_dict": head}, tree / "classification" / "best_model.pt")
+    torch.save({"vision_proj": torch.zeros(2, 2)}, tree / "classification" / "biobert_projectors.pt")
+    # The localizer as its three part files (its encoder: vision_encoder/).
+    from conversion.tree import LOCALIZER_PARTS
+
+    state = localizer.state_dict()
+    for file, modules in LOCALIZER_PARTS.items():
+        torch.save({k: v for k, v in state.items() if k.split(".")[0] in modules}, tree / "localization" / file)
+    (tree / "full_model").mkdir()
+
+    result = convert(tree, tmp_path / "out")
+    assert sorted(result.components) == ["classification", "localization", "vision_encoder"]
+    assert set(result.skipped) == {"full_model/", "classification/biobert_projectors.pt"}
+    out = tmp_path / "out"
+    assert_same_weights(ReCTVisionModel.from_pretrained(out / "vision_encoder"), encoder)
+    got = ReCTForVolumeClassification.from_pretrained(out / "classification").state_dict()
+    for key, value in classifier.state_dict().items():
+        expected = encoder.state_dict()[key[len("vision_model.") :]] if key.startswith("vision_model.") else value
+        assert torch.equal(got[key], expected), key
+    got = ReCTForLesionLocalization.from_pretrained(out / "localization").state_dict()
+    for key, value in state.items():
+        expected = encoder.state_dict()[key[len("vision_model.") :]] if key.startswith("vision_model.") else value
+        assert torch.equal(got[key], expected), key
+    report = json.loads((out / "localization" / "conversion_report.json").read_text())
+    assert any("taken from vision_encoder/model_epoch_50.pt" in n for n in report["notes"])
+    # The localizer's encoder has no region queries: the shared encoder's are dropped by name, with the reason.
+    assert report["dropped"] and all(k.startswith("vision_model.region_attention.") for k in report["dropped"])
+    assert sorted(report["source"]["files"]) == sorted(f"localization/{f}" for f in LOCALIZER_PARTS)
+    for name in result.components:
+        verify_manifest(out / name)
+    tree_summary = json.loads((out / "conversion_tree.json").read_text())
+    assert tree_summary["components"] == ["classification", "localization", "vision_encoder"]
+
+    # A key in the wrong part file fails the whole tree and writes nothing.
+    torch.save(
+        {**torch.load(tree / "localization" / "attention_unet.pt"), "text_model.extra": torch.zeros(1)},
+        tree / "localization" / "attention_unet.pt",
+    )
+    with pytest.raises(ConversionError, match=r"attention_unet\.pt: keys \['text_model\.extra'\]"):
+        convert(tree, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists() and no_leftovers(tmp_path)
+    (tree / "classification" / "config.json").unlink()
+    with pytest.raises(ConversionError, match="classification: no target config"):
+        convert(tree, tmp_path / "out3", format="rect-tree")

@@ -185,8 +185,8 @@ def test_bad_sources_are_refused(folders, tmp_path):
 
 OFFLINE_LOAD = """
 import sys, torch
-from transformers import AutoModelForImageClassification
-model = AutoModelForImageClassification.from_pretrained(sys.argv[1], trust_remote_code=True, revision=sys.argv[2])
+from transformers import AutoModel
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True, revision=sys.argv[2])
 with torch.no_grad():
     print(type(model).__name__, model(torch.zeros(1, 1, 8, 32, 32)).logits.shape[-1], project_modules())
 """

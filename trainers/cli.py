@@ -467,7 +467,7 @@ def add_convert_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format",
         default="auto",
-        choices=("auto", "raw", "lightning", "deepspeed", "peft", "monai-vit", "sam-med3d"),
+        choices=("auto", "raw", "lightning", "deepspeed", "peft", "rect-tree", "monai-vit", "sam-med3d"),
         help="source layout (default: detected from the file or folder)",
     )
     parser.add_argument("--out", required=True, help="output folder (absent or empty unless --overwrite)")
@@ -475,7 +475,8 @@ def add_convert_parser(parser: argparse.ArgumentParser) -> None:
         "--config",
         default=None,
         help="target config.json (file, folder, or inline JSON): the model the keys belong to (raw, lightning, "
-        "deepspeed; the base model for peft) or overrides for monai-vit / sam-med3d",
+        "deepspeed; the base model for peft), overrides for monai-vit / sam-med3d, or for rect-tree "
+        '{"vision_encoder": PATH, ...} where the tree has no <component>/config.json',
     )
     parser.add_argument(
         "--source-config",
@@ -503,13 +504,20 @@ def run_convert(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"converted {args.src} → {result.out}: {result.report.summary()}")
+    for name, report in (result.components or {}).items():
+        print(f"  {name}/: {report.summary()}")
     for source, reason in result.report.dropped.items():
         print(f"  dropped {source}: {reason}")
     for target, reason in result.report.initialized.items():
         print(f"  initialised {target}: {reason}")
     for note in result.report.notes:
         print(f"  note: {note}")
-    print(f"report: {result.out / 'conversion_report.json'}")
+    reports = [f"{name}/conversion_report.json" for name in result.components] if result.components else None
+    print(
+        f"report: {result.out / 'conversion_report.json'}"
+        if reports is None
+        else f"reports in {result.out}: {reports}"
+    )
     return 0
 
 
