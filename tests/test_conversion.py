@@ -320,6 +320,10 @@ def test_peft_adapter_with_non_lora_trainables(tmp_path):
 # Upstream layouts: MONAI ViT, SAM-Med3D
 # ----------------------------------------------------------------------------------------------------------------
 
+#: MONAI `ViT` constructor arguments of a 2-layer, 48-wide 3D ViT over (16, 32, 32) volumes → grid (4, 2, 2).
+TINY_VIT = dict(
+    in_channels=1, img_size=[16, 32, 32], patch_size=[4, 16, 16], hidden_size=48, mlp_dim=96, num_layers=2, num_heads=4
+)
 MONAI_CASES = {
     "segvol_like": dict(proj_type="conv", pos_embed_type="learnable", classification=False, qkv_bias=False),
     "m3d_like": dict(proj_type="perceptron", pos_embed_type="learnable", classification=True, qkv_bias=False),
@@ -331,16 +335,7 @@ MONAI_CASES = {
 def test_monai_vit_converts_to_equal_outputs(tmp_path, case):
     from monai.networks.nets import ViT
 
-    args = dict(
-        in_channels=1,
-        img_size=[16, 32, 32],
-        patch_size=[4, 16, 16],
-        hidden_size=48,
-        mlp_dim=96,
-        num_layers=2,
-        num_heads=4,
-        **MONAI_CASES[case],
-    )
+    args = {**TINY_VIT, **MONAI_CASES[case]}
     torch.manual_seed(0)
     vit = ViT(**args).eval()
     with torch.no_grad():
@@ -369,15 +364,7 @@ def test_monai_vit_converts_to_equal_outputs(tmp_path, case):
 def test_monai_vit_into_a_divided_encoder_lists_the_new_keys(tmp_path):
     from monai.networks.nets import ViT
 
-    args = dict(
-        in_channels=1,
-        img_size=[16, 32, 32],
-        patch_size=[4, 16, 16],
-        hidden_size=48,
-        mlp_dim=96,
-        num_layers=2,
-        num_heads=4,
-    )
+    args = dict(TINY_VIT)
     torch.save(ViT(**args).state_dict(), tmp_path / "vit.pt")
     result = convert(
         tmp_path / "vit.pt",
@@ -457,15 +444,7 @@ print(type(model).__name__, project_modules())
 def test_cli_convert_and_fresh_process_load(tmp_path, capsys):
     from monai.networks.nets import ViT
 
-    args = dict(
-        in_channels=1,
-        img_size=[16, 32, 32],
-        patch_size=[4, 16, 16],
-        hidden_size=48,
-        mlp_dim=96,
-        num_layers=2,
-        num_heads=4,
-    )
+    args = dict(TINY_VIT)
     torch.manual_seed(0)
     vit = ViT(**args).eval()
     torch.save(vit.state_dict(), tmp_path / "vit.pt")
