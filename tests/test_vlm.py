@@ -312,3 +312,155 @@ def test_smollm2_gguf_generates_text_conditioned_on_a_volume(scans):
     )
     answer = language.generate(**chat, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(answer[0, chat["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two-stage training support
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_stage_freezing_counts(tokenizer):
+    from trainers.report_generation import language_model_linear_layers, stage1, stage2, trainable_counts
+
+    model = build(tokenizer)
+    sizes = {
+        part: sum(p.numel() for p in getattr(model, part).parameters())
+        for part in ("vision_model", "multi_modal_projector", "language_model")
+    }
+    counts = stage1(model)
+    assert counts == {
+        "vision_model": 0,
+        "multi_modal_projector": sizes["multi_modal_projector"],
+        "language_model": 0,
+        "lora": 0,
+    }
+    assert language_model_linear_layers(model) == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
+    peft_model = stage2(model, r=4, alpha=8)
+    counts = trainable_counts(peft_model)
+    # LoRA A (r × in) and B (out × r) on the 7 linear layers of each of the 2 Llama layers (hidden 32, kv 16, mlp 64).
+    per_layer = sum(4 * (i + o) for i, o in [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)])
+    assert counts == {
+        "vision_model": 0,
+        "multi_modal_projector": sizes["multi_modal_projector"],
+        "language_model": 0,
+        "lora": 2 * per_layer,
+    }
+    assert not any("lora_" in n for n, _ in peft_model.named_parameters() if ".vision_model." in n)
+    frozen = trainable_counts(stage2(build(tokenizer), r=4, alpha=8, train_projector=False))
+    assert frozen["multi_modal_projector"] == 0 and frozen["lora"] == 2 * per_layer
+
+
+def test_stage_weights_round_trip_and_merged_folder_without_peft(tokenizer, processor, scans, tmp_path):
+    from trainers.report_generation import (
+        load_projector,
+        load_stage2,
+        save_merged,
+        save_projector,
+        save_stage2,
+        stage1,
+        stage2,
+    )
+
+    batch = processor(images=scans[:1], text=["<image> Findings:"], return_tensors="pt")
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    model = build(tokenizer)
+    stage1(model)
+    with torch.no_grad():
+        for p in model.multi_modal_projector.parameters():
+            p.add_(0.05)
+    projector_file = save_projector(model, tmp_path / "stage1")
+    assert projector_file.name == "mm_projector.safetensors"
+    fresh = build(tokenizer)
+    load_projector(fresh, tmp_path / "stage1")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+
+    peft_model = stage2(model, r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "multi_modal_projector" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(**inputs).logits
+    save_stage2(peft_model, tmp_path / "stage2")
+    assert {"adapter_model.safetensors", "adapter_config.json", "non_lora_trainables.safetensors"} <= {
+        p.name for p in (tmp_path / "stage2").iterdir()
+    }
+    reloaded = load_stage2(build(tokenizer), tmp_path / "stage2").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=0, rtol=0)
+
+    save_merged(reloaded, tmp_path / "merged", processor)
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    torch.save({**inputs, "expected": expected}, tmp_path / "io.pt")
+    code = """
+import sys, torch
+from transformers import AutoModel
+io = torch.load(sys.argv[2])
+expected = io.pop("expected")
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+with torch.no_grad():
+    print(type(model).__name__, float((model(**io).logits - expected).abs().max()), project_modules())
+"""
+    proc = run_without_project(
+        code,
+        tmp_path / "merged",
+        tmp_path / "io.pt",
+        cwd=tmp_path,
+        uninstalled=("peft",),
+        env={"HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, diff, modules = proc.stdout.split()
+    assert name == "ReCTForConditionalGeneration" and float(diff) < 1e-5 and modules == "[]"
+    blocked = run_without_project("import peft", cwd=tmp_path, uninstalled=("peft",))
+    assert blocked.returncode != 0 and "peft" in blocked.stderr
+
+
+def test_four_bit_language_model_forward_generate_and_lora_backward(tokenizer, tmp_path):
+    """bitsandbytes nf4 on the CPU: load with device_map="cpu", assemble, forward, generate, LoRA backward."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from trainers.report_generation import stage2
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(
+        LlamaConfig(**{k: v for k, v in tiny_llama(len(tokenizer)).items() if k != "model_type"})
+    ).save_pretrained(tmp_path / "llama")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    language = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "llama", quantization_config=quantization, device_map="cpu"
+    )
+    assert type(language.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    encoder = ReCTVisionModel(ReCTVisionConfig(**tiny_vision_kwargs())).eval()
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    model = ReCTForConditionalGeneration.from_vision_and_language(
+        encoder, language, image_id, image_seq_length=S, projector_hidden_size=32, projector_num_heads=4
+    )
+    assert "quantization_config" not in model.config.text_config.to_dict()
+    ids = torch.tensor([[101] + [image_id] * S + [2054, 2003]])
+    pixels = torch.randn(1, 1, 8, 32, 32)
+    out = model(input_ids=ids, pixel_values=pixels, labels=ids)
+    assert torch.isfinite(out.loss)
+    generated = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, ids.shape[1] + 4)
+    peft_model = stage2(model, r=4, alpha=8, quantized=True)
+    loss = peft_model(input_ids=ids, pixel_values=pixels, labels=ids).loss
+    loss.backward()
+    # (the region projection is used only with an anatomy mask)
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad and "region_projection" not in n}
+    missing = [n for n, g in grads.items() if g is None]
+    assert any("lora_A" in n for n in grads) and not missing, missing[:5]
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert sum(g.abs().sum() for n, g in grads.items() if "lora_B" in n) > 0

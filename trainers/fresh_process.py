@@ -38,20 +38,30 @@ def project_modules():
 
 _sys.meta_path.insert(0, _BlockProject())
 _sys.path = [p for p in _sys.path if p not in ("", ".", {root!r})]
+# Installed packages the child must do without (as if not installed: `import` fails, `find_spec` finds nothing).
+for _name in {uninstalled!r}:
+    _sys.modules[_name] = None
 """
 
 
 def run_without_project(
-    code: str, *args: str | os.PathLike, cwd: str | os.PathLike, timeout: float = 600, env: dict | None = None
+    code: str,
+    *args: str | os.PathLike,
+    cwd: str | os.PathLike,
+    timeout: float = 600,
+    env: dict | None = None,
+    uninstalled: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """Run `code` (`sys.argv[1:]` = `args`) in a fresh `python -c` with the project's packages blocked.
 
-    The child runs offline (`HF_HUB_OFFLINE=1`) without `PYTHONPATH`; `env` adds variables (e.g. `HF_MODULES_CACHE`).
+    The child runs offline (`HF_HUB_OFFLINE=1`) without `PYTHONPATH`; `env` adds variables (e.g. `HF_MODULES_CACHE`);
+    the packages in `uninstalled` (e.g. `("peft",)`) behave as if they were not installed.
     Returns the finished process (stdout/stderr captured as text); the caller checks `returncode`.
     """
     child_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     child_env.pop("PYTHONPATH", None)
-    script = _PREAMBLE.format(packages=PROJECT_PACKAGES, root=REPO_ROOT) + textwrap.dedent(code)
+    script = _PREAMBLE.format(packages=PROJECT_PACKAGES, root=REPO_ROOT, uninstalled=tuple(uninstalled))
+    script += textwrap.dedent(code)
     return subprocess.run(
         [sys.executable, "-c", script, *(str(a) for a in args)],
         cwd=cwd,
