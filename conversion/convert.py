@@ -12,6 +12,7 @@ import torch
 
 from hf_models import (
     ReCTConfig,
+    ReCTForConditionalGeneration,
     ReCTForFeatureExtraction,
     ReCTForLesionLocalization,
     ReCTForVolumeClassification,
@@ -19,6 +20,7 @@ from hf_models import (
     ReCTModel,
     ReCTVisionConfig,
     ReCTVisionModel,
+    ReCTVLMConfig,
 )
 
 from .layouts import monai_vit_layout, sam_med3d_layout
@@ -37,7 +39,7 @@ from .readers import (
 from .writer import REPORT, atomic_folder, save_model_folder, write_manifest
 
 
-FORMATS = ("auto", "raw", "lightning", "deepspeed", "peft", "rect-tree", "monai-vit", "sam-med3d")
+FORMATS = ("auto", "raw", "lightning", "deepspeed", "peft", "rect-tree", "monai-vit", "sam-med3d", "llava")
 
 #: Classes a target config's `architectures` may name.
 TARGET_CLASSES = {
@@ -48,10 +50,11 @@ TARGET_CLASSES = {
         ReCTModel,
         ReCTForVolumeClassification,
         ReCTForLesionLocalization,
+        ReCTForConditionalGeneration,
     )
 }
 #: The class a config without `architectures` converts to.
-DEFAULT_CLASS = {"rect_vision": ReCTVisionModel, "rect": ReCTModel}
+DEFAULT_CLASS = {"rect_vision": ReCTVisionModel, "rect": ReCTModel, "rect_vlm": ReCTForConditionalGeneration}
 
 
 @dataclass
@@ -116,7 +119,7 @@ def load_json_arg(value: str | os.PathLike | dict | None, name: str) -> dict[str
 def target_from_config(config_dict: dict[str, Any]) -> tuple[type, Any]:
     """The ReCT class and config a `config.json` describes (`architectures[0]`, else the `model_type` default)."""
     model_type = config_dict.get("model_type")
-    config_classes = {"rect_vision": ReCTVisionConfig, "rect": ReCTConfig}
+    config_classes = {"rect_vision": ReCTVisionConfig, "rect": ReCTConfig, "rect_vlm": ReCTVLMConfig}
     if model_type not in config_classes:
         raise ConversionError(f"--config: `model_type` must be one of {sorted(config_classes)}, got {model_type!r}")
     fields = {k: v for k, v in config_dict.items() if k not in ("auto_map", "transformers_version")}
@@ -197,6 +200,12 @@ def convert(
             merged.initialized.update({f"{name}/{k}": v for k, v in report.initialized.items()})
         merged.notes = [f"{path}: left out, {reason}" for path, reason in skipped.items()]
         return ConversionResult(Path(out), merged, None, components=result, skipped=skipped)
+
+    if format == "llava":
+        from .llava import convert_llava
+
+        report = convert_llava(src, Path(out), target_config, trust_pickle, overwrite, source_info)
+        return ConversionResult(Path(out), report, None)
 
     if format == "peft":
         return _convert_peft(src, Path(out), target_config, trust_pickle, overwrite, source_info)

@@ -54,6 +54,10 @@ class ConversionReport:
     def to_dict(self) -> dict:
         return {"mapped": self.mapped, "dropped": self.dropped, "initialized": self.initialized, "notes": self.notes}
 
+    def mapped_targets(self) -> list[str]:
+        """Every target key a source key was mapped to."""
+        return [t for v in self.mapped.values() for t in ([v] if isinstance(v, str) else v)]
+
     def summary(self) -> str:
         return (
             f"{len(self.mapped)} source keys mapped, {len(self.dropped)} dropped (with reasons), "
@@ -68,10 +72,11 @@ class KeyMapping:
     notes: list[str] = field(default_factory=list)
 
     def apply(
-        self, source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+        self, source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], allow_unknown_targets: bool = False
     ) -> tuple[dict[str, torch.Tensor], ConversionReport]:
         """Map `source` onto the keys and shapes of `target` (a model's `state_dict()`); returns the complete
-        state dict to load (initialised entries taken from `target`) and the report."""
+        state dict to load (initialised entries taken from `target`) and the report. `allow_unknown_targets` only
+        renames (the caller checks the result, e.g. LoRA tensors against the layers they adapt)."""
         report = ConversionReport(notes=list(self.notes))
         out: dict[str, torch.Tensor] = {}
         origin: dict[str, str] = {}
@@ -93,6 +98,12 @@ class KeyMapping:
                     f"rule for {key!r} makes {len(values)} tensors for {len(names)} target keys {names}"
                 )
             for name, value in zip(names, values):
+                if allow_unknown_targets:
+                    if name in origin:
+                        raise ConversionError(f"source keys {origin[name]!r} and {key!r} both map to {name!r}")
+                    origin[name] = key
+                    out[name] = value.contiguous()
+                    continue
                 if name not in target:
                     raise ConversionError(f"source key {key!r} maps to {name!r}, which the target model does not have")
                 if tuple(value.shape) != tuple(target[name].shape):

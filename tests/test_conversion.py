@@ -581,3 +581,149 @@ def test_seed_tree_converts_every_component(tmp_path):
     (tree / "classification" / "config.json").unlink()
     with pytest.raises(ConversionError, match="classification: no target config"):
         convert(tree, tmp_path / "out3", format="rect-tree")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLaVA-style report-generator checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_llava_projector_and_lora_adapter(tmp_path):
+    """transformers' own LlavaForConditionalGeneration + a real PEFT LoRA → ReCT projector and adapter files."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from hf_models import ReCTForConditionalGeneration, ReCTVLMConfig
+    from trainers.report_generation import load_projector, load_stage2
+
+    text = dict(
+        vocab_size=200,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=16
+    )
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(
+        LlavaConfig(vision_config=vision, text_config=LlamaConfig(**text), image_token_index=199)
+    ).eval()
+    base_state = {k: v.clone() for k, v in llava.state_dict().items()}  # get_peft_model wraps llava's layers in place
+    src = tmp_path / "llava_stage2"
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    )
+    peft_llava = get_peft_model(llava, lora)
+    with torch.no_grad():
+        for name, param in peft_llava.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    peft_llava.save_pretrained(src, safe_serialization=False)
+    projector = {
+        f"base_model.model.{k}": v
+        for k, v in peft_llava.base_model.model.state_dict().items()
+        if "multi_modal_projector" in k
+    }
+    torch.save(projector, src / "non_lora_trainables.bin")
+    torch.save({k.removeprefix("base_model.model."): v for k, v in projector.items()}, src / "mm_projector.bin")
+
+    config = ReCTVLMConfig(
+        vision_config=tiny_vision_kwargs(),
+        text_config={"model_type": "llama", **text},
+        image_token_id=199,
+        image_seq_length=4,
+        projector_type="mlp",
+    )
+    result = convert(src, tmp_path / "out", format="llava", config=config.to_dict())
+    out = tmp_path / "out"
+    assert {
+        "mm_projector.safetensors",
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "non_lora_trainables.safetensors",
+        "manifest.json",
+    } <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["dropped"] == {} and len(report["mapped"]) == 4 + 4 + 2 * 7 * 2
+
+    # A ReCT report generator with the same language model (weights from the LLaVA base), then the converted files.
+    torch.manual_seed(1)
+    ours = ReCTForConditionalGeneration(config).eval()
+    lm_state = {
+        ("lm_head." + k[len("lm_head.") :])
+        if k.startswith("lm_head.")
+        else "model." + k[len("model.language_model.") :]: v
+        for k, v in base_state.items()
+        if k.startswith(("model.language_model.", "lm_head."))
+    }
+    ours.language_model.load_state_dict(lm_state, strict=True)
+    load_projector(ours, out)
+    for i in (1, 2):
+        torch.testing.assert_close(
+            getattr(ours.multi_modal_projector, f"linear_{i}").weight,
+            base_state[f"model.multi_modal_projector.linear_{i}.weight"],
+            atol=0,
+            rtol=0,
+        )
+    adapted = load_stage2(ours, out).eval()
+    ids = torch.randint(0, 190, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids).logits, peft_llava(input_ids=ids).logits, atol=1e-5, rtol=0)
+    # The narrowed target_modules never reach the ReCT vision encoder's own q/k/v projections.
+    assert not any("lora_" in n for n, _ in adapted.named_parameters() if ".vision_model." in n)
+
+    (src / "mm_tac_projector.bin").write_bytes(b"")
+    with pytest.raises(ConversionError, match="Libra's TAC projector"):
+        convert(src, tmp_path / "out2", format="llava", config=config.to_dict())
+    with pytest.raises(ConversionError, match="projector_type 'tac'"):
+        convert(src, tmp_path / "out3", format="llava", config={**config.to_dict(), "projector_type": "tac"})
+    assert result.report.mapped
+
+
+def test_original_llava_stage1_projector(tmp_path):
+    """The original LLaVA code keeps `mm_projector = nn.Sequential(Linear, GELU, Linear)` on its `model`
+    (`mlp2x_gelu`) and saves it as `mm_projector.bin`; built here the same way."""
+    from hf_models import ReCTVLMConfig
+
+    text = dict(
+        model_type="llama",
+        vocab_size=200,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+    )
+    llava = torch.nn.Module()
+    llava.model = torch.nn.Module()
+    llava.model.mm_projector = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 32))
+    (tmp_path / "stage1").mkdir()
+    torch.save(llava.state_dict(), tmp_path / "stage1" / "mm_projector.bin")
+    config = ReCTVLMConfig(
+        vision_config=tiny_vision_kwargs(),
+        text_config=text,
+        image_token_id=199,
+        image_seq_length=4,
+        projector_type="mlp",
+    )
+    result = convert(tmp_path / "stage1", tmp_path / "out", format="llava", config=config.to_dict())
+    assert sorted(result.report.mapped.values()) == [
+        "multi_modal_projector.linear_1.bias",
+        "multi_modal_projector.linear_1.weight",
+        "multi_modal_projector.linear_2.bias",
+        "multi_modal_projector.linear_2.weight",
+    ]
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "out" / "mm_projector.safetensors")
+    assert torch.equal(saved["multi_modal_projector.linear_2.weight"], llava.model.mm_projector[2].weight)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({**llava.state_dict(), "model.mm_projector.4.weight": torch.zeros(2)}, bad / "mm_projector.bin")
+    with pytest.raises(ConversionError, match=r"model\.mm_projector\.4\.weight"):
+        convert(bad, tmp_path / "out2", format="llava", config=config.to_dict())

@@ -467,7 +467,7 @@ def add_convert_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format",
         default="auto",
-        choices=("auto", "raw", "lightning", "deepspeed", "peft", "rect-tree", "monai-vit", "sam-med3d"),
+        choices=("auto", "raw", "lightning", "deepspeed", "peft", "rect-tree", "monai-vit", "sam-med3d", "llava"),
         help="source layout (default: detected from the file or folder)",
     )
     parser.add_argument("--out", required=True, help="output folder (absent or empty unless --overwrite)")
