@@ -464,3 +464,19 @@ def test_four_bit_language_model_forward_generate_and_lora_backward(tokenizer, t
     assert any("lora_A" in n for n in grads) and not missing, missing[:5]
     assert all(torch.isfinite(g).all() for g in grads.values())
     assert sum(g.abs().sum() for n, g in grads.items() if "lora_B" in n) > 0
+
+
+def test_input_embeddings_and_resize(tokenizer):
+    model = build(tokenizer)
+    assert model.get_input_embeddings() is model.language_model.get_input_embeddings()
+    assert model.get_output_embeddings() is model.language_model.get_output_embeddings()
+    model.resize_token_embeddings(len(tokenizer) + 3)
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer) + 3
+    assert model.get_output_embeddings().out_features == len(tokenizer) + 3
+    assert model.config.text_config.vocab_size == len(tokenizer) + 3
+    ids = torch.tensor([[len(tokenizer) + 2] + [model.config.image_token_id] * S])
+    assert model(input_ids=ids, pixel_values=torch.randn(1, 1, 8, 32, 32)).logits.shape == (
+        1,
+        S + 1,
+        len(tokenizer) + 3,
+    )
