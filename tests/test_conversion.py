@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_vision_kwargs
+from conftest import tiny_llama_kwargs, tiny_vision_kwargs
 from safetensors.torch import save_file
 
 from conversion import (
@@ -596,14 +596,7 @@ def test_llava_projector_and_lora_adapter(tmp_path):
     from hf_models import ReCTForConditionalGeneration, ReCTVLMConfig
     from trainers.report_generation import load_projector, load_stage2
 
-    text = dict(
-        vocab_size=200,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-    )
+    text = {k: v for k, v in tiny_llama_kwargs().items() if k != "model_type"}
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=16
     )
@@ -690,15 +683,7 @@ def test_original_llava_stage1_projector(tmp_path):
     (`mlp2x_gelu`) and saves it as `mm_projector.bin`; built here the same way."""
     from hf_models import ReCTVLMConfig
 
-    text = dict(
-        model_type="llama",
-        vocab_size=200,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-    )
+    text = tiny_llama_kwargs(num_hidden_layers=1)
     llava = torch.nn.Module()
     llava.model = torch.nn.Module()
     llava.model.mm_projector = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 32))

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_vision_kwargs
+from conftest import tiny_llama_kwargs, tiny_vision_kwargs
 from torch.nn import functional as F
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -25,17 +25,8 @@ from trainers.fresh_process import run_without_project
 S = 8  # image_seq_length
 
 
-def tiny_llama(vocab_size: int = 30524) -> dict:
-    return dict(
-        model_type="llama",
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
+def tiny_llama(vocab_size: int) -> dict:
+    return tiny_llama_kwargs(vocab_size=vocab_size)
 
 
 @pytest.fixture(scope="module")
