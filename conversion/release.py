@@ -62,7 +62,52 @@ COMPONENTS = {
         Component("vision-encoder", "ReCT-VisionEncoder", "vision_encoder", "AutoModel", "last_hidden_state"),
         Component("classifier", "ReCT-Classifier", "classifier", "AutoModelForImageClassification", "logits"),
         Component("localizer", "ReCT-Localizer", "localizer", "AutoModelForMaskGeneration", "pred_masks"),
+        Component("vlm-small", "ReCT-VLM-Small", "vlm", "AutoModelForImageTextToText", "logits"),
     )
+}
+
+#: Configs-only releases (SPEC §1): the report generator around a 3–8B model (Medium) and Llama-3.1-70B-Instruct
+#: in 4-bit (Large). Their weights never exist on a CPU machine; the repos carry the config, the code and a card.
+#: The text configs are those of the named public models.
+CONFIG_ONLY = {
+    "medium": {
+        "repo": "ReCT-VLM-Medium",
+        "base_model": "meta-llama/Llama-3.1-8B-Instruct",
+        "text_config": dict(
+            model_type="llama",
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+            bos_token_id=128000,
+            eos_token_id=[128001, 128008, 128009],
+        ),
+        "note": "the language model in bf16 (about 16 GB); LoRA fine-tuning under DeepSpeed ZeRO-3",
+    },
+    "large": {
+        "repo": "ReCT-VLM-Large",
+        "base_model": "meta-llama/Llama-3.1-70B-Instruct",
+        "text_config": dict(
+            model_type="llama",
+            vocab_size=128256,
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+            bos_token_id=128000,
+            eos_token_id=[128001, 128008, 128009],
+        ),
+        "note": "the language model loaded in 4-bit (bitsandbytes nf4, about 40 GB) with LoRA (QLoRA)",
+    },
 }
 
 #: Files a Hub folder carries (besides the code files `*.py`).
@@ -132,6 +177,7 @@ def render_card(
     version: str,
     evaluation: dict[str, Any] | None,
     base_model: str | None,
+    usage_key: str | None = None,
 ) -> str:
     """The model card (`README.md`) of a staged folder, rendered from `model_cards/`."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -142,11 +188,18 @@ def render_card(
     config = json.loads((folder / "config.json").read_text())
     architecture = config.get("architectures", ["?"])[0]
     vision = config.get("vision_config", config)
+    text_config = config.get("text_config")
     described = (
         f"`{architecture}`: vision encoder with {vision.get('num_hidden_layers')} layers, hidden size "
         f"{vision.get('hidden_size')}, patch {vision.get('patch_size')} over volumes of {vision.get('volume_size')} "
         f"voxels, `{vision.get('attention_type')}` attention"
     )
+    if text_config is not None and component.card == "vlm":
+        described += (
+            f"; `{config.get('projector_type')}` projector into {config.get('image_seq_length')} tokens; language "
+            f"model `{text_config.get('model_type')}` with {text_config.get('num_hidden_layers')} layers, hidden size "
+            f"{text_config.get('hidden_size')}"
+        )
     if "id2label" in config and component.key == "classifier":
         labels = [config["id2label"][k] for k in sorted(config["id2label"], key=int)]
         described += f"; {len(labels)} findings: {', '.join(labels)}"
@@ -196,7 +249,7 @@ def render_card(
                 f"reasons, {len(report['initialized'])} target keys initialised",
                 "notes": report.get("notes", []),
             }
-    usage = USAGE[component.key].format(repo=repo_id, auto=component.auto_class).strip()
+    usage = USAGE[usage_key or component.key].format(repo=repo_id, auto=component.auto_class).strip()
     card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_DIR / "template.md"),
@@ -236,6 +289,28 @@ model = {auto}.from_pretrained("{repo}", trust_remote_code=True).eval()
 inputs = processor(images="ct.nii.gz", return_tensors="pt")
 probabilities = model(inputs["pixel_values"]).logits.sigmoid()[0]
 print({{model.config.id2label[i]: round(p, 3) for i, p in enumerate(probabilities.tolist())}})
+""",
+    "vlm-small": """
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
+model = AutoModelForImageTextToText.from_pretrained("{repo}", trust_remote_code=True).eval()
+conversation = [{{"role": "user", "content": "<image>\nWrite the findings of this chest CT."}}]
+prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+inputs = processor(images=["ct.nii.gz"], prior_images=["prior_ct.nii.gz"], text=[prompt], return_tensors="pt")
+keys = ("input_ids", "attention_mask", "pixel_values", "prior_pixel_values", "has_prior")
+output = model.generate(**{{k: inputs[k] for k in keys}}, max_new_tokens=256)
+print(processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0])
+""",
+    "vlm-config": """
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+config = AutoConfig.from_pretrained("{repo}", trust_remote_code=True)  # ReCTVLMConfig: encoder + {auto} layout
+with torch.device("meta"):  # the architecture without allocating it; weights come from training
+    model = AutoModelForImageTextToText.from_config(config, trust_remote_code=True)
+# To train one: ReCTForConditionalGeneration.from_vision_and_language(encoder, the base model loaded (4-bit for
+# Large), image_token_id) and the two-stage recipe of trainers/report_generation.py.
 """,
     "localizer": """
 from transformers import AutoImageProcessor, {auto}
@@ -294,6 +369,94 @@ def stage_component(
     return StagedRepo(component, repo_id, out, source, left_out)
 
 
+def stage_config_only(
+    size: str,
+    stage_root: str | os.PathLike,
+    org: str,
+    version: str = "v0.1.0",
+    vision_config: dict[str, Any] | None = None,
+    image_seq_length: int = 256,
+) -> StagedRepo:
+    """A configs-only repo (`CONFIG_ONLY[size]`): `config.json` (the ReCT encoder, by default the seed's, and the
+    named language model's text config with `<image>` appended to its vocabulary), the code files and a card."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    from hf_models import ReCTForConditionalGeneration, ReCTVisionConfig, ReCTVLMConfig
+
+    if size not in CONFIG_ONLY:
+        raise ConversionError(f"unknown configs-only release {size!r}; one of {sorted(CONFIG_ONLY)}")
+    spec = CONFIG_ONLY[size]
+    text = dict(spec["text_config"])
+    image_token_id = text["vocab_size"]
+    text["vocab_size"] += 1  # `<image>`, added after the base vocabulary
+    config = ReCTVLMConfig(
+        vision_config=vision_config or ReCTVisionConfig().to_dict(),
+        text_config=text,
+        image_token_id=image_token_id,
+        image_seq_length=image_seq_length,
+    )
+    reference = f"modeling_vlm_rect.{ReCTForConditionalGeneration.__name__}"
+    config.architectures = [ReCTForConditionalGeneration.__name__]
+    config.auto_map = {
+        "AutoConfig": f"configuration_rect.{ReCTVLMConfig.__name__}",
+        "AutoModel": reference,
+        "AutoModelForImageTextToText": reference,
+    }
+    component = Component(f"vlm-{size}", spec["repo"], "vlm", "AutoConfig", "")
+    out = Path(stage_root) / org / spec["repo"]
+    repo_id = f"{org}/{spec['repo']}"
+    with atomic_folder(out, overwrite=True) as tmp:
+        config.save_pretrained(tmp)
+        custom_object_save(ReCTForConditionalGeneration, tmp)
+        card = render_card(component, repo_id, tmp, version, None, spec["base_model"], usage_key="vlm-config")
+        note = (
+            f"\n\n**Configuration and code only.** No weights are released in this repository: it describes the "
+            f"report generator around `{spec['base_model']}` ({spec['note']}). The vocabulary has `<image>` "
+            f"appended as id {image_token_id}.\n"
+        )
+        (tmp / "README.md").write_text(card.replace("\n## Usage", note + "\n## Usage", 1))
+        write_manifest(tmp, {"component": component.key, "version": version, "configs_only": True})
+    return StagedRepo(component, repo_id, out, out)
+
+
+CONFIG_CHECK = """
+import json, sys
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+config = AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)
+with torch.device("meta"):
+    model = AutoModelForImageTextToText.from_config(config, trust_remote_code=True)
+print(json.dumps({"class": type(model).__name__, "config": type(config).__name__,
+                  "parameters": sum(p.numel() for p in model.parameters()), "project_modules": project_modules()}))
+"""
+
+
+def verify_config_only(staged: StagedRepo) -> dict[str, Any]:
+    """Load a configs-only repo's config in a fresh process (project not importable) and build its model on the
+    meta device; returns the class and the parameter count."""
+    from trainers.fresh_process import run_without_project
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = run_without_project(
+            CONFIG_CHECK, staged.folder.resolve(), cwd=tmp, env={"HF_MODULES_CACHE": str(Path(tmp) / "modules")}
+        )
+    if proc.returncode != 0:
+        raise ConversionError(f"{staged.repo_id}: the config does not load in a fresh process:\n{proc.stderr[-2000:]}")
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    if info["project_modules"]:
+        raise ConversionError(
+            f"{staged.repo_id}: the fresh process imported project modules {info['project_modules']}"
+        )
+    return {
+        "repo_id": staged.repo_id,
+        "class": info["class"],
+        "parameters": info["parameters"],
+        "max_abs_diff": None,
+        "scan": None,
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Verification in a fresh process
 # ----------------------------------------------------------------------------------------------------------------
@@ -327,6 +490,12 @@ def _sample_inputs(model, component: Component, seed: int = 0) -> dict[str, Any]
     if component.key == "localizer":
         d, h, w = vision.volume_size
         inputs["input_boxes"] = torch.tensor([[d / 4, h / 4, w / 4, 3 * d / 4, 3 * h / 4, 3 * w / 4]])
+    if component.key == "vlm-small":
+        vocab = model.get_input_embeddings().num_embeddings
+        words = torch.randint(0, vocab, (1, 8), generator=generator)
+        words[words == model.config.image_token_id] = 0
+        image = torch.full((1, model.config.image_seq_length), model.config.image_token_id)
+        inputs["input_ids"] = torch.cat([words[:, :4], image, words[:, 4:]], dim=1)
     return inputs
 
 
@@ -506,17 +675,19 @@ def release(
     evaluations: dict[str, str | os.PathLike] | None = None,
     base_models: dict[str, str] | None = None,
     scan: str | os.PathLike | None = None,
+    config_only: tuple[str, ...] | list[str] = (),
     dry_run: bool = True,
     api=None,
     private: bool = True,
     gated: str | None = None,
     revision: str | None = None,
 ) -> dict[str, Any]:
-    """Stage every component in `components` (key → folder), verify each in a fresh process, then upload (or, by
-    default, only plan the upload). Writes `stage_root/org/release_plan.json`; returns the staged repos, the
-    verification results and the plan."""
-    if not components:
-        raise ConversionError(f"nothing to release: give at least one of {sorted(COMPONENTS)}")
+    """Stage every component in `components` (key → folder) and the configs-only repos in `config_only`
+    (`CONFIG_ONLY` sizes, with the released encoder's config when there is one), verify each in a fresh process,
+    then upload (or, by default, only plan the upload). Writes `stage_root/org/release_plan.json`; returns the staged
+    repos, the verification results and the plan."""
+    if not components and not config_only:
+        raise ConversionError(f"nothing to release: give at least one of {sorted(COMPONENTS)} or configs-only sizes")
     evaluations, base_models = evaluations or {}, base_models or {}
     unknown = sorted((set(components) | set(evaluations) | set(base_models)) - set(COMPONENTS))
     if unknown:
@@ -526,6 +697,12 @@ def release(
         for key, folder in components.items()
     ]
     verified = [verify_staged(repo, scan) for repo in staged]
+    encoder = components.get("vision-encoder")
+    vision = json.loads((Path(encoder) / "config.json").read_text()) if encoder is not None else None
+    for size in config_only:
+        repo = stage_config_only(size, stage_root, org, version, vision)
+        staged.append(repo)
+        verified.append(verify_config_only(repo))
     plan = upload_plan(staged, version, private, gated, revision)
     (Path(stage_root) / org / "release_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
     results = None

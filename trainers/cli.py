@@ -533,6 +533,7 @@ RELEASE_COMPONENTS = {
     "vision-encoder": "ReCT-VisionEncoder",
     "classifier": "ReCT-Classifier",
     "localizer": "ReCT-Localizer",
+    "vlm-small": "ReCT-VLM-Small",
 }
 
 
@@ -551,6 +552,13 @@ def add_release_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--base-model", type=key_value, action="append", default=[], metavar="COMPONENT=REPO", help="card base_model"
+    )
+    parser.add_argument(
+        "--config-only",
+        nargs="*",
+        choices=("medium", "large"),
+        default=[],
+        help="also stage configs-only repos ReCT-VLM-Medium / ReCT-VLM-Large (config, code and card, no weights)",
     )
     parser.add_argument("--version", default="v0.1.0", help="tag created on every repo")
     parser.add_argument("--scan", default=None, help="CT scan every staged folder is verified on (default: random)")
@@ -575,12 +583,19 @@ def run_release(args: argparse.Namespace) -> int:
         evaluations=dict(args.eval),
         base_models=dict(args.base_model),
         scan=args.scan,
+        config_only=args.config_only,
         dry_run=args.dry_run,
         private=not args.public,
         gated=args.gated,
         revision=args.revision,
     )
     for repo, check in zip(result["staged"], result["verified"]):
+        if check["max_abs_diff"] is None:
+            print(
+                f"staged {repo.repo_id} → {repo.folder}: configs only, {check['class']} of "
+                f"{check['parameters'] / 1e9:.2f}B parameters built on the meta device in a fresh process"
+            )
+            continue
         print(
             f"staged {repo.repo_id} → {repo.folder}: fresh-process {check['class']} max |Δ| "
             f"{check['max_abs_diff']:.1e}" + (f"; left out {repo.left_out}" if repo.left_out else "")
