@@ -471,3 +471,50 @@ def test_input_embeddings_and_resize(tokenizer):
         S + 1,
         len(tokenizer) + 3,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training data
+# ----------------------------------------------------------------------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def test_report_rows_dataset_and_collator_train_a_step(small_cohort, tokenizer, tmp_path):
+    from trainers.data.cache import VolumeCache
+    from trainers.data.readers import read_ct_rate
+    from trainers.data.reports import ReportDataset, ReportGenerationCollator, read_report_rows
+
+    rows = read_report_rows(small_cohort, "train")
+    meta = {
+        r["volume_path"]: (r["rescale_slope"], r["rescale_intercept"]) for r in read_ct_rate(small_cohort, "train")
+    }
+    for row in rows:
+        assert (row["rescale_slope"], row["rescale_intercept"]) == meta[row["current_volume_path"]]
+        assert row["has_prior"] == (row["prior_volume_path"] != row["current_volume_path"])
+    assert "<image>" in rows[0]["prompt"]
+
+    dataset = ReportDataset(rows, VolumeCache(tmp_path / "cache", ReCTImageProcessor(volume_size=[8, 32, 32])))
+    examples = [dataset[i] for i in range(3)]
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    collator = ReportGenerationCollator(tok, image_seq_length=S, max_answer_tokens=24)
+    batch = collator(examples)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert (batch["input_ids"] == image_id).sum(dim=1).tolist() == [S] * 3
+    assert batch["has_prior"].tolist() == [bool(rows[i]["has_prior"]) for i in range(3)]
+    for i, example in enumerate(examples):
+        answer = collator.answer_ids(example["report"])
+        kept = batch["labels"][i][batch["labels"][i] != -100].tolist()
+        assert kept == answer and len(answer) <= 24 + 1
+        assert not (batch["labels"][i][batch["input_ids"][i] == image_id] != -100).any()
+    model = build(tokenizer).train()
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="exactly one <image>"):
+        collator([{**examples[0], "prompt": "no image"}])

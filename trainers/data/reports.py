@@ -1,0 +1,128 @@
+"""Report-generation training data: Libra conversations with their volumes, and the collator that turns them into
+`ReCTForConditionalGeneration` batches (chat template, `<image>` expanded, loss on the answer only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .readers import DatasetFormatError, read_ct_rate, read_libra
+from .volume_dataset import CachedVolumeDataset
+
+
+def read_report_rows(cohort: str | Path, split: str):
+    """A cohort's `libra/{split}.json` rows (`id`, `current_volume_path`, `prior_volume_path`, `has_prior`,
+    `prompt`, `report`) with each volume's rescale slope and intercept from the CT-RATE metadata of the same split
+    (`rescale_*` for the current scan, `prior_rescale_*` for the prior), so raw-stored volumes become Hounsfield
+    units as in every other task. Raises `DatasetFormatError` when a volume has no metadata row."""
+    cohort = Path(cohort)
+    rows = read_libra(cohort / "libra" / f"{split}.json")
+    meta = {
+        str(Path(r["volume_path"]).resolve()): (r["rescale_slope"], r["rescale_intercept"])
+        for r in read_ct_rate(cohort, split, anatomy_masks=False, cot=False)
+    }
+
+    def rescale(path: str) -> tuple[Any, Any]:
+        key = str(Path(path).resolve())
+        if key not in meta:
+            raise DatasetFormatError(f"{path}: in libra/{split}.json but not in the {split} metadata of {cohort}")
+        return meta[key]
+
+    def add(row: dict) -> dict:
+        slope, intercept = rescale(row["current_volume_path"])
+        prior_slope, prior_intercept = rescale(row["prior_volume_path"])
+        return {
+            **row,
+            "rescale_slope": slope,
+            "rescale_intercept": intercept,
+            "prior_rescale_slope": prior_slope,
+            "prior_rescale_intercept": prior_intercept,
+        }
+
+    return rows.map(add)
+
+
+class ReportDataset(CachedVolumeDataset):
+    """`read_report_rows` rows → examples with `pixel_values`, `prior_pixel_values` (the current scan where there is
+    no prior), `has_prior`, `prompt` and `report`, the volumes read through the cache."""
+
+    def __init__(self, rows, cache, transform=None):
+        super().__init__(
+            rows,
+            cache,
+            volume_column="current_volume_path",
+            prior_column="prior_volume_path",
+            text_column="report",
+            transform=transform,
+        )
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = super().__getitem__(index)
+        row = self.rows[int(index)]
+        example["report"] = example.pop("text")
+        example["prompt"] = row["prompt"]
+        example["has_prior"] = bool(row["has_prior"])
+        return example
+
+
+@dataclass
+class ReportGenerationCollator:
+    """Examples (`ReportDataset`) → a training batch for `ReCTForConditionalGeneration`.
+
+    Each prompt (one `<image>`) becomes the user turn of the tokenizer's chat template, followed by the generation
+    prompt; the report plus the end-of-turn token is the answer. `<image>` is expanded to `image_seq_length` tokens.
+    `labels` are the answer tokens and -100 elsewhere (prompt, image tokens, padding); rows are padded on the right
+    (teacher forcing needs no left padding). `max_answer_tokens` truncates long reports (None: keep all).
+    """
+
+    tokenizer: Any
+    image_seq_length: int
+    image_token: str = "<image>"
+    max_answer_tokens: int | None = None
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        if prompt.count(self.image_token) != 1:
+            raise ValueError(f"a prompt must hold exactly one {self.image_token}, got {prompt!r}")
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        text = text.replace(self.image_token, self.image_token * self.image_seq_length)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def answer_ids(self, report: str) -> list[int]:
+        ids = self.tokenizer(report, add_special_tokens=False)["input_ids"]
+        if self.max_answer_tokens is not None:
+            ids = ids[: self.max_answer_tokens]
+        if self.tokenizer.eos_token_id is not None:
+            ids = ids + [self.tokenizer.eos_token_id]
+        return ids
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        sequences, targets = [], []
+        for example in examples:
+            prompt, answer = self.prompt_ids(example["prompt"]), self.answer_ids(example["report"])
+            sequences.append(prompt + answer)
+            targets.append([-100] * len(prompt) + answer)
+        length = max(len(s) for s in sequences)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(examples), length), pad, dtype=torch.long)
+        labels = torch.full((len(examples), length), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for i, (sequence, target) in enumerate(zip(sequences, targets)):
+            input_ids[i, : len(sequence)] = torch.tensor(sequence)
+            labels[i, : len(target)] = torch.tensor(target)
+            attention_mask[i, : len(sequence)] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples]).float(),
+            "prior_pixel_values": torch.stack([torch.as_tensor(e["prior_pixel_values"]) for e in examples]).float(),
+            "has_prior": torch.tensor([bool(e["has_prior"]) for e in examples]),
+        }
+
+
+__all__ = ["read_report_rows", "ReportDataset", "ReportGenerationCollator"]
