@@ -69,23 +69,34 @@ COMPONENTS = {
 #: Configs-only releases (SPEC §1): the report generator around a 3–8B model (Medium) and Llama-3.1-70B-Instruct
 #: in 4-bit (Large). Their weights never exist on a CPU machine; the repos carry the config, the code and a card.
 #: The text configs are those of the named public models.
+#: What Llama-3.1-8B-Instruct and Llama-3.1-70B-Instruct share: vocabulary, special tokens, long-context RoPE.
+LLAMA_3_1 = dict(
+    model_type="llama",
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    rms_norm_eps=1e-5,
+    bos_token_id=128000,
+    eos_token_id=[128001, 128008, 128009],
+)
 CONFIG_ONLY = {
     "medium": {
         "repo": "ReCT-VLM-Medium",
         "base_model": "meta-llama/Llama-3.1-8B-Instruct",
         "text_config": dict(
-            model_type="llama",
-            vocab_size=128256,
+            LLAMA_3_1,
             hidden_size=4096,
             intermediate_size=14336,
             num_hidden_layers=32,
             num_attention_heads=32,
             num_key_value_heads=8,
-            max_position_embeddings=131072,
-            rope_theta=500000.0,
-            rms_norm_eps=1e-5,
-            bos_token_id=128000,
-            eos_token_id=[128001, 128008, 128009],
         ),
         "note": "the language model in bf16 (about 16 GB); LoRA fine-tuning under DeepSpeed ZeRO-3",
     },
@@ -93,18 +104,12 @@ CONFIG_ONLY = {
         "repo": "ReCT-VLM-Large",
         "base_model": "meta-llama/Llama-3.1-70B-Instruct",
         "text_config": dict(
-            model_type="llama",
-            vocab_size=128256,
+            LLAMA_3_1,
             hidden_size=8192,
             intermediate_size=28672,
             num_hidden_layers=80,
             num_attention_heads=64,
             num_key_value_heads=8,
-            max_position_embeddings=131072,
-            rope_theta=500000.0,
-            rms_norm_eps=1e-5,
-            bos_token_id=128000,
-            eos_token_id=[128001, 128008, 128009],
         ),
         "note": "the language model loaded in 4-bit (bitsandbytes nf4, about 40 GB) with LoRA (QLoRA)",
     },
