@@ -94,7 +94,12 @@ def evaluate_pretrained(folder: Path, cohort: Path, cache: Path) -> dict:
         label_indices=list(range(18)),
     )
     dataset.prepare(progress=False)
-    images, texts, correct, counted, labels = [], [], 0, 0, []
+    from hf_models import CT_RATE_ABNORMALITIES
+
+    # zero-shot: "<finding>." vs "No <finding>." for the five large findings, scored in the same pass
+    positive = processor.tokenizer([f"{f}." for f in FIVE], padding=True, return_tensors="pt")
+    negative = processor.tokenizer([f"No {f.lower()}." for f in FIVE], padding=True, return_tensors="pt")
+    images, texts, correct, counted, labels, scores = [], [], 0, 0, [], []
     for start in range(0, len(dataset), 16):
         examples = [dataset[i] for i in range(start, min(len(dataset), start + 16))]
         pixel_values = torch.stack([e["pixel_values"] for e in examples]).float()
@@ -114,19 +119,10 @@ def evaluate_pretrained(folder: Path, cohort: Path, cache: Path) -> dict:
             correct += int(((out.region_logits > 0) == mentions.bool())[present].sum())
             counted += int(present.sum())
         labels.append(torch.stack([torch.as_tensor(e["labels"]) for e in examples]))
+        scores.append(model.zero_shot_logits(pixel_values, positive, negative))
     image, text = torch.cat(images), torch.cat(texts)
     result = retrieval_metrics((image @ text.T).numpy())
     result["region_accuracy"] = correct / counted if counted else None
-    # zero-shot: "<finding>." vs "No <finding>." for the five large findings
-    from hf_models import CT_RATE_ABNORMALITIES
-
-    positive = processor.tokenizer([f"{f}." for f in FIVE], padding=True, return_tensors="pt")
-    negative = processor.tokenizer([f"No {f.lower()}." for f in FIVE], padding=True, return_tensors="pt")
-    scores = []
-    for start in range(0, len(dataset), 16):
-        examples = [dataset[i] for i in range(start, min(len(dataset), start + 16))]
-        pixel_values = torch.stack([e["pixel_values"] for e in examples]).float()
-        scores.append(model.zero_shot_logits(pixel_values, positive, negative))
     y = torch.cat(labels).numpy()[:, [CT_RATE_ABNORMALITIES.index(f) for f in FIVE]]
     result["zero_shot_auroc_five"] = multilabel_auroc(torch.cat(scores).sigmoid().numpy(), y, list(FIVE))["macro"]
     result["pairs"] = len(dataset)
