@@ -227,6 +227,128 @@ def build_localization(recipe: Recipe, data_dir: Path, cache_dir: Path, progress
     )
 
 
+def build_report_generation(recipe: Recipe, data_dir: Path, cache_dir: Path, progress: bool) -> TaskParts:
+    """`ReCTForConditionalGeneration` on a cohort's Libra conversations (`libra/{split}.json` with the CT-RATE
+    metadata beside them; `data.format` `llava_json` or `phantom`): prompt → findings, current + prior scan
+    (`trainers.data.reports`), loss on the answer only.
+
+    Stage 1 (no `lora:` section): what `freeze` names stays frozen (the recipe freezes the encoder and the language
+    model: the projector alone trains); `mm_projector.safetensors` is written beside the saved model. Stage 2
+    (`lora:`): peft LoRA on the language model's linear layers named by `lora.target_modules` (never the encoder's,
+    which share their names), `lora.modules_to_save` trained and saved with the adapter; the output is the adapter
+    folder, for the stage-1 model (`model.pretrained`).
+
+    The language model and tokenizer: `model.text_pretrained` (`smollm2` for the packaged SmolLM2 GGUF, or a causal
+    LM folder with its tokenizer) inside a new or `model.pretrained` model; otherwise `model.config.text_config`
+    (random) with the MiniLM tokenizer. `<image>` is added to the tokenizer when missing.
+
+    Raises:
+        ValueError: data/model disagreements (see `_new_or_pretrained`), a text config whose vocabulary is smaller
+            than the tokenizer's, LoRA target modules the language model does not have.
+    """
+    import hf_models
+    from hf_models import ReCTVLMConfig, ReCTVLMProcessor
+
+    from .data.cache import VolumeCache
+    from .data.reports import ReportDataset, ReportGenerationCollator, read_report_rows
+    from .text import IMAGE_TOKEN
+
+    data, source = recipe.data, recipe.source
+    image_processor = _image_processor(recipe, ("llava_json", "phantom"))
+    language = tokenizer = None
+    pretrained = recipe.model.pretrained
+    if pretrained:  # a stage-1 output: its own language model and tokenizer
+        tokenizer = _text_tokenizer(pretrained)
+    elif recipe.model.text_pretrained == "smollm2":
+        from .text import smollm2
+
+        tokenizer, language = smollm2()
+    elif recipe.model.text_pretrained:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(recipe.model.text_pretrained)
+        language = AutoModelForCausalLM.from_pretrained(recipe.model.text_pretrained)
+    else:
+        tokenizer = _text_tokenizer(recipe.model.pretrained)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if language is not None and language.get_input_embeddings().num_embeddings < len(tokenizer):
+        language.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+
+    if pretrained:
+        config = ReCTVLMConfig.from_pretrained(pretrained)
+    else:
+        config_kwargs = dict(recipe.model.config, image_token_id=image_token_id)
+        if language is not None:
+            config_kwargs["text_config"] = language.config.to_dict()
+        config = ReCTVLMConfig(**config_kwargs)
+        # The Trainer aligns the saved config's padding id with the tokenizer's; doing it before the model is built
+        # keeps the saved config the one the weights were initialised from (its padding embedding row is zero).
+        if language is None and tokenizer.pad_token_id is not None:
+            config.text_config.pad_token_id = tokenizer.pad_token_id
+    if config.text_config.vocab_size < len(tokenizer):
+        raise ValueError(
+            f"{source}: model.config.text_config.vocab_size {config.text_config.vocab_size} is smaller than the "
+            f"tokenizer's vocabulary with {IMAGE_TOKEN} ({len(tokenizer)})"
+        )
+    model = _new_or_pretrained(recipe, hf_models.ReCTForConditionalGeneration, config)
+    if language is not None:
+        model.language_model = language
+    if recipe.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        from .report_generation import language_model_linear_layers
+
+        lora = recipe.lora
+        available = language_model_linear_layers(model)
+        unknown = sorted(set(lora.target_modules) - set(available))
+        if unknown:
+            raise ValueError(
+                f"{source}: lora.target_modules {unknown} are not linear layers of the language model; it has "
+                f"{available}"
+            )
+        targets = rf"language_model\..*\.({'|'.join(map(re.escape, lora.target_modules))})"
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=targets,
+                modules_to_save=list(lora.modules_to_save) or None,
+                bias=lora.bias,
+            ),
+        )
+    cache = VolumeCache(cache_dir, image_processor)
+
+    def split(name: str):
+        dataset = ReportDataset(read_report_rows(data_dir, name), cache)
+        dataset.prepare(progress=progress)
+        return dataset
+
+    return TaskParts(
+        model=model,
+        image_processor=image_processor,
+        train_dataset=split(data.train_split),
+        eval_dataset=split(data.valid_split) if data.valid_split else None,
+        data_collator=ReportGenerationCollator(tokenizer, config.image_seq_length, max_answer_tokens=data.max_length),
+        compute_metrics=None,
+        processor=ReCTVLMProcessor(image_processor, tokenizer, image_seq_length=config.image_seq_length),
+        prediction_loss_only=True,
+        after_save=_save_stage1_projector if recipe.lora is None else None,
+    )
+
+
+def _save_stage1_projector(output_dir: Path) -> None:
+    """Stage 1's own output beside the saved model: the projector alone (`mm_projector.safetensors`)."""
+    import hf_models
+
+    from .report_generation import save_projector
+
+    save_projector(hf_models.ReCTForConditionalGeneration.from_pretrained(output_dir), output_dir)
+
+
 def export_vision_encoder(output_dir: Path) -> None:
     """Seed 002's encoder export: the saved localizer's vision encoder alone in `output_dir/vision_encoder` (read
     back from the saved weights, so it is the gathered model under ZeRO-3 as well)."""
@@ -381,6 +503,7 @@ SUPPORTED_TASKS: dict[str, Callable[[Recipe, Path, Path, bool], TaskParts]] = {
     "classification": build_classification,
     "vision_pretrain": build_vision_pretrain,
     "localization": build_localization,
+    "report_generation": build_report_generation,
 }
 
 

@@ -73,7 +73,8 @@ class ReportGenerationCollator:
     """Examples (`ReportDataset`) → a training batch for `ReCTForConditionalGeneration`.
 
     Each prompt (one `<image>`) becomes the user turn of the tokenizer's chat template, followed by the generation
-    prompt; the report plus the end-of-turn token is the answer. `<image>` is expanded to `image_seq_length` tokens.
+    prompt (a tokenizer without a template: the prompt and a newline); the report plus the end-of-turn token is the
+    answer. `<image>` is expanded to `image_seq_length` tokens.
     `labels` are the answer tokens and -100 elsewhere (prompt, image tokens, padding); rows are padded on the right
     (teacher forcing needs no left padding). `max_answer_tokens` truncates long reports (None: keep all).
     """
@@ -86,9 +87,12 @@ class ReportGenerationCollator:
     def prompt_ids(self, prompt: str) -> list[int]:
         if prompt.count(self.image_token) != 1:
             raise ValueError(f"a prompt must hold exactly one {self.image_token}, got {prompt!r}")
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+        else:  # a tokenizer without a chat template (a base LM): the prompt, then the answer on the next line
+            text = prompt + "\n"
         text = text.replace(self.image_token, self.image_token * self.image_seq_length)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -51,9 +51,11 @@ class ModelSection:
     config: dict[str, Any] = field(default_factory=dict)
     #: A folder or Hub id to start from (`from_pretrained`); None = random initialisation.
     pretrained: str | None = None
-    #: `ReCTModel` only: a BERT-like text model folder or Hub id (weights + tokenizer, e.g. Bio_ClinicalBERT) whose
-    #: weights initialise the text tower and whose config replaces `config.text_config`, as CLIP-style dual
-    #: encoders start from a pretrained text encoder. None = `config.text_config`, randomly initialised.
+    #: `ReCTModel` / `ReCTForLesionLocalization`: a BERT-like text model folder or Hub id (weights + tokenizer, e.g.
+    #: Bio_ClinicalBERT) whose weights initialise the text tower and whose config replaces `config.text_config`, as
+    #: CLIP-style dual encoders start from a pretrained text encoder. `ReCTForConditionalGeneration`: the causal
+    #: language model (a folder with its tokenizer, or `smollm2` for the packaged SmolLM2 GGUF). None =
+    #: `config.text_config`, randomly initialised.
     text_pretrained: str | None = None
     gradient_checkpointing: bool = False
 
