@@ -163,8 +163,8 @@ def test_unknown_override_key_is_one_line(cohort, tmp_path):
         (["classification", "--tiny", "--data", "{missing}", "--output-dir", "{out}"], ["--data", "no such folder"]),
         (["classification", "--tiny", "--data", "{cohort}"], ["--output-dir is required"]),
         (
-            ["report_stage1", "--tiny", "--data", "{cohort}", "--output-dir", "{out}"],
-            ["'report_generation'", "classification"],
+            ["multitask", "--tiny", "--data", "{cohort}", "--output-dir", "{out}"],
+            ["'multitask'", "classification"],
         ),
         (
             ["classification", "--data", "{cohort}", "--output-dir", "{out}", "--max_steps", "x"],
@@ -187,9 +187,12 @@ def test_train_usage_errors(cohort, tmp_path, capsys, args, expected):
 
 
 def test_unsupported_task_names_it_and_the_supported_ones(tmp_path):
-    expected = r"task 'report_generation'.*supported tasks: \['classification', 'localization', 'vision_pretrain'\]"
+    expected = (
+        r"task 'multitask'.*supported tasks: \['classification', 'localization', 'report_generation', "
+        r"'vision_pretrain'\]"
+    )
     with pytest.raises(NotImplementedError, match=expected):
-        train_from_recipe("report_stage1", tmp_path / "data", tmp_path / "out", tiny=True)
+        train_from_recipe("multitask", tmp_path / "data", tmp_path / "out", tiny=True)
 
 
 def test_vision_pretrain_tiny_trains_and_saves_a_hub_folder(cohort, tmp_path):
