@@ -502,15 +502,15 @@ def test_report_rows_dataset_and_collator_train_a_step(small_cohort, tokenizer, 
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tok.chat_template = CHAT_TEMPLATE
-    collator = ReportGenerationCollator(tok, image_seq_length=S, max_answer_tokens=24)
+    collator = ReportGenerationCollator(tok, image_seq_length=S, max_length=48)
     batch = collator(examples)
     image_id = tok.convert_tokens_to_ids("<image>")
     assert (batch["input_ids"] == image_id).sum(dim=1).tolist() == [S] * 3
     assert batch["has_prior"].tolist() == [bool(rows[i]["has_prior"]) for i in range(3)]
     for i, example in enumerate(examples):
-        answer = collator.answer_ids(example["report"])
+        prompt = collator.prompt_ids(example["prompt"])
         kept = batch["labels"][i][batch["labels"][i] != -100].tolist()
-        assert kept == answer and len(answer) <= 24 + 1
+        assert kept == collator.answer_ids(example["report"])[: 48 - len(prompt)] and len(prompt) + len(kept) <= 48
         assert not (batch["labels"][i][batch["input_ids"][i] == image_id] != -100).any()
     model = build(tokenizer).train()
     loss = model(**batch).loss
@@ -518,3 +518,5 @@ def test_report_rows_dataset_and_collator_train_a_step(small_cohort, tokenizer, 
     assert torch.isfinite(loss) and model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="exactly one <image>"):
         collator([{**examples[0], "prompt": "no image"}])
+    with pytest.raises(ValueError, match="leaves no room for an answer"):
+        ReportGenerationCollator(tok, image_seq_length=S, max_length=S)(examples[:1])

@@ -332,7 +332,7 @@ def build_report_generation(recipe: Recipe, data_dir: Path, cache_dir: Path, pro
         image_processor=image_processor,
         train_dataset=split(data.train_split),
         eval_dataset=split(data.valid_split) if data.valid_split else None,
-        data_collator=ReportGenerationCollator(tokenizer, config.image_seq_length, max_answer_tokens=data.max_length),
+        data_collator=ReportGenerationCollator(tokenizer, config.image_seq_length, max_length=data.max_length),
         compute_metrics=None,
         processor=ReCTVLMProcessor(image_processor, tokenizer, image_seq_length=config.image_seq_length),
         prediction_loss_only=True,

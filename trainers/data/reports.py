@@ -76,13 +76,14 @@ class ReportGenerationCollator:
     prompt (a tokenizer without a template: the prompt and a newline); the report plus the end-of-turn token is the
     answer. `<image>` is expanded to `image_seq_length` tokens.
     `labels` are the answer tokens and -100 elsewhere (prompt, image tokens, padding); rows are padded on the right
-    (teacher forcing needs no left padding). `max_answer_tokens` truncates long reports (None: keep all).
+    (teacher forcing needs no left padding). `max_length` caps each sequence (Libra's MAX_LENGTH): the answer is cut
+    to fit after its prompt, never the prompt (it holds the image tokens); None keeps everything.
     """
 
     tokenizer: Any
     image_seq_length: int
     image_token: str = "<image>"
-    max_answer_tokens: int | None = None
+    max_length: int | None = None
 
     def prompt_ids(self, prompt: str) -> list[int]:
         if prompt.count(self.image_token) != 1:
@@ -96,18 +97,26 @@ class ReportGenerationCollator:
         text = text.replace(self.image_token, self.image_token * self.image_seq_length)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def answer_ids(self, report: str) -> list[int]:
+    def answer_ids(self, report: str, room: int | None = None) -> list[int]:
+        """The report's tokens and the end-of-turn token, cut to `room` tokens (None: all)."""
         ids = self.tokenizer(report, add_special_tokens=False)["input_ids"]
-        if self.max_answer_tokens is not None:
-            ids = ids[: self.max_answer_tokens]
         if self.tokenizer.eos_token_id is not None:
             ids = ids + [self.tokenizer.eos_token_id]
-        return ids
+        return ids if room is None else ids[:room]
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences, targets = [], []
         for example in examples:
-            prompt, answer = self.prompt_ids(example["prompt"]), self.answer_ids(example["report"])
+            prompt = self.prompt_ids(example["prompt"])
+            room = None
+            if self.max_length is not None:
+                room = self.max_length - len(prompt)
+                if room < 1:
+                    raise ValueError(
+                        f"max_length {self.max_length} leaves no room for an answer after a prompt of {len(prompt)} "
+                        f"tokens ({self.image_seq_length} of them image tokens)"
+                    )
+            answer = self.answer_ids(example["report"], room)
             sequences.append(prompt + answer)
             targets.append([-100] * len(prompt) + answer)
         length = max(len(s) for s in sequences)
