@@ -82,6 +82,7 @@ def convert_llava(
     src: Path, out: Path, vlm_config: dict, trust_pickle: bool, overwrite: bool, source_info: dict
 ) -> ConversionReport:
     from hf_models import ReCTForConditionalGeneration, ReCTVLMConfig
+    from trainers.report_generation import lora_target_pattern
 
     if vlm_config is None or vlm_config.get("model_type") != "rect_vlm":
         raise ConversionError(
@@ -145,7 +146,7 @@ def convert_llava(
         layer_names = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in renamed})
         adapter_config = {
             **adapter_config,
-            "target_modules": rf"language_model\..*\.({'|'.join(map(re.escape, layer_names))})",
+            "target_modules": lora_target_pattern(layer_names),
             "base_model_name_or_path": None,
         }
         report.notes.append(

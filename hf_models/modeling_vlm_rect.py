@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, GenerationMixin
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import ModelOutput
 
@@ -165,8 +166,8 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, ReCTTACProjector):
-            nn.init.trunc_normal_(module.queries, std=self.config.vision_config.initializer_range)
-            nn.init.trunc_normal_(module.temporal_embeddings, std=self.config.vision_config.initializer_range)
+            init.trunc_normal_(module.queries, std=self.config.vision_config.initializer_range)
+            init.trunc_normal_(module.temporal_embeddings, std=self.config.vision_config.initializer_range)
 
     # Embeddings are the language model's (`resize_token_embeddings` after adding `<image>` works through these).
     def get_input_embeddings(self) -> nn.Module:
@@ -359,7 +360,6 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
         model.language_model = language_model
         projector = type(model.multi_modal_projector)(config)
         model.multi_modal_projector = projector.to(next(vision_model.parameters()).device)
-        model._init_weights(model.multi_modal_projector)
         for module in model.multi_modal_projector.modules():
             model._init_weights(module)
         return model

@@ -58,6 +58,12 @@ def language_model_linear_layers(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def lora_target_pattern(layer_names) -> str:
+    """peft `target_modules` regex for the language model's layers named `layer_names` only: the ReCT encoder's
+    attention has `q_proj`/`k_proj`/`v_proj`/`o_proj` too, which plain names would also adapt."""
+    return rf"language_model\..*\.({'|'.join(map(re.escape, layer_names))})"
+
+
 def stage1(model: nn.Module) -> dict[str, int]:
     """Freeze everything but the projector; returns `trainable_counts`."""
     for name, param in model.named_parameters():
@@ -85,8 +91,9 @@ def stage2(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for param in model.parameters():
         param.requires_grad = False
-    target = rf"language_model\..*\.({'|'.join(map(re.escape, layers))})"
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, bias="none")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_pattern(layers), bias="none"
+    )
     peft_model = get_peft_model(model, config)
     for name, param in peft_model.named_parameters():
         if name.removeprefix("base_model.model.").startswith(PROJECTOR_PREFIX):

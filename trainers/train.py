@@ -298,7 +298,7 @@ def build_report_generation(recipe: Recipe, data_dir: Path, cache_dir: Path, pro
     if recipe.lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        from .report_generation import language_model_linear_layers
+        from .report_generation import language_model_linear_layers, lora_target_pattern
 
         lora = recipe.lora
         available = language_model_linear_layers(model)
@@ -308,14 +308,13 @@ def build_report_generation(recipe: Recipe, data_dir: Path, cache_dir: Path, pro
                 f"{source}: lora.target_modules {unknown} are not linear layers of the language model; it has "
                 f"{available}"
             )
-        targets = rf"language_model\..*\.({'|'.join(map(re.escape, lora.target_modules))})"
         model = get_peft_model(
             model,
             LoraConfig(
                 r=lora.r,
                 lora_alpha=lora.alpha,
                 lora_dropout=lora.dropout,
-                target_modules=targets,
+                target_modules=lora_target_pattern(lora.target_modules),
                 modules_to_save=list(lora.modules_to_save) or None,
                 bias=lora.bias,
             ),
@@ -341,12 +340,20 @@ def build_report_generation(recipe: Recipe, data_dir: Path, cache_dir: Path, pro
 
 
 def _save_stage1_projector(output_dir: Path) -> None:
-    """Stage 1's own output beside the saved model: the projector alone (`mm_projector.safetensors`)."""
-    import hf_models
+    """Stage 1's own output beside the saved model: the projector alone (`mm_projector.safetensors`), its tensors
+    read from the saved weight files (gathered under ZeRO-3) without loading the whole model back."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
-    from .report_generation import save_projector
+    from .report_generation import PROJECTOR_FILE, PROJECTOR_PREFIX
 
-    save_projector(hf_models.ReCTForConditionalGeneration.from_pretrained(output_dir), output_dir)
+    projector = {}
+    for path in sorted(output_dir.glob("model*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            projector.update({k: handle.get_tensor(k) for k in handle.keys() if k.startswith(PROJECTOR_PREFIX)})
+    if not projector:
+        raise ValueError(f"{output_dir}: the saved weights hold no {PROJECTOR_PREFIX}* tensors")
+    save_file(projector, output_dir / PROJECTOR_FILE)
 
 
 def export_vision_encoder(output_dir: Path) -> None:
