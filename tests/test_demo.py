@@ -16,18 +16,20 @@ from trainers.demo import COHORT_STAMP, check_trainable, generator_fingerprint, 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-#: The demo at a size that runs in seconds: 8 + 4 patients of 16×32×32 voxels, 3 training steps of 4 volumes.
+#: The demo at a size that runs in seconds: 8 + 4 patients of 16×32×32 voxels, 3 training steps of 4 volumes, and
+#: the report generator (SmolLM2) one step per stage, writing for 2 held-out scans.
 #: Prevalence 0.5 gives every finding positive and negative training examples, which training requires.
 SMALL = "--n-train 8 --n-val 4 --prevalence 0.5 --shape 16 32 32 --max-steps 3 --batch-size 4".split()
+REPORT = "--report-steps 1 1 --report-scans 4".split()
 
 #: A tqdm bar line (bars go to stderr and are expected there); anything else on stderr is a stray message.
 TQDM_LINE = re.compile(r"^[^|]*\|[^|]*\|.*\[.*\]\s*$")
 
 
-def run_demo_command(out: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+def run_demo_command(out: str | Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
     return subprocess.run(
-        [sys.executable, "-m", "trainers.cli", "demo", "--out", str(out), *SMALL],
+        [sys.executable, "-m", "trainers.cli", "demo", "--out", str(out), *SMALL, *extra],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -43,7 +45,7 @@ def stray_stderr(proc: subprocess.CompletedProcess) -> list[str]:
 
 def test_demo_from_a_relative_out_with_spaces_then_reused_through_an_absolute_path(tmp_path):
     # First run: relative --out holding a space, from a working folder that is neither the repo nor --out.
-    first = run_demo_command("demo out", cwd=tmp_path)
+    first = run_demo_command("demo out", tmp_path, *REPORT)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert stray_stderr(first) == [], "the demo printed warnings or other messages to stderr"
     out = tmp_path / "demo out"
@@ -63,6 +65,7 @@ def test_demo_from_a_relative_out_with_spaces_then_reused_through_an_absolute_pa
         "Hub folder",
         "fresh-process check",
         "Hub release (dry run)",
+        "report generation",
     }
     assert "macro" in summary["valid_auroc"]
     # The trained model's held-out AUROC, recomputed from the fresh process's probabilities on the same volumes.
@@ -78,6 +81,22 @@ def test_demo_from_a_relative_out_with_spaces_then_reused_through_an_absolute_pa
     for repo in ("ReCT-VisionEncoder", "ReCT-Classifier"):
         staged = {p.name for p in (out / "hub" / "rect-vlm" / repo).iterdir()}
         assert {"README.md", "config.json", "model.safetensors", "manifest.json", "modeling_rect.py"} <= staged
+    # The report stage: both stages trained, the merged folder saved, and two held-out reports printed, one with
+    # a prior scan (the 4 held-out patients of this cohort hold follow-ups: every demo patient has a second scan
+    # with probability `p_prior`).
+    reports = summary["report_generation"]
+    generator = out / "report_generator"
+    assert Path(reports["folder"]) == (generator / "model").resolve()
+    assert {"config.json", "model.safetensors", "processor_config.json"} <= {
+        p.name for p in (generator / "model").iterdir()
+    }
+    assert (generator / "mm_projector.safetensors").is_file() and (generator / "adapter").is_dir()
+    assert len(json.loads((generator / "reports.json").read_text())) == 4
+    assert [e["has_prior"] for e in reports["examples"]] == [False, True]
+    assert 0.0 <= reports["metrics"]["clinical_f1_macro_five"] <= 1.0 and "bleu_4" in reports["metrics"]
+    for example in reports["examples"]:
+        assert f"{example['id']} (" in first.stdout
+    assert first.stdout.count("reference: ") == 2 and first.stdout.count("generated: ") == 2
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"trained", "untrained"} and "auroc_macro" in metrics["trained"]
     from huggingface_hub import ModelCard
@@ -99,7 +118,7 @@ def test_demo_from_a_relative_out_with_spaces_then_reused_through_an_absolute_pa
 
     # Second run: the same folder by its absolute path, from another working folder → reuses cohort and cache.
     (tmp_path / "elsewhere").mkdir()
-    second = run_demo_command(out.resolve(), cwd=tmp_path / "elsewhere")
+    second = run_demo_command(out.resolve(), tmp_path / "elsewhere", "--no-report")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert stray_stderr(second) == []
     assert "reused:" in second.stdout and " 0 new" in second.stdout

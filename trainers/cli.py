@@ -85,11 +85,20 @@ def silence_optional_kernel_probe() -> None:
     through the `kernels` package and logs a warning when it cannot (package absent, or `HF_HUB_OFFLINE=1`).
     bitsandbytes has no setting that skips the probe, and the fallback it uses instead is its own native kernel;
     nothing here runs 4-bit CPU matmuls. So the one message is filtered, by its logger and its exact prefix,
-    before bitsandbytes is imported; every other bitsandbytes message still shows.
+    before bitsandbytes is imported; every other bitsandbytes message still shows. The same probe makes `kernels`
+    log "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'" when the Hub is offline;
+    that one message is filtered the same way.
     """
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if not any(isinstance(f, _DropMessage) for f in logger.filters):
-        logger.addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    for name, prefix in (
+        ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+        (
+            "kernels._internals.hf_hub",
+            "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
+        ),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) for f in logger.filters):
+            logger.addFilter(_DropMessage(prefix))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -443,6 +452,18 @@ def add_demo_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-steps", type=positive_int, default=None, help="training steps (default: the recipe's)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default: the recipe's)")
+    parser.add_argument(
+        "--report-steps",
+        type=positive_int,
+        nargs=2,
+        metavar=("STAGE1", "STAGE2"),
+        default=None,
+        help="report generator: projector steps, then LoRA steps (default: the report recipe's)",
+    )
+    parser.add_argument(
+        "--report-scans", type=positive_int, default=None, help="held-out scans the report generator writes for"
+    )
+    parser.add_argument("--no-report", action="store_true", help="skip the report-generation stage")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -458,6 +479,9 @@ def run_demo(args: argparse.Namespace) -> int:
         prevalence=args.prevalence,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
+        report=not args.no_report,
+        report_steps=args.report_steps,
+        report_scans=args.report_scans,
     )
     return 0
 

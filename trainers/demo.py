@@ -11,7 +11,12 @@
    `AutoModelForImageClassification` + `AutoProcessor` (`trust_remote_code=True`), runs every held-out NIfTI volume
    through it, checks that the probabilities equal those of the project's own classes loading the same folder in
    this process (max |Δp| <= `PROBABILITY_TOLERANCE`, else the demo fails), and prints the held-out AUROC
-   recomputed from them next to the trained model's (tests/test_demo.py checks that they agree).
+   recomputed from them next to the trained model's (tests/test_demo.py checks that they agree);
+5. stages the encoder and classifier repos as `rect-vlm release --dry-run` does and loads each in a fresh process;
+6. trains the report generator (`trainers.report_training`: the saved encoder + SmolLM2-135M-Instruct, stage 1 the
+   projector, stage 2 LoRA) to write the impression of a chest CT, compared with the prior scan where there is one,
+   and prints what its held-out reports say (clinical F1, BLEU-4, ROUGE-L, follow-up changes) with two of them next
+   to their references (`--no-report` skips it).
 
 Every path is made absolute first, so `--out` may be relative, absolute or hold spaces. Per-stage wall and CPU
 times and a summary (`demo_summary.json`) are written next to the outputs.
@@ -391,6 +396,9 @@ def run_demo(
     prevalence: float | None = None,
     max_steps: int | None = None,
     batch_size: int | None = None,
+    report: bool = True,
+    report_steps: Sequence[int] | None = None,
+    report_scans: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the demo in `out_dir` (created if missing); returns what `demo_summary.json` holds.
@@ -402,6 +410,9 @@ def run_demo(
             generated volume, seed of the cohort and of training, one prevalence for every finding); None keeps the
             demo's value.
         max_steps, batch_size: override the classifier recipe's; None keeps the recipe's.
+        report: run the report-generation stage (`report_generator/`).
+        report_steps: (stage-1, stage-2) steps of the report recipe; None keeps `ReportRecipe`'s.
+        report_scans: held-out scans the report generator writes for; None: `REPORT_SCANS`.
         progress: show tqdm bars for cohort generation, caching, training and evaluation.
 
     Raises:
@@ -420,7 +431,8 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     cohort, cache, classifier = out / "cohort", out / "cache", out / "classifier"
     folder = classifier / "model"
-    clock = StageClock(["phantom cohort", "fine-tuning", "Hub folder", "fresh-process check", "Hub release (dry run)"])
+    titles = ["phantom cohort", "fine-tuning", "Hub folder", "fresh-process check", "Hub release (dry run)"]
+    clock = StageClock(titles + ["report generation"] if report else titles)
 
     # 1. cohort
     params = demo_cohort_parameters(n_train, n_val, shape, seed, prevalence)
@@ -519,6 +531,11 @@ def run_demo(
     released = stage_release(out, folder, result, params, scans[0]["path"])
     clock.end()
 
+    # 6. The report generator on the released encoder: stage 1 projector, stage 2 LoRA on SmolLM2.
+    reports = None
+    if report:
+        reports = stage_report(out, cohort, cache, clock, seed, report_steps, report_scans, progress)
+
     total, total_cpu, cores, load = clock.total, clock.total_cpu, os.cpu_count() or 1, os.getloadavg()[2]
     summary = {
         "out_dir": str(out),
@@ -538,6 +555,7 @@ def run_demo(
             "valid_auroc": fresh_auroc,
         },
         "release": released,
+        "report_generation": reports,
         "stage_seconds": clock.seconds,
         "stage_cpu_seconds": clock.cpu_seconds,
         "total_seconds": total,
@@ -559,8 +577,86 @@ def run_demo(
     print("  classifier/summary.json  training summary (recipe, loss, held-out AUROC)")
     print(f"  hub/{DEMO_ORG}/            staged Hub repos (ReCT-VisionEncoder, ReCT-Classifier) with model cards")
     print("  metrics.json             held-out metrics, trained and untrained")
+    if report:
+        print("  report_generator/model/  the report generator (AutoModelForImageTextToText, trust_remote_code=True);")
+        print("                           reports.json: its held-out reports, summary.json: recipe, loss, metrics")
     print("  demo_summary.json        this run: stage times, AUROC, fresh-process check, release")
     return summary
+
+
+#: Held-out scans the demo's report generator writes impressions for (the first of the valid split).
+REPORT_SCANS = 32
+
+
+def stage_report(
+    out: Path,
+    cohort: Path,
+    cache: Path,
+    clock: StageClock,
+    seed: int | None,
+    steps: Sequence[int] | None,
+    scans: int | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train the report generator (`trainers.report_training`) on the encoder the release stage saved, print its
+    held-out metrics and two of its reports (one without a prior scan, one with) next to the references."""
+    from .report_training import ReportRecipe, train_report_generator
+
+    recipe = ReportRecipe()
+    if seed is not None:
+        recipe = dataclasses.replace(recipe, seed=seed)
+    if steps is not None:
+        recipe = dataclasses.replace(recipe, stage1_steps=int(steps[0]), stage2_steps=int(steps[1]))
+    scans = REPORT_SCANS if scans is None else scans
+    folder = out / "report_generator"
+    clock.begin(
+        "report generation",
+        f"{out / 'vision_encoder'} + SmolLM2-135M-Instruct, {recipe.section}: stage 1 (projector) "
+        f"{recipe.stage1_steps} steps, stage 2 (LoRA r={recipe.lora_r}) {recipe.stage2_steps} steps of "
+        f"{recipe.batch_size} scans → {folder}",
+    )
+    summary = train_report_generator(
+        cohort, out / "vision_encoder", folder, recipe, cache_dir=cache, eval_limit=scans, progress=progress
+    )
+    seconds, losses, metrics = summary["seconds"], summary["loss_history"], summary["metrics"]
+    trend = "; ".join(f"stage {i} {v[0]:.2f} → {v[-1]:.2f}" for i, v in enumerate(losses.values(), 1) if len(v) > 1)
+    print(
+        f"      SmolLM2 loaded in {seconds['load']:.0f} s; stage 1 {seconds['stage1']:.0f} s, stage 2 "
+        f"{seconds['stage2']:.0f} s{'; logged loss ' + trend if trend else ''}"
+    )
+    follow = metrics.get("follow_up_with_prior") or {}
+    without = metrics.get("follow_up_without_prior") or {}
+    print(
+        f"      {summary['eval_rows']} held-out scans, findings read back from the generated text: F1 five large "
+        f"findings {metrics['clinical_f1_macro_five']:.3f}, micro F1 all {metrics['clinical_f1_micro']:.3f}; "
+        f"BLEU-4 {metrics['bleu_4']:.3f}, ROUGE-L {metrics['rouge_l']:.3f} ({seconds['evaluation']:.0f} s)"
+    )
+    if follow.get("follow_up_statements"):
+        print(
+            f"      follow-up scans: change since the prior right in {_fraction(follow)} with the prior, "
+            f"{_fraction(without)} without it"
+        )
+    examples = summary["examples"]
+    picks = [e for e in (next((e for e in examples if not e["has_prior"]), None),) if e]
+    picks += [e for e in (next((e for e in examples if e["has_prior"]), None),) if e]
+    for example in picks:
+        kind = "follow-up, with its prior scan" if example["has_prior"] else "no prior scan"
+        print(f"      {example['id']} ({kind})")
+        for label, text in (("reference", example["reference"]), ("generated", example["generated"])):
+            print(textwrap.fill(text, width=116, initial_indent=f"        {label}: ", subsequent_indent=" " * 19))
+    clock.end()
+    return {
+        "folder": str(folder / "model"),
+        "metrics": {k: v for k, v in metrics.items() if not k.startswith("clinical_f1/")},
+        "seconds": seconds,
+        "loss_history": losses,
+        "examples": picks,
+    }
+
+
+def _fraction(result: dict[str, Any]) -> str:
+    right = round(result["follow_up_accuracy"] * result["follow_up_statements"])
+    return f"{right}/{result['follow_up_statements']}"
 
 
 def stage_release(out: Path, classifier_folder: Path, result: dict, params: dict, scan: str) -> list[dict[str, Any]]:

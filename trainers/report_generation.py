@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -94,7 +95,11 @@ def stage2(
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_pattern(layers), bias="none"
     )
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft (0.21) reads `model.is_gradient_checkpointing`, which transformers 5 deprecates in favour of
+        # `is_activation_checkpointing`: a message for peft's authors, not for our users.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     for name, param in peft_model.named_parameters():
         if name.removeprefix("base_model.model.").startswith(PROJECTOR_PREFIX):
             param.requires_grad = train_projector

@@ -13,7 +13,7 @@ from typing import Any
 from .phantom_findings import ABNORMALITIES, FINDINGS, REPORT_KEYWORDS, lobe_list
 
 
-__all__ = ["NEGATION", "extract_labels", "split_sentences", "write_report"]
+__all__ = ["CHANGE_WORDS", "NEGATION", "extract_changes", "extract_labels", "split_sentences", "write_report"]
 
 #: Cues that make a sentence negative; every explicit negative sentence of the findings table holds one and no
 #: positive template does.
@@ -38,6 +38,33 @@ def extract_labels(text: str) -> dict[str, int]:
         for name, pattern in REPORT_KEYWORDS.items():
             if re.search(pattern, low):
                 out[name] = 1
+    return out
+
+
+#: The change since the prior examination that a sentence states (`_CMP`'s wordings), by category.
+CHANGE_WORDS = {
+    "increased": r"\bincreased\b",
+    "decreased": r"\b(decreased|regressed)\b",
+    "unchanged": r"\b(unchanged|stable)\b",
+    "new": r"\bnew\b",
+}
+
+
+def extract_changes(text: str) -> dict[str, str]:
+    """Finding → change since the prior examination (`CHANGE_WORDS` category) for every sentence that asserts a
+    finding (as `extract_labels` reads it) and states one change. Sentences without a change word, or with two,
+    state none; a finding asserted with different changes in two sentences keeps the first."""
+    out: dict[str, str] = {}
+    for sentence in split_sentences(text):
+        low = sentence.lower()
+        if re.search(NEGATION, low):
+            continue
+        changes = [word for word, pattern in CHANGE_WORDS.items() if re.search(pattern, low)]
+        if len(changes) != 1:
+            continue
+        for name, pattern in REPORT_KEYWORDS.items():
+            if re.search(pattern, low):
+                out.setdefault(name, changes[0])
     return out
 
 

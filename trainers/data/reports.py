@@ -13,27 +13,53 @@ from .readers import DatasetFormatError, read_ct_rate, read_libra
 from .volume_dataset import CachedVolumeDataset
 
 
-def read_report_rows(cohort: str | Path, split: str):
+#: Report sections a model can be trained to write: the Libra conversations' answer (the findings) or the
+#: impression of the same scan's CT-RATE report.
+SECTIONS = ("findings", "impressions")
+
+#: The instruction of an impression row (`read_report_rows(..., section="impressions")`); a follow-up scan's adds
+#: `COMPARE_PROMPT`, as the Libra conversations do.
+IMPRESSION_PROMPT = "<image>\nWrite the impression of the radiology report for this chest CT."
+COMPARE_PROMPT = " Compare with the prior examination."
+
+
+def read_report_rows(cohort: str | Path, split: str, section: str = "findings"):
     """A cohort's `libra/{split}.json` rows (`id`, `current_volume_path`, `prior_volume_path`, `has_prior`,
     `prompt`, `report`) with each volume's rescale slope and intercept from the CT-RATE metadata of the same split
     (`rescale_*` for the current scan, `prior_rescale_*` for the prior), so raw-stored volumes become Hounsfield
-    units as in every other task. Raises `DatasetFormatError` when a volume has no metadata row."""
+    units as in every other task.
+
+    `section="impressions"` replaces each answer with the current scan's impression from the CT-RATE reports and
+    the instruction with `IMPRESSION_PROMPT` (plus `COMPARE_PROMPT` where there is a prior): the short section that
+    states every positive finding and its change since the prior scan.
+
+    Raises:
+        DatasetFormatError: a volume has no metadata row, or (impressions) an empty impression.
+        ValueError: `section` is not one of `SECTIONS`.
+    """
+    if section not in SECTIONS:
+        raise ValueError(f"section must be one of {SECTIONS}, got {section!r}")
     cohort = Path(cohort)
     rows = read_libra(cohort / "libra" / f"{split}.json")
     meta = {
-        str(Path(r["volume_path"]).resolve()): (r["rescale_slope"], r["rescale_intercept"])
+        str(Path(r["volume_path"]).resolve()): (r["rescale_slope"], r["rescale_intercept"], r["impressions"])
         for r in read_ct_rate(cohort, split, anatomy_masks=False, cot=False)
     }
 
-    def rescale(path: str) -> tuple[Any, Any]:
+    def rescale(path: str) -> tuple[Any, Any, Any]:
         key = str(Path(path).resolve())
         if key not in meta:
             raise DatasetFormatError(f"{path}: in libra/{split}.json but not in the {split} metadata of {cohort}")
         return meta[key]
 
     def add(row: dict) -> dict:
-        slope, intercept = rescale(row["current_volume_path"])
-        prior_slope, prior_intercept = rescale(row["prior_volume_path"])
+        slope, intercept, impression = rescale(row["current_volume_path"])
+        prior_slope, prior_intercept, _ = rescale(row["prior_volume_path"])
+        if section == "impressions":
+            if not str(impression or "").strip():
+                raise DatasetFormatError(f"{row['current_volume_path']}: empty Impressions_EN in the {split} reports")
+            prompt = IMPRESSION_PROMPT + (COMPARE_PROMPT if row["has_prior"] else "")
+            row = {**row, "prompt": prompt, "report": str(impression).strip()}
         return {
             **row,
             "rescale_slope": slope,
@@ -74,7 +100,8 @@ class ReportGenerationCollator:
 
     Each prompt (one `<image>`) becomes the user turn of the tokenizer's chat template, followed by the generation
     prompt (a tokenizer without a template: the prompt and a newline); the report plus the end-of-turn token is the
-    answer. `<image>` is expanded to `image_seq_length` tokens.
+    answer; `system_prompt` replaces the template's default system turn. `<image>` is expanded to
+    `image_seq_length` tokens.
     `labels` are the answer tokens and -100 elsewhere (prompt, image tokens, padding); rows are padded on the right
     (teacher forcing needs no left padding). `max_length` caps each sequence (Libra's MAX_LENGTH): the answer is cut
     to fit after its prompt, never the prompt (it holds the image tokens); None keeps everything.
@@ -84,14 +111,18 @@ class ReportGenerationCollator:
     image_seq_length: int
     image_token: str = "<image>"
     max_length: int | None = None
+    #: The chat template's system turn; None keeps the template's default (SmolLM2's is a 20-token self
+    #: introduction, which every training step would pay for).
+    system_prompt: str | None = None
 
     def prompt_ids(self, prompt: str) -> list[int]:
         if prompt.count(self.image_token) != 1:
             raise ValueError(f"a prompt must hold exactly one {self.image_token}, got {prompt!r}")
         if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
+            messages = [{"role": "user", "content": prompt}]
+            if self.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         else:  # a tokenizer without a chat template (a base LM): the prompt, then the answer on the next line
             text = prompt + "\n"
         text = text.replace(self.image_token, self.image_token * self.image_seq_length)
@@ -138,4 +169,11 @@ class ReportGenerationCollator:
         }
 
 
-__all__ = ["read_report_rows", "ReportDataset", "ReportGenerationCollator"]
+__all__ = [
+    "SECTIONS",
+    "IMPRESSION_PROMPT",
+    "COMPARE_PROMPT",
+    "read_report_rows",
+    "ReportDataset",
+    "ReportGenerationCollator",
+]

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .classification import binary_auroc, multilabel_auroc, multilabel_classification_metrics
-from .clinical_efficacy import clinical_efficacy_metrics, report_labels
+from .clinical_efficacy import clinical_efficacy_metrics, follow_up_accuracy, report_labels
 from .compute_metrics import (
     classification_compute_metrics,
     report_compute_metrics,
@@ -35,6 +35,7 @@ __all__ = [
     "cider",
     "classification_compute_metrics",
     "clinical_efficacy_metrics",
+    "follow_up_accuracy",
     "meteor",
     "meteor_available",
     "metric_module_path",

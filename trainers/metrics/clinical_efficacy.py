@@ -17,7 +17,7 @@ from sklearn.metrics import f1_score, precision_score, recall_score
 from ._validation import text_pairs
 
 
-__all__ = ["clinical_efficacy_metrics", "report_labels"]
+__all__ = ["clinical_efficacy_metrics", "follow_up_accuracy", "report_labels"]
 
 
 def report_labels(texts: Sequence[str]) -> np.ndarray:
@@ -62,4 +62,45 @@ def clinical_efficacy_metrics(predictions: Sequence[str], references: Sequence[s
     }
     for name, value in zip(CT_RATE_ABNORMALITIES, per_label):
         result[f"clinical_f1/{name}"] = None if np.isnan(value) else float(value)
+    return result
+
+
+def follow_up_accuracy(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float | int | None]:
+    """How often a generated follow-up report states the reference's change since the prior examination.
+
+    Every (report, finding) pair whose reference sentence asserts the finding with a change word (new, increased,
+    decreased, unchanged: `trainers.data.phantom_reports.extract_changes`) counts once; it is right when the
+    generated report asserts the same finding with the same change.
+
+    Returns:
+        `follow_up_accuracy` (None when no reference states a change), `follow_up_statements` (the pairs counted),
+        `follow_up_detected` (pairs whose finding the prediction asserts with any change word) and
+        `follow_up_accuracy/<change>` per change word (None where the references never use it).
+
+    Raises:
+        ValueError: as `clinical_efficacy_metrics`.
+    """
+    predictions, references = text_pairs(predictions, references)
+    for name, texts in (("predictions", predictions), ("references", references)):
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"`{name}` must hold report texts (strings)")
+    from trainers.data.phantom_reports import CHANGE_WORDS, extract_changes
+
+    right = {word: 0 for word in CHANGE_WORDS}
+    total = {word: 0 for word in CHANGE_WORDS}
+    detected = 0
+    for prediction, reference in zip(predictions, references):
+        stated = extract_changes(prediction)
+        for finding, change in extract_changes(reference).items():
+            total[change] += 1
+            detected += finding in stated
+            right[change] += stated.get(finding) == change
+    count = sum(total.values())
+    result: dict[str, float | int | None] = {
+        "follow_up_accuracy": sum(right.values()) / count if count else None,
+        "follow_up_statements": count,
+        "follow_up_detected": detected,
+    }
+    for word in CHANGE_WORDS:
+        result[f"follow_up_accuracy/{word}"] = right[word] / total[word] if total[word] else None
     return result

