@@ -38,6 +38,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from trainers.cli import silence_optional_kernel_probe
+
+
+silence_optional_kernel_probe()  # before the Trainer imports bitsandbytes (see its docstring)
+
 from trainers.classification import ClassifierRecipe, train_classifier
 from trainers.demo import demo_cohort_parameters, prepare_cohort
 from trainers.report_training import ReportRecipe, train_report_generator

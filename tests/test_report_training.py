@@ -1,11 +1,13 @@
 """Report-generator training pieces: impression rows, the change statements a follow-up report makes and how they
-are scored, the collator's system turn, the image-blind baseline, and a two-stage run with a tiny Llama."""
+are scored, the collator's system turn, the image-blind baseline, and batched report writing with a tiny Llama (the
+two-stage run with SmolLM2 is the report stage of tests/test_demo.py)."""
 
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama_kwargs, tiny_vision_kwargs
 from transformers import AutoTokenizer
 
 from hf_models import ReCTImageProcessor
@@ -117,3 +119,50 @@ def cache_for(tmp_path):
     from trainers.data.cache import VolumeCache
 
     return VolumeCache(tmp_path / "cache", ReCTImageProcessor(volume_size=[8, 32, 32]))
+
+
+def tiny_generator(tokenizer):
+    from hf_models import ReCTForConditionalGeneration, ReCTVLMConfig
+
+    config = ReCTVLMConfig(
+        vision_config=tiny_vision_kwargs(volume_size=[8, 32, 32]),
+        text_config=tiny_llama_kwargs(vocab_size=len(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=4,
+        projector_hidden_size=32,
+        projector_num_heads=4,
+    )
+    torch.manual_seed(0)
+    return ReCTForConditionalGeneration(config).eval()
+
+
+def test_generated_reports_match_one_by_one_and_the_prior_matters(small_cohort, tokenizer, tmp_path):
+    from trainers.report_training import ReportRecipe, generate_reports, report_metrics
+
+    rows = read_report_rows(small_cohort, "valid", section="impressions")
+    dataset = ReportDataset(rows, cache_for(tmp_path))
+    follow = [i for i in range(len(rows)) if rows[i]["has_prior"]]
+    first = [i for i in range(len(rows)) if not rows[i]["has_prior"]]
+    assert follow and first
+    indices = [first[0], follow[0], first[-1]]
+    model = tiny_generator(tokenizer)
+    collator = ReportGenerationCollator(tokenizer, image_seq_length=4, system_prompt="You are a radiologist.")
+    recipe = ReportRecipe(max_new_tokens=6, eval_batch_size=3)
+    batched = generate_reports(model, collator, dataset, indices, recipe)
+    alone = [generate_reports(model, collator, dataset, [i], recipe)[0] for i in indices]
+    assert batched == alone and all(batched)
+    # Without its prior, a follow-up is written from its current scan alone: the projector sees other features.
+    scores = {}
+    for use_prior in (True, False):
+        example = dataset[follow[0]]
+        batch = collator([example])
+        batch["has_prior"] = torch.tensor([use_prior])
+        with torch.no_grad():
+            scores[use_prior] = model.get_image_features(
+                batch["pixel_values"], batch["prior_pixel_values"], batch["has_prior"]
+            )
+    assert not torch.allclose(scores[True], scores[False])
+    metrics = report_metrics(batched, [rows[i]["report"] for i in indices])
+    assert 0.0 <= metrics["clinical_f1_macro_five"] <= 1.0 and {"bleu_4", "rouge_l"} <= set(metrics)
+    perfect = report_metrics([rows[i]["report"] for i in indices], [rows[i]["report"] for i in indices])
+    assert perfect["rouge_l"] == pytest.approx(1.0) and perfect["bleu_4"] == pytest.approx(1.0)
