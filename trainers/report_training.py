@@ -294,9 +294,9 @@ def train_report_generator(
     folder (`model/`, with `ReCTVLMProcessor`), `reports.json` (every held-out report) and `summary.json`.
 
     Returns:
-        The summary: recipe, trainable counts, loss histories, seconds, `metrics` (see
-        `evaluate_report_generator`), `untrained_metrics` are not computed (an untrained generator writes nothing
-        a label extractor reads), and the evaluation's `examples`.
+        The summary: recipe, row counts, trainable counts, loss histories, seconds, `metrics` (see
+        `evaluate_report_generator`) and the evaluation's `examples`. There is no untrained baseline: an untrained
+        generator repeats its prompt and states no finding; `ReportRecipe.image_blind` is the baseline.
     """
     from transformers import Trainer
 
@@ -318,41 +318,31 @@ def train_report_generator(
     )
     train_collator = ImageBlindCollator(collator) if recipe.image_blind else collator
 
-    def losses(trainer) -> list[float]:
-        return [round(float(e["loss"]), 4) for e in trainer.state.log_history if "loss" in e]
+    def run(trainer_class, model, name: str, steps: int, lr: float, **kwargs):
+        args = _training_arguments(output_dir / name, recipe, steps, lr, progress)
+        trainer = trainer_class(model=model, args=args, train_dataset=train, data_collator=train_collator, **kwargs)
+        compact_progress(trainer, progress)
+        started = time.perf_counter()
+        trainer.train()
+        losses = [round(float(e["loss"]), 4) for e in trainer.state.log_history if "loss" in e]
+        return losses, time.perf_counter() - started
 
     # Stage 1: the projector alone.
     counts1 = stage1(model)
-    t0 = time.perf_counter()
-    trainer1 = Trainer(
-        model=model,
-        args=_training_arguments(output_dir / "stage1", recipe, recipe.stage1_steps, recipe.stage1_lr, progress),
-        train_dataset=train,
-        data_collator=train_collator,
-    )
-    compact_progress(trainer1, progress)
-    trainer1.train()
-    stage1_seconds = time.perf_counter() - t0
+    losses1, stage1_seconds = run(Trainer, model, "stage1", recipe.stage1_steps, recipe.stage1_lr)
     if save:
         save_projector(model, output_dir)
 
     # Stage 2: LoRA on the LM, the projector at its own learning rate.
     peft_model = stage2(model, r=recipe.lora_r, alpha=recipe.lora_alpha, dropout=recipe.lora_dropout)
     counts2 = trainable_counts(peft_model)
-    t0 = time.perf_counter()
-    trainer2 = ReCTTrainer(
-        model=peft_model,
-        args=_training_arguments(output_dir / "stage2", recipe, recipe.stage2_steps, recipe.lora_lr, progress),
-        train_dataset=train,
-        data_collator=train_collator,
-        param_groups=[
-            {"name": "lora", "modules": ["*lora_*"], "lr": recipe.lora_lr, "weight_decay": 0.0},
-            {"name": "projector", "modules": ["*multi_modal_projector*"], "lr": recipe.projector_lr},
-        ],
+    groups = [
+        {"name": "lora", "modules": ["*lora_*"], "lr": recipe.lora_lr, "weight_decay": 0.0},
+        {"name": "projector", "modules": ["*multi_modal_projector*"], "lr": recipe.projector_lr},
+    ]
+    losses2, stage2_seconds = run(
+        ReCTTrainer, peft_model, "stage2", recipe.stage2_steps, recipe.lora_lr, param_groups=groups
     )
-    compact_progress(trainer2, progress)
-    trainer2.train()
-    stage2_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     evaluation = evaluate_report_generator(peft_model, collator, valid, recipe, limit=eval_limit, progress=progress)
@@ -364,7 +354,7 @@ def train_report_generator(
         "train_follow_up_rows": int(sum(bool(r["has_prior"]) for r in train.rows)),
         "eval_rows": len(evaluation["examples"]),
         "trainable": {"stage1": counts1, "stage2": counts2},
-        "loss_history": {"stage1": losses(trainer1), "stage2": losses(trainer2)},
+        "loss_history": {"stage1": losses1, "stage2": losses2},
         "seconds": {
             "load": round(load_seconds, 1),
             "stage1": round(stage1_seconds, 1),
