@@ -136,7 +136,10 @@ def main() -> None:
         }
         for name in variants
     }
-    columns = [f"{name[:5]} {s[5:]}" for name in variants for s in seeds] + [f"med {name[:5]}" for name in variants]
+    short = {"image": "img", "image-blind": "blind"}
+    columns = [f"{short[name]} {s[5:]}" for name in variants for s in seeds] + [
+        f"med {short[name]}" for name in variants
+    ]
     print(f"\nheld-out reports ({runs['image'][seeds[0]]['eval_rows']} scans of the valid split)")
     print(f"{'':32s} " + " ".join(f"{c:>9s}" for c in columns))
     for label, read in ROWS:
