@@ -424,9 +424,12 @@ def test_four_bit_language_model_forward_generate_and_lora_backward(tokenizer, t
     from trainers.report_generation import stage2
 
     torch.manual_seed(0)
-    LlamaForCausalLM(
-        LlamaConfig(**{k: v for k, v in tiny_llama(len(tokenizer)).items() if k != "model_type"})
-    ).save_pretrained(tmp_path / "llama")
+    # 128 wide, 256 in the MLP: on a CPU with AVX512-BF16 bitsandbytes repacks every 4-bit weight for its bf16
+    # kernel, which needs each layer's inputs to span whole 64-value quantisation blocks (32 wide fails there).
+    config = tiny_llama_kwargs(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256)
+    LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})).save_pretrained(
+        tmp_path / "llama"
+    )
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
     )
