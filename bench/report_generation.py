@@ -127,15 +127,13 @@ def main() -> None:
             )
 
     seeds = [f"seed {s}" for s in args.seeds]
-    median = {
-        name: {
-            label: statistics.median(vs)
-            if (vs := [v for s in seeds if (v := read(runs[name][s]["metrics"])) is not None])
-            else None
-            for label, read in ROWS
-        }
-        for name in variants
-    }
+
+    def median_of(name: str, read) -> float | None:
+        values = [read(runs[name][s]["metrics"]) for s in seeds]
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    median = {name: {label: median_of(name, read) for label, read in ROWS} for name in variants}
     short = {"image": "img", "image-blind": "blind"}
     columns = [f"{short[name]} {s[5:]}" for name in variants for s in seeds] + [
         f"med {short[name]}" for name in variants

@@ -314,6 +314,15 @@ def _compact_progress_callback():
     return CompactProgressCallback
 
 
+def compact_progress(trainer, progress: bool = True) -> None:
+    """Swap `trainer`'s tqdm callback for the compact one (`_compact_progress_callback`) when `progress`."""
+    from transformers.trainer_callback import ProgressCallback
+
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_compact_progress_callback())
+
+
 def train_classifier(
     cohort_root: str | Path,
     output_dir: str | Path,
@@ -333,7 +342,6 @@ def train_classifier(
         ValueError: an unknown label name, or a label without positive or negative training examples.
     """
     from transformers import Trainer, TrainingArguments, set_seed
-    from transformers.trainer_callback import ProgressCallback
 
     recipe = recipe or ClassifierRecipe()
     output_dir = Path(output_dir)
@@ -409,9 +417,7 @@ def train_classifier(
     else:
         trainer_class, collator = Trainer, ClassificationCollator()
     trainer = trainer_class(model=model, args=args, train_dataset=train, data_collator=collator)
-    if progress:
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(_compact_progress_callback())
+    compact_progress(trainer, progress)
     names = list(recipe.label_names)
     untrained = multilabel_classification_metrics(
         *classifier_scores(model, valid, recipe.eval_batch_size, progress=progress), names

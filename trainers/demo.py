@@ -636,9 +636,11 @@ def stage_report(
             f"      follow-up scans: change since the prior right in {_fraction(follow)} with the prior, "
             f"{_fraction(without)} without it"
         )
-    examples = summary["examples"]
-    picks = [e for e in (next((e for e in examples if not e["has_prior"]), None),) if e]
-    picks += [e for e in (next((e for e in examples if e["has_prior"]), None),) if e]
+    # The first held-out scan without a prior, then the first follow-up (either may be missing in a tiny cohort).
+    firsts = {}
+    for example in summary["examples"]:
+        firsts.setdefault(example["has_prior"], example)
+    picks = [firsts[kind] for kind in (False, True) if kind in firsts]
     for example in picks:
         kind = "follow-up, with its prior scan" if example["has_prior"] else "no prior scan"
         print(f"      {example['id']} ({kind})")

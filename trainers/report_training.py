@@ -14,7 +14,6 @@ takes about 10 s on two cores, on 4 impressions about 2 s.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -22,9 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,7 +64,11 @@ class ImageBlindCollator:
     collator: Any
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self.collator(examples)
+        return self.blind(self.collator(examples))
+
+    @staticmethod
+    def blind(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`batch` with its volumes replaced by zeros."""
         for key in ("pixel_values", "prior_pixel_values"):
             batch[key] = torch.zeros_like(batch[key])
         return batch
@@ -96,17 +96,6 @@ def _training_arguments(output_dir: Path, recipe: ReportRecipe, steps: int, lr: 
         remove_unused_columns=False,
         disable_tqdm=not progress,
     )
-
-
-def compact_progress(trainer, progress: bool) -> None:
-    """The classifier's one-line-per-log progress bar (`trainers.classification`) on `trainer`."""
-    from transformers.trainer_callback import ProgressCallback
-
-    from .classification import _compact_progress_callback
-
-    if progress:
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(_compact_progress_callback())
 
 
 def build_report_generator(encoder_folder: str | Path, recipe: ReportRecipe):
@@ -186,36 +175,22 @@ def generate_reports(
     from tqdm.auto import tqdm
 
     tokenizer = collator.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
     texts: list[str] = []
     chunks = [list(indices[i : i + recipe.eval_batch_size]) for i in range(0, len(indices), recipe.eval_batch_size)]
     for chunk in tqdm(chunks, desc="writing reports", unit="batch", disable=not progress):
-        examples = [dataset[i] for i in chunk]
-        prompts = [collator.prompt_ids(e["prompt"]) for e in examples]
-        length = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), length), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, length - len(prompt) :] = torch.tensor(prompt)
-            attention_mask[row, length - len(prompt) :] = 1
-        pixel_values = torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples]).float()
-        prior = torch.stack([torch.as_tensor(e["prior_pixel_values"]) for e in examples]).float()
-        has_prior = torch.tensor([bool(e["has_prior"]) and use_prior for e in examples])
+        batch = collator.generation_batch([dataset[i] for i in chunk], use_prior=use_prior)
         if recipe.image_blind:
-            pixel_values, prior = torch.zeros_like(pixel_values), torch.zeros_like(prior)
+            batch = ImageBlindCollator.blind(batch)
         generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            prior_pixel_values=prior,
-            has_prior=has_prior,
+            **batch,
             max_new_tokens=recipe.max_new_tokens,
             do_sample=False,
-            pad_token_id=pad,
+            pad_token_id=collator.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        texts += [t.strip() for t in tokenizer.batch_decode(generated[:, length:], skip_special_tokens=True)]
+        prompt_length = batch["input_ids"].shape[1]
+        texts += [t.strip() for t in tokenizer.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)]
     return texts
 
 
@@ -224,6 +199,8 @@ def report_metrics(predictions: Sequence[str], references: Sequence[str]) -> dic
     BLEU-1..4 and ROUGE-L of generated vs reference reports."""
     from .classification import EASY_LABELS
     from .metrics import bleu, clinical_efficacy_metrics, rouge_l
+
+    # Not `text_overlap_metrics`: its METEOR needs nltk's WordNet data, which is not installed offline, and warns.
 
     clinical = clinical_efficacy_metrics(predictions, references)
     five = [clinical[f"clinical_f1/{name}"] for name in EASY_LABELS]
@@ -302,6 +279,7 @@ def train_report_generator(
 
     from hf_models import ReCTVLMProcessor
 
+    from .classification import compact_progress
     from .data.reports import ReportGenerationCollator
     from .report_generation import save_merged, save_projector, save_stage2, stage1, stage2, trainable_counts
     from .trainer import ReCTTrainer

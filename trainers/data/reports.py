@@ -135,6 +135,33 @@ class ReportGenerationCollator:
             ids = ids + [self.tokenizer.eos_token_id]
         return ids if room is None else ids[:room]
 
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's padding id, its end-of-sequence id where it has none."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+    @staticmethod
+    def volumes(examples: list[dict[str, Any]], use_prior: bool = True) -> dict[str, torch.Tensor]:
+        """`pixel_values`, `prior_pixel_values` and `has_prior` (all False when not `use_prior`: the current scan
+        then stands in for the prior, as for a scan without one)."""
+        return {
+            "pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples]).float(),
+            "prior_pixel_values": torch.stack([torch.as_tensor(e["prior_pixel_values"]) for e in examples]).float(),
+            "has_prior": torch.tensor([bool(e["has_prior"]) and use_prior for e in examples]),
+        }
+
+    def generation_batch(self, examples: list[dict[str, Any]], use_prior: bool = True) -> dict[str, torch.Tensor]:
+        """The prompts alone, padded on the left for `generate()`, with the volumes (see `volumes`)."""
+        prompts = [self.prompt_ids(e["prompt"]) for e in examples]
+        length = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, length - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[row, length - len(prompt) :] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **self.volumes(examples, use_prior)}
+
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences, targets = [], []
         for example in examples:
@@ -151,7 +178,8 @@ class ReportGenerationCollator:
             sequences.append(prompt + answer)
             targets.append([-100] * len(prompt) + answer)
         length = max(len(s) for s in sequences)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # Right padding: the padded positions are masked and carry no label, so any id serves.
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
         input_ids = torch.full((len(examples), length), pad, dtype=torch.long)
         labels = torch.full((len(examples), length), -100, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
@@ -163,9 +191,7 @@ class ReportGenerationCollator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples]).float(),
-            "prior_pixel_values": torch.stack([torch.as_tensor(e["prior_pixel_values"]) for e in examples]).float(),
-            "has_prior": torch.tensor([bool(e["has_prior"]) for e in examples]),
+            **self.volumes(examples),
         }
 
 
