@@ -2,14 +2,16 @@
 image-blind baseline.
 
 On the demo's phantom cohort (`DEMO_COHORT`, generated once into `--workdir` and reused, as `rect-vlm demo` does)
-this trains `ReportRecipe()` (the demo's pretrained encoder, frozen, + SmolLM2-135M-Instruct from the packaged GGUF
-file; stage 1 the projector, stage 2 LoRA on every linear layer of the LM) once per seed, writes the impression of
+this trains `ReportRecipe()` (the demo's classifier, frozen: its encoder feeds the TAC projector and its head writes
+the findings it sees into the diagnosis tokens; + SmolLM2-135M-Instruct from the packaged GGUF file; stage 1 the
+projector, stage 2 LoRA on every linear layer of the LM) once per seed, writes the impression of
 every held-out scan (`--eval-limit` caps them) and reads the findings back out of the generated text. In the same
 run, per seed, the image-blind baseline: the same recipe trained and evaluated with every volume replaced by zeros,
 so whatever it gets right comes from the report texts alone (the findings' prevalence, their co-occurrence).
 
-The encoder is `--encoder` (a `vision_encoder/` or `classifier/model/` folder that `rect-vlm demo` wrote), or the
-demo's classifier trained here once (seed 0, `ClassifierRecipe()`) and reused from `--workdir`.
+The encoder is `--encoder` (a `classifier/model/` or `vision_encoder/` folder that `rect-vlm demo` wrote; the latter
+has no head, so no diagnosis tokens), or the demo's classifier trained here once (seed 0, `ClassifierRecipe()`) and
+reused from `--workdir`. `--no-diagnosis` trains without the diagnosis tokens (the projector's tokens alone).
 
 Printed per seed and as the median over seeds, image vs image-blind: clinical-efficacy F1 over the five large
 findings (`clinical_f1_macro_five`), over every finding (macro / micro), BLEU-4, ROUGE-L, and on follow-up scans
@@ -18,7 +20,7 @@ is given and when it is withheld (the current scan stands in). Targets (issue 9)
 findings >= 0.7, >= 0.2 above the image-blind baseline, follow-up changes right more often with the prior.
 
 Usage: python bench/report_generation.py [--seeds 0 1 2] [--workdir DIR] [--encoder DIR] [--eval-limit N]
-       [--stage1-steps N] [--stage2-steps N] [--no-blind-baseline]
+       [--stage1-steps N] [--stage2-steps N] [--no-blind-baseline] [--no-diagnosis] [--ceiling-only]
 """
 
 # ruff: noqa: E402 - the environment variable below must be set before torch (imported further down) loads libgomp.
@@ -76,6 +78,42 @@ def encoder_folder(args, workdir: Path, cohort: Path, cache: Path) -> Path:
     return folder / "model"
 
 
+def diagnosis_ceiling(encoder: Path, cohort: Path, cache: Path, recipe: ReportRecipe) -> dict[str, float] | None:
+    """F1 of the diagnosis head alone (the classifier's decisions at the generator's threshold) against the findings
+    each held-out reference impression states: what the reports could reach by writing exactly what the head sees.
+    None for an encoder folder without a classifier head."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import f1_score
+
+    from hf_models import ReCTForVolumeClassification, ReCTImageProcessor, ReCTVLMConfig
+    from hf_models.configuration_rect import CT_RATE_ABNORMALITIES
+    from trainers.classification import EASY_LABELS
+    from trainers.metrics.clinical_efficacy import report_labels
+    from trainers.report_training import report_datasets
+
+    config = json.loads((encoder / "config.json").read_text())
+    if "ReCTForVolumeClassification" not in (config.get("architectures") or []):
+        return None
+    classifier = ReCTForVolumeClassification.from_pretrained(encoder).eval()
+    _, valid = report_datasets(cohort, cache, ReCTImageProcessor.from_pretrained(encoder), recipe, progress=False)
+    probabilities, references = [], []
+    with torch.no_grad():
+        for start in range(0, len(valid), 16):
+            examples = [valid[i] for i in range(start, min(start + 16, len(valid)))]
+            volumes = torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples])
+            probabilities.append(classifier(volumes).logits.sigmoid().numpy())
+            references += [e["report"] for e in examples]
+    decided = np.concatenate(probabilities) >= ReCTVLMConfig().diagnosis_threshold
+    truth = report_labels(references)
+    names = [classifier.config.id2label[i] for i in range(classifier.config.num_labels)]
+    scores = {}
+    for name in EASY_LABELS:
+        scores[name] = float(f1_score(truth[:, CT_RATE_ABNORMALITIES.index(name)], decided[:, names.index(name)]))
+    scores["macro, five large findings"] = float(np.mean([scores[n] for n in EASY_LABELS]))
+    return scores
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
@@ -85,6 +123,10 @@ def main() -> None:
     parser.add_argument("--stage1-steps", type=int, default=None, help="override the recipe's stage-1 steps")
     parser.add_argument("--stage2-steps", type=int, default=None, help="override the recipe's stage-2 steps")
     parser.add_argument("--no-blind-baseline", action="store_true", help="skip the image-blind runs")
+    parser.add_argument("--no-diagnosis", action="store_true", help="the projector's tokens alone, no diagnosis")
+    parser.add_argument(
+        "--ceiling-only", action="store_true", help="print the diagnosis head's own F1 on the held-out scans and stop"
+    )
     args = parser.parse_args()
 
     workdir = Path(args.workdir or Path(tempfile.gettempdir()) / "rect_bench_reports").resolve()
@@ -98,8 +140,16 @@ def main() -> None:
 
     base = ReportRecipe()
     overrides = {"stage1_steps": args.stage1_steps, "stage2_steps": args.stage2_steps}
+    if args.no_diagnosis:
+        overrides["diagnosis"] = False
     base = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     print(f"recipe: {json.dumps(dataclasses.asdict(base))}\nencoder: {encoder}")
+    ceiling = None if args.no_diagnosis else diagnosis_ceiling(encoder, cohort, cache, base)
+    if ceiling is not None:
+        cells = ", ".join(f"{name} {value:.3f}" for name, value in ceiling.items())
+        print(f"the diagnosis head alone (its decisions against the held-out references' findings), F1: {cells}")
+    if args.ceiling_only:
+        return
     variants = {"image": False} if args.no_blind_baseline else {"image": False, "image-blind": True}
     runs: dict[str, dict[str, dict]] = {name: {} for name in variants}
     for seed in args.seeds:
@@ -157,6 +207,7 @@ def main() -> None:
             f"target: follow-up changes right more often with the prior: {with_prior:.3f} vs {without:.3f} ({verdict})"
         )
     result = {"cohort": params, "encoder": str(encoder), "recipe": dataclasses.asdict(base), "runs": runs}
+    result["diagnosis_head_f1"] = ceiling
     result.update({"median": median, "targets": TARGETS})
     (workdir / "report_generation.json").write_text(json.dumps(result, indent=1))
     print(f"results → {workdir / 'report_generation.json'}")

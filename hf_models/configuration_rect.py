@@ -351,16 +351,29 @@ class ReCTVLMConfig(PreTrainedConfig):
             LLaVA's two-layer GELU MLP over the last selected layer (current scan only).
         image_token_id (`int`, *optional*): id of the `<image>` placeholder in the LM's vocabulary (the processor
             adds the token); required to run the model on images.
-        image_seq_length (`int`, defaults to 32): embeddings per volume, i.e. `<image>` tokens the processor writes.
+        image_seq_length (`int`, defaults to 32): embeddings per volume, i.e. `<image>` tokens the processor writes:
+            the projector's `projector_seq_length` tokens, then (with `diagnosis_labels`) `diagnosis_seq_length`.
         vision_feature_layers (`list[int]`, *optional*): encoder layers (1..`num_hidden_layers`; 0 = patch
             embeddings) the projector reads; None: all of them. Never a fixed count: a deeper encoder feeds more.
         projector_hidden_size (`int`, defaults to 256): width inside the TAC projector.
         projector_num_heads (`int`, defaults to 8): attention heads of the TAC projector; must divide its width.
         projector_hidden_act (`str`, defaults to `"gelu"`): activation of the projector MLPs.
+        diagnosis_labels (`list[str]`, *optional*): findings a diagnosis head predicts from the encoder's pooled
+            features (a trained classifier's head, see [`ReCTForConditionalGeneration.from_vision_and_language`]);
+            the findings it finds are written as words into the last `diagnosis_seq_length` image tokens
+            (diagnosis-driven prompts, as PromptMRG's). None: the image tokens are the projector's alone.
+        diagnosis_pooling (`"cls"`, `"cls_mean"` or `"cls_mean_max"`, defaults to `"cls_mean_max"`): the encoder
+            features the diagnosis head reads, as [`ReCTConfig`]'s `classifier_pooling`.
+        diagnosis_threshold (`float`, defaults to 0.5): probability from which a finding is written.
+        diagnosis_seq_length (`int`, defaults to 32): image tokens the written findings fill (cut after that many).
+        diagnosis_token_ids (`list[list[int]]`, *optional*): each label's words in the language model's vocabulary;
+            `diagnosis_new_token_ids` the words for a finding absent on the prior scan. Written by
+            [`ReCTForConditionalGeneration.set_diagnosis_phrases`].
 
     Raises:
-        huggingface_hub.errors.StrictDataclassClassValidationError: `vision_feature_layers` outside the encoder, or
-            `projector_hidden_size` not divisible by `projector_num_heads`.
+        huggingface_hub.errors.StrictDataclassClassValidationError: `vision_feature_layers` outside the encoder,
+            `projector_hidden_size` not divisible by `projector_num_heads`, or no image token left for the projector
+            beside the diagnosis labels.
     """
 
     model_type = "rect_vlm"
@@ -379,6 +392,12 @@ class ReCTVLMConfig(PreTrainedConfig):
     projector_hidden_size: int = interval(min=1)(default=256)
     projector_num_heads: int = interval(min=1)(default=8)
     projector_hidden_act: str = "gelu"
+    diagnosis_labels: list[str] | None = None
+    diagnosis_pooling: Literal["cls", "cls_mean", "cls_mean_max"] = "cls_mean_max"
+    diagnosis_threshold: float = interval(min=0.0, max=1.0)(default=0.5)
+    diagnosis_seq_length: int = interval(min=1)(default=32)
+    diagnosis_token_ids: list[list[int]] | None = None
+    diagnosis_new_token_ids: list[list[int]] | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -394,8 +413,25 @@ class ReCTVLMConfig(PreTrainedConfig):
             return list(range(1, self.vision_config.num_hidden_layers + 1))
         return list(self.vision_feature_layers)
 
+    @property
+    def projector_seq_length(self) -> int:
+        """Image tokens the projector writes: `image_seq_length` less the diagnosis tokens."""
+        return self.image_seq_length - (self.diagnosis_seq_length if self.diagnosis_labels else 0)
+
     def validate_architecture(self):
         """Cross-field rules (run by `@strict` after construction)."""
+        if self.projector_seq_length < 1:
+            raise ValueError(
+                f"`image_seq_length` ({self.image_seq_length}) must exceed `diagnosis_seq_length` "
+                f"({self.diagnosis_seq_length}): the projector needs at least one image token of its own"
+            )
+        for name in ("diagnosis_token_ids", "diagnosis_new_token_ids"):
+            value = getattr(self, name)
+            if value is not None and len(value) != len(self.diagnosis_labels or ()):
+                raise ValueError(
+                    f"`{name}` holds {len(value)} phrases, expected one per `diagnosis_labels` "
+                    f"({len(self.diagnosis_labels or ())})"
+                )
         depth = self.vision_config.num_hidden_layers
         layers = self.vision_feature_layers
         if layers is not None and (not layers or any(not 0 <= i <= depth for i in layers)):

@@ -876,6 +876,15 @@ class ReCTModel(ReCTPreTrainedModel):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def pool_vision_features(vision, num_prefix_tokens: int, pooling: str) -> torch.Tensor:
+    """`(batch, k * hidden)`: the features named in `pooling` ("cls", "cls_mean" or "cls_mean_max") of a
+    `ReCTVisionModel` output, concatenated. "cls" is the encoder's pooled output (the CLS token, or the patch mean
+    for an encoder without one); "mean" and "max" pool the patch tokens of the last layer."""
+    tokens = vision.last_hidden_state[:, num_prefix_tokens:]
+    pooled = {"cls": vision.pooler_output, "mean": tokens.mean(dim=1), "max": tokens.amax(dim=1)}
+    return torch.cat([pooled[name] for name in pooling.split("_")], dim=-1)
+
+
 class ReCTForVolumeClassification(ReCTPreTrainedModel):
     """Abnormality classifier (18 CT-RATE labels by default, multi-label) on the 3D vision encoder alone.
 
@@ -926,10 +935,9 @@ class ReCTForVolumeClassification(ReCTPreTrainedModel):
             )
         kwargs.pop("anatomy_mask", None)
         vision = self.vision_model(pixel_values, **kwargs, return_dict=True)
-        # "cls" is the encoder's pooled output: the CLS token, or the patch mean for an encoder without one.
-        tokens = vision.last_hidden_state[:, self.vision_model.config.num_prefix_tokens :]
-        pooled = {"cls": vision.pooler_output, "mean": tokens.mean(dim=1), "max": tokens.amax(dim=1)}
-        features = torch.cat([pooled[name] for name in self.config.classifier_pooling.split("_")], dim=-1)
+        features = pool_vision_features(
+            vision, self.vision_model.config.num_prefix_tokens, self.config.classifier_pooling
+        )
         logits = self.classifier(self.dropout(features))
         loss = None if labels is None else self.classification_loss(logits, labels)
         return ReCTVolumeClassifierOutput(

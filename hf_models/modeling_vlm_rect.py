@@ -20,7 +20,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import ModelOutput
 
 from .configuration_rect import ReCTVLMConfig
-from .modeling_rect import ReCTPreTrainedModel, ReCTVisionModel
+from .modeling_rect import ReCTPreTrainedModel, ReCTVisionModel, pool_vision_features
 
 
 @dataclass
@@ -30,6 +30,8 @@ class ReCTVLMOutput(ModelOutput):
     logits (`torch.FloatTensor` of shape `(batch, seq, vocab)`): next-token scores.
     cache (`Cache`, *optional*): the language model's key/value cache.
     hidden_states, attentions: the language model's, when asked for.
+    diagnosis_logits (`torch.FloatTensor` of shape `(batch, len(config.diagnosis_labels))`, *optional*): the
+        diagnosis head's logits for the current scans, when the model has one.
     image_hidden_states (`torch.FloatTensor` of shape `(batch, image_seq_length, text_hidden)`, *optional*): the
         projected volume features that replaced the `<image>` tokens.
     """
@@ -39,20 +41,85 @@ class ReCTVLMOutput(ModelOutput):
     cache: object | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    diagnosis_logits: torch.FloatTensor | None = None
     image_hidden_states: torch.FloatTensor | None = None
+
+
+class ReCTDiagnosisPrompt(nn.Module):
+    """Diagnosis-driven prompt tokens (PromptMRG's diagnosis prompts): a linear head over the encoder's pooled
+    features (`config.diagnosis_pooling`) predicts each of `config.diagnosis_labels`; the labels whose probability
+    reaches `config.diagnosis_threshold` are written out as words, in label order, into the last
+    `config.diagnosis_seq_length` image tokens (the language model's own embeddings of `config.diagnosis_token_ids`,
+    zero vectors after the last word). On a follow-up, a finding present now and absent on the prior scan is written
+    with `config.diagnosis_new_token_ids` instead. The head is a trained classifier's
+    (`from_vision_and_language(diagnosis_head=...)`); decisions are thresholded, so no gradient reaches it and the
+    two-stage training keeps it frozen. The words come from the tokenizer (`ReCTForConditionalGeneration.
+    set_diagnosis_phrases`).
+    """
+
+    def __init__(self, config: ReCTVLMConfig):
+        super().__init__()
+        pooled = len(config.diagnosis_pooling.split("_")) * config.vision_config.hidden_size
+        self.classifier = nn.Linear(pooled, len(config.diagnosis_labels))
+        self.threshold = config.diagnosis_threshold
+        self.length = config.diagnosis_seq_length
+        self.phrases = config.diagnosis_token_ids
+        self.new_phrases = config.diagnosis_new_token_ids or self.phrases
+
+    def token_ids(
+        self,
+        logits: torch.Tensor,
+        prior_logits: torch.Tensor | None = None,
+        has_prior: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`(batch, diagnosis_seq_length)` token ids of the written findings, -1 where nothing is written.
+
+        Args:
+            logits (`(batch, labels)`): the current scans' logits.
+            prior_logits (`(prior_count, labels)`, *optional*): the prior scans' logits, one row per True in
+                `has_prior`.
+            targets (`(batch, labels)` integers, *optional*): what to write instead of the head's decisions (teacher
+                forcing in training): 0 absent, 1 present, 2 present and new since the prior scan, -1 the head's.
+        """
+        if self.phrases is None:
+            raise ValueError(
+                "`config.diagnosis_token_ids` is not set: call `set_diagnosis_phrases(tokenizer)` on the model first"
+            )
+        if targets is not None:
+            if tuple(targets.shape) != tuple(logits.shape):
+                raise ValueError(
+                    f"`diagnosis_targets` must have shape {tuple(logits.shape)} (batch, diagnosis labels), got "
+                    f"{tuple(targets.shape)}"
+                )
+        present = logits.sigmoid() >= self.threshold
+        before = torch.ones_like(present)
+        if prior_logits is not None:
+            before[has_prior] = prior_logits.sigmoid() >= self.threshold
+        if targets is not None:
+            given = targets >= 0
+            present = torch.where(given, targets >= 1, present)
+            before = torch.where(given, targets != 2, before)
+        ids = torch.full((logits.shape[0], self.length), -1, dtype=torch.long, device=logits.device)
+        for row, (now, then) in enumerate(zip(present.tolist(), before.tolist())):
+            words = [i for k in range(len(now)) if now[k] for i in (self.phrases if then[k] else self.new_phrases)[k]]
+            words = words[: self.length]
+            ids[row, : len(words)] = torch.tensor(words, dtype=torch.long)
+        return ids
 
 
 class ReCTMLPProjector(nn.Module):
     """LLaVA's projector: the last selected layer's patch tokens, average-pooled along the token order (d, h, w) to
-    `image_seq_length` tokens, then Linear → GELU → Linear into the language model's width."""
+    `projector_seq_length` tokens, then Linear → GELU → Linear into the language model's width."""
 
     def __init__(self, config: ReCTVLMConfig):
         super().__init__()
-        self.image_seq_length = config.image_seq_length
+        self.image_seq_length = config.projector_seq_length
         text_hidden = config.text_config.hidden_size
         self.linear_1 = nn.Linear(config.vision_config.hidden_size, text_hidden)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(text_hidden, text_hidden)
+        self.diagnosis = ReCTDiagnosisPrompt(config) if config.diagnosis_labels else None
 
     def forward(self, layers: list[torch.Tensor], **_) -> torch.Tensor:
         tokens = F.adaptive_avg_pool1d(layers[-1].transpose(1, 2), self.image_seq_length).transpose(1, 2)
@@ -64,7 +131,7 @@ class ReCTTACProjector(nn.Module):
 
     1. Layer-wise feature extraction: every selected encoder layer gets its own LayerNorm and projection; a learned
        score weighs the layers per token (softmax over layers), so each token mixes shallow and deep features.
-    2. Resampling: `image_seq_length` learned queries attend to the fused patch tokens (and, given an anatomy mask,
+    2. Resampling: `projector_seq_length` learned queries attend to the fused patch tokens (and, given an anatomy mask,
        to the present region features), giving a fixed number of tokens whatever the volume size.
     3. Temporal fusion: self-attention over the current and prior tokens together (each with a learned time
        embedding), then cross-attention from current to prior; without a prior the current scan stands in.
@@ -79,7 +146,7 @@ class ReCTTACProjector(nn.Module):
         self.layer_projections = nn.ModuleList([nn.Linear(vision_hidden, width) for _ in range(num_layers)])
         self.layer_scores = nn.Linear(width, 1)
         self.region_projection = nn.Linear(vision_hidden, width)
-        self.queries = nn.Parameter(torch.zeros(config.image_seq_length, width))
+        self.queries = nn.Parameter(torch.zeros(config.projector_seq_length, width))
         self.resampler_norm = nn.LayerNorm(width)
         self.resampler = nn.MultiheadAttention(width, heads, batch_first=True)
         self.temporal_embeddings = nn.Parameter(torch.zeros(2, width))
@@ -92,11 +159,12 @@ class ReCTTACProjector(nn.Module):
         self.linear_1 = nn.Linear(width, text_hidden)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(text_hidden, text_hidden)
+        self.diagnosis = ReCTDiagnosisPrompt(config) if config.diagnosis_labels else None
 
     def extract(
         self, layers: list[torch.Tensor], regions: torch.Tensor | None = None, present: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Selected layers' patch tokens `[(batch, N, vision_hidden)] * L` → `(batch, image_seq_length, width)`."""
+        """Selected layers' patch tokens `[(batch, N, vision_hidden)] * L` → `(batch, projector_seq_length, width)`."""
         features = torch.stack(
             [proj(norm(x)) for x, norm, proj in zip(layers, self.layer_norms, self.layer_projections)], dim=1
         )
@@ -169,6 +237,24 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
             init.trunc_normal_(module.queries, std=self.config.vision_config.initializer_range)
             init.trunc_normal_(module.temporal_embeddings, std=self.config.vision_config.initializer_range)
 
+    def set_diagnosis_phrases(self, tokenizer, phrase: str = " {label}.", new_phrase: str = " {label}, new.") -> None:
+        """Write each diagnosis label's words with `tokenizer` into the config (`diagnosis_token_ids`: `phrase`;
+        `diagnosis_new_token_ids`: `new_phrase`, for a finding absent on the prior scan)."""
+        diagnosis = self.multi_modal_projector.diagnosis
+        if diagnosis is None:
+            raise ValueError("the model has no `diagnosis_labels`")
+
+        def ids(template: str) -> list[list[int]]:
+            out = [tokenizer(template.format(label=label), add_special_tokens=False)["input_ids"] for label in labels]
+            empty = [label for label, i in zip(labels, out) if not i]
+            if empty:
+                raise ValueError(f"diagnosis labels {empty} tokenize to no tokens with {template!r}")
+            return out
+
+        labels = self.config.diagnosis_labels
+        self.config.diagnosis_token_ids = diagnosis.phrases = ids(phrase)
+        self.config.diagnosis_new_token_ids = diagnosis.new_phrases = ids(new_phrase)
+
     # Embeddings are the language model's (`resize_token_embeddings` after adding `<image>` works through these).
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -197,7 +283,8 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
         has_prior: torch.Tensor | None = None,
         anatomy_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Projected volume features `(batch, image_seq_length, text_hidden)`.
+        """Projected volume features `(batch, image_seq_length, text_hidden)`: the projector's tokens, then the
+        diagnosis tokens when the model has `diagnosis_labels`.
 
         Args:
             pixel_values (`(batch, channels, depth, height, width)`): the current scans.
@@ -207,6 +294,12 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
             anatomy_mask (`(batch, 1, depth, height, width)`, *optional*): region ids of the current scans; the TAC
                 projector's queries then also attend to the present regions' features.
         """
+        return self._image_features(pixel_values, prior_pixel_values, has_prior, anatomy_mask)[0]
+
+    def _image_features(
+        self, pixel_values, prior_pixel_values=None, has_prior=None, anatomy_mask=None, diagnosis_targets=None
+    ):
+        """`(features, diagnosis_logits or None)`; see `get_image_features`."""
         batch = pixel_values.shape[0]
         if prior_pixel_values is not None:
             if tuple(prior_pixel_values.shape) != tuple(pixel_values.shape):
@@ -226,16 +319,34 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
         elif has_prior is not None and bool(has_prior.any()):
             raise ValueError("`has_prior` marks samples with a prior scan but `prior_pixel_values` is None")
         layers, vision = self._encoder_layers(pixel_values, anatomy_mask)
-        prior_layers = None
+        prior_layers = prior_vision = None
         if prior_pixel_values is not None and bool(has_prior.any()):
-            prior_layers, _ = self._encoder_layers(prior_pixel_values[has_prior])
-        return self.multi_modal_projector(
+            prior_layers, prior_vision = self._encoder_layers(prior_pixel_values[has_prior])
+        features = self.multi_modal_projector(
             layers,
             prior_layers=prior_layers,
             has_prior=has_prior,
             regions=vision.region_features,
             present=vision.region_present,
         )
+        diagnosis = self.multi_modal_projector.diagnosis
+        if diagnosis is None:
+            if diagnosis_targets is not None:
+                raise ValueError("`diagnosis_targets` given, but the model has no `diagnosis_labels`")
+            return features, None
+
+        def logits_of(output):
+            pooled = pool_vision_features(
+                output, self.config.vision_config.num_prefix_tokens, self.config.diagnosis_pooling
+            )
+            return diagnosis.classifier(pooled)
+
+        logits = logits_of(vision)
+        prior_logits = None if prior_vision is None else logits_of(prior_vision)
+        ids = diagnosis.token_ids(logits, prior_logits, has_prior, diagnosis_targets)
+        tokens = self.get_input_embeddings()(ids.clamp(min=0)) * (ids >= 0).unsqueeze(-1)
+        tokens = tokens.to(features.dtype)
+        return torch.cat([features, tokens], dim=1), logits
 
     def get_placeholder_mask(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """`(batch, seq)` bool mask of the `<image>` tokens; raises unless every sample has `image_seq_length`."""
@@ -266,6 +377,7 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
         prior_pixel_values: torch.Tensor | None = None,
         has_prior: torch.Tensor | None = None,
         anatomy_mask: torch.Tensor | None = None,
+        diagnosis_targets: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> ReCTVLMOutput:
@@ -275,6 +387,9 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
                 wherever the volume goes (`ReCTVLMProcessor` writes them).
             pixel_values (`(batch, channels, depth, height, width)`, *optional*): the current scans.
             prior_pixel_values, has_prior, anatomy_mask: see [`~ReCTForConditionalGeneration.get_image_features`].
+            diagnosis_targets (`(batch, len(config.diagnosis_labels))` integers, *optional*): findings to write into
+                the diagnosis tokens instead of the head's (0 absent, 1 present, 2 new since the prior scan, -1 the
+                head's decision): teacher forcing, so the LM learns to write what those tokens say.
             labels (`(batch, seq)`, *optional*): next-token targets, -100 where no loss is wanted (the prompt); the
                 `<image>` positions never carry a loss.
             cache, attention_mask, position_ids, logits_to_keep, kwargs: passed to the language model.
@@ -283,11 +398,13 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
             raise ValueError("Give exactly one of `input_ids` and `inputs_embeds`")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        image_features = None
+        image_features = diagnosis_logits = None
         if pixel_values is not None:
             if input_ids is None:
                 raise ValueError("`pixel_values` need `input_ids` holding the `<image>` placeholders")
-            image_features = self.get_image_features(pixel_values, prior_pixel_values, has_prior, anatomy_mask)
+            image_features, diagnosis_logits = self._image_features(
+                pixel_values, prior_pixel_values, has_prior, anatomy_mask, diagnosis_targets
+            )
             mask = self.get_placeholder_mask(input_ids, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(
                 mask.unsqueeze(-1).to(inputs_embeds.device), image_features.to(inputs_embeds.dtype)
@@ -312,6 +429,7 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
             cache=getattr(outputs, "cache", None),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            diagnosis_logits=diagnosis_logits,
             image_hidden_states=image_features,
         )
 
@@ -323,6 +441,7 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
         vision_model: ReCTVisionModel | str,
         language_model: nn.Module | str,
         image_token_id: int,
+        diagnosis_head: nn.Linear | None = None,
         **config_kwargs,
     ) -> ReCTForConditionalGeneration:
         """Assemble a report generator from a (pre-trained) ReCT encoder and a causal LM, either a model object
@@ -332,6 +451,9 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
             vision_model: a `ReCTVisionModel` or a folder holding one (a ReCT encoder or classifier's encoder).
             language_model: an `AutoModelForCausalLM` model, or a folder `from_pretrained` reads.
             image_token_id: the `<image>` id in the LM's (resized) vocabulary.
+            diagnosis_head: a trained classifier's head over this encoder's pooled features (e.g.
+                `ReCTForVolumeClassification.classifier`), one output per `config_kwargs["diagnosis_labels"]`; its
+                weights are copied into the diagnosis prompt. Needs `diagnosis_labels`.
             config_kwargs: further [`ReCTVLMConfig`] fields (`projector_type`, `image_seq_length`, ...).
         """
         if isinstance(vision_model, str):
@@ -362,7 +484,24 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
         model.multi_modal_projector = projector.to(next(vision_model.parameters()).device)
         for module in model.multi_modal_projector.modules():
             model._init_weights(module)
+        diagnosis = model.multi_modal_projector.diagnosis
+        if diagnosis_head is not None:
+            if diagnosis is None:
+                raise ValueError("`diagnosis_head` needs `diagnosis_labels`, one per output of the head")
+            expected = tuple(diagnosis.classifier.weight.shape)
+            if tuple(diagnosis_head.weight.shape) != expected:
+                raise ValueError(
+                    f"`diagnosis_head` weight has shape {tuple(diagnosis_head.weight.shape)}, expected {expected} "
+                    f"({len(config.diagnosis_labels)} labels × the encoder's {config.diagnosis_pooling} features)"
+                )
+            diagnosis.classifier.load_state_dict(diagnosis_head.state_dict())
         return model
 
 
-__all__ = ["ReCTForConditionalGeneration", "ReCTVLMOutput", "ReCTTACProjector", "ReCTMLPProjector"]
+__all__ = [
+    "ReCTForConditionalGeneration",
+    "ReCTVLMOutput",
+    "ReCTTACProjector",
+    "ReCTMLPProjector",
+    "ReCTDiagnosisPrompt",
+]

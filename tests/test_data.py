@@ -27,7 +27,6 @@ from trainers.data.cache import CacheEntryError, VolumeCache, VolumeSource
 from trainers.data.collators import (
     ClassificationCollator,
     ContrastiveCollator,
-    GenerationCollator,
     LocalizationCollator,
     volume_fields,
 )
@@ -355,16 +354,6 @@ def test_dataset_and_collators_build_model_inputs(small_cohort, tmp_path, minilm
         [1, 0],
     ]
     assert batch["input_boxes"].shape == (3, 6)
-
-    for example in examples:
-        example.update(prompt="<image>\nDescribe the findings.", report=example["text"][:80])
-    tokenizer.padding_side = "right"
-    batch = GenerationCollator(tokenizer)(examples)
-    assert batch["prior_pixel_values"].shape == batch["pixel_values"].shape
-    prompt_len = len(tokenizer("<image>\nDescribe the findings.")["input_ids"])
-    assert (batch["labels"][:, :prompt_len] == -100).all()
-    assert ((batch["labels"] != -100) <= (batch["attention_mask"] == 1)).all()
-    assert (batch["labels"] != -100).any(dim=1).all()
 
     examples[0].pop("anatomy_mask")
     with pytest.raises(ValueError, match="anatomy_mask` is present in 2 of 3"):

@@ -91,6 +91,11 @@ def test_demo_from_a_relative_out_with_spaces_then_reused_through_an_absolute_pa
         p.name for p in (generator / "model").iterdir()
     }
     assert (generator / "mm_projector.safetensors").is_file() and (generator / "adapter").is_dir()
+    # The classifier's head writes the findings it sees into the image tokens, in SmolLM2's words.
+    config = json.loads((generator / "model" / "config.json").read_text())
+    assert len(config["diagnosis_labels"]) == 18 and len(config["diagnosis_token_ids"]) == 18
+    processor_config = json.loads((generator / "model" / "processor_config.json").read_text())
+    assert processor_config["image_seq_length"] == config["image_seq_length"] > config["diagnosis_seq_length"]
     assert len(json.loads((generator / "reports.json").read_text())) == 4
     assert [e["has_prior"] for e in reports["examples"]] == [False, True]
     assert 0.0 <= reports["metrics"]["clinical_f1_macro_five"] <= 1.0 and "bleu_4" in reports["metrics"]

@@ -115,6 +115,36 @@ def test_system_prompt_replaces_the_default_turn_and_blind_collator_zeroes_volum
         assert torch.equal(blind[key], batch[key])
 
 
+def test_collator_teacher_forces_the_reports_findings(small_cohort, tokenizer, tmp_path):
+    from hf_models.configuration_rect import CT_RATE_ABNORMALITIES
+    from trainers.report_training import ImageBlindCollator
+
+    rows = read_report_rows(small_cohort, "train", section="impressions")
+    dataset = ReportDataset(rows.select(range(1)), cache_for(tmp_path))
+    follow_up = "Cardiomegaly, stable compared to the previous examination. Right pleural effusion, new since the "
+    follow_up += "previous examination. No consolidation."
+    examples = [dataset[0], {**dataset[0], "report": follow_up}]
+    collator = ReportGenerationCollator(
+        tokenizer, image_seq_length=4, diagnosis_labels=CT_RATE_ABNORMALITIES, diagnosis_teacher_forcing=1.0
+    )
+    batch = collator(examples)
+    assert batch["diagnosis_targets"].shape == (2, 18)
+    present = extract_labels(examples[0]["report"])
+    assert batch["diagnosis_targets"][0].tolist() == [present[n] for n in CT_RATE_ABNORMALITIES]
+    expected = {"Cardiomegaly": 1, "Pleural effusion": 2}
+    assert batch["diagnosis_targets"][1].tolist() == [expected.get(n, 0) for n in CT_RATE_ABNORMALITIES]
+    # A share of 0 leaves every decision to the diagnosis head (-1); 0.5 forces some of 64 samples and not others.
+    collator.diagnosis_teacher_forcing = 0.0
+    assert (collator(examples)["diagnosis_targets"] == -1).all()
+    collator.diagnosis_teacher_forcing = 0.5
+    torch.manual_seed(0)
+    rows = collator(examples * 32)["diagnosis_targets"]
+    assert 0 < int((rows == -1).all(dim=1).sum()) < 64
+    # The image-blind baseline never sees the reference's findings.
+    assert "diagnosis_targets" not in ImageBlindCollator(collator)(examples)
+    assert "diagnosis_targets" not in ReportGenerationCollator(tokenizer, image_seq_length=4)(examples)
+
+
 def cache_for(tmp_path):
     from trainers.data.cache import VolumeCache
 

