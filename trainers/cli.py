@@ -458,7 +458,7 @@ def add_demo_parser(parser: argparse.ArgumentParser) -> None:
         nargs=2,
         metavar=("STAGE1", "STAGE2"),
         default=None,
-        help="report generator: projector steps, then LoRA steps (default: 5 35; bench/report_generation.py: 5 50)",
+        help="report generator: projector steps, then LoRA steps (default: 5 30; bench/report_generation.py: 5 50)",
     )
     parser.add_argument(
         "--report-scans", type=positive_int, default=None, help="held-out scans the report generator writes for"
