@@ -86,17 +86,16 @@ class ReCTDiagnosisPrompt(nn.Module):
             raise ValueError(
                 "`config.diagnosis_token_ids` is not set: call `set_diagnosis_phrases(tokenizer)` on the model first"
             )
+        present = logits.sigmoid() >= self.threshold
+        before = torch.ones_like(present)
+        if prior_logits is not None:
+            before[has_prior] = prior_logits.sigmoid() >= self.threshold
         if targets is not None:
             if tuple(targets.shape) != tuple(logits.shape):
                 raise ValueError(
                     f"`diagnosis_targets` must have shape {tuple(logits.shape)} (batch, diagnosis labels), got "
                     f"{tuple(targets.shape)}"
                 )
-        present = logits.sigmoid() >= self.threshold
-        before = torch.ones_like(present)
-        if prior_logits is not None:
-            before[has_prior] = prior_logits.sigmoid() >= self.threshold
-        if targets is not None:
             given = targets >= 0
             present = torch.where(given, targets >= 1, present)
             before = torch.where(given, targets != 2, before)
