@@ -17,14 +17,13 @@ Targets (issue 6): median `macro_easy` >= 0.95 and median `macro` >= 0.85.
 Usage: python bench/learning.py [--seeds 0 1 2] [--workdir DIR] [--no-shuffled-baseline] [--max-steps N]
 """
 
-# ruff: noqa: E402 - the environment variable below must be set before torch (imported further down) loads libgomp.
+# ruff: noqa: E402 - `short_openmp_spin` must run before torch (imported further down) loads libgomp.
 from __future__ import annotations
 
-import os
+from trainers.cli import short_openmp_spin
 
 
-# Idle OpenMP threads sleep instead of spinning, as `rect-vlm` sets (see `trainers.cli.passive_openmp_threads`).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+short_openmp_spin()  # as `rect-vlm` does
 
 import argparse
 import csv

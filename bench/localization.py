@@ -19,13 +19,13 @@ their names.
 Usage: python bench/localization.py [--seeds 0 1 2] [--steps 300] [--workdir DIR] [--batch 4] [--eval-volumes 40]
 """
 
-# ruff: noqa: E402 - the environment variable below must be set before torch (imported further down) loads libgomp.
+# ruff: noqa: E402 - `short_openmp_spin` must run before torch (imported further down) loads libgomp.
 from __future__ import annotations
 
-import os
+from trainers.cli import short_openmp_spin
 
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+short_openmp_spin()  # as `rect-vlm` does
 
 import argparse
 import json

@@ -29,10 +29,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from trainers.cli import passive_openmp_threads  # noqa: E402
+from trainers.cli import short_openmp_spin  # noqa: E402
 
 
-passive_openmp_threads()
+short_openmp_spin()
 
 import torch  # noqa: E402
 

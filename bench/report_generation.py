@@ -23,14 +23,13 @@ Usage: python bench/report_generation.py [--seeds 0 1 2] [--workdir DIR] [--enco
        [--stage1-steps N] [--stage2-steps N] [--no-blind-baseline] [--no-diagnosis] [--ceiling-only]
 """
 
-# ruff: noqa: E402 - the environment variable below must be set before torch (imported further down) loads libgomp.
+# ruff: noqa: E402 - `short_openmp_spin` must run before torch (imported further down) loads libgomp.
 from __future__ import annotations
 
-import os
+from trainers.cli import short_openmp_spin
 
 
-# Idle OpenMP threads sleep instead of spinning, as `rect-vlm` sets (see `trainers.cli.passive_openmp_threads`).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+short_openmp_spin()  # as `rect-vlm` does
 
 import argparse
 import dataclasses

@@ -365,7 +365,8 @@ class ReCTVLMConfig(PreTrainedConfig):
         diagnosis_pooling (`"cls"`, `"cls_mean"` or `"cls_mean_max"`, defaults to `"cls_mean_max"`): the encoder
             features the diagnosis head reads, as [`ReCTConfig`]'s `classifier_pooling`.
         diagnosis_threshold (`float`, defaults to 0.5): probability from which a finding is written.
-        diagnosis_seq_length (`int`, defaults to 32): image tokens the written findings fill (cut after that many).
+        diagnosis_seq_length (`int`, defaults to 32): image tokens the written findings fill (a finding whose words
+            no longer fit is left out whole).
         diagnosis_token_ids (`list[list[int]]`, *optional*): each label's words in the language model's vocabulary;
             `diagnosis_new_token_ids` the words for a finding absent on the prior scan. Written by
             [`ReCTForConditionalGeneration.set_diagnosis_phrases`].

@@ -50,8 +50,9 @@ class ReCTDiagnosisPrompt(nn.Module):
     features (`config.diagnosis_pooling`) predicts each of `config.diagnosis_labels`; the labels whose probability
     reaches `config.diagnosis_threshold` are written out as words, in label order, into the last
     `config.diagnosis_seq_length` image tokens (the language model's own embeddings of `config.diagnosis_token_ids`,
-    zero vectors after the last word). On a follow-up, a finding present now and absent on the prior scan is written
-    with `config.diagnosis_new_token_ids` instead. The head is a trained classifier's
+    zero vectors after the last word); a finding whose words no longer fit is left out whole, never cut short. On a
+    follow-up, a finding present now and absent on the prior scan is written with `config.diagnosis_new_token_ids`
+    instead. The head is a trained classifier's
     (`from_vision_and_language(diagnosis_head=...)`); decisions are thresholded, so no gradient reaches it and the
     two-stage training keeps it frozen. The words come from the tokenizer (`ReCTForConditionalGeneration.
     set_diagnosis_phrases`).
@@ -101,8 +102,11 @@ class ReCTDiagnosisPrompt(nn.Module):
             before = torch.where(given, targets != 2, before)
         ids = torch.full((logits.shape[0], self.length), -1, dtype=torch.long, device=logits.device)
         for row, (now, then) in enumerate(zip(present.tolist(), before.tolist())):
-            words = [i for k in range(len(now)) if now[k] for i in (self.phrases if then[k] else self.new_phrases)[k]]
-            words = words[: self.length]
+            words: list[int] = []
+            for k in (k for k in range(len(now)) if now[k]):
+                phrase = (self.phrases if then[k] else self.new_phrases)[k]
+                if len(words) + len(phrase) <= self.length:
+                    words += phrase
             ids[row, : len(words)] = torch.tensor(words, dtype=torch.long)
         return ids
 

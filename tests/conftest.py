@@ -80,3 +80,14 @@ def small_cohort(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cohort")
     generate_cohort(root, n_train=6, n_val=3, seed=0, shape=(24, 64, 64))
     return root
+
+
+@pytest.fixture(scope="session")
+def learnability_cohort(tmp_path_factory) -> Path:
+    """The seed-fixed learning tests' phantom cohort: 240 train + 40 validation patients at 32×64×64 (about 330 /
+    55 volumes), generated once per test session."""
+    from trainers.data.phantom import generate_cohort
+
+    root = tmp_path_factory.mktemp("learnability") / "cohort"
+    generate_cohort(root, n_train=240, n_val=40, seed=1, shape=(32, 64, 64), p_second_recon=0.0, num_workers=2)
+    return root

@@ -1,6 +1,7 @@
 """A real, seed-fixed training run: a tiny classifier learns the phantom cohort's five large findings in seconds.
 
 Setting: phantom cohort `generate_cohort(n_train=240, n_val=40, seed=1, shape=(32, 64, 64), p_second_recon=0.0)`
+(the `learnability_cohort` fixture)
 → about 330 train / 55 validation volumes; `LEARNABILITY_RECIPE`: windows lung, mediastinum and low-attenuation
 (−900/300 HU), zero-centred; `ReCTForVolumeClassification` with a 2-layer, 64-wide divided-attention encoder,
 patch (4, 16, 16) → 128 tokens; HF `Trainer`, AdamW lr 2e-3, wd 0.05, cosine with 20 warm-up steps, batch 8,
@@ -26,7 +27,6 @@ from trainers.classification import (
     LesionTokenTargets,
     train_classifier,
 )
-from trainers.data.phantom import generate_cohort
 
 
 LEARNABILITY_RECIPE = ClassifierRecipe(
@@ -50,10 +50,8 @@ LEARNABILITY_RECIPE = ClassifierRecipe(
 )
 
 
-def test_tiny_classifier_learns_the_easy_labels(tmp_path):
-    cohort = tmp_path / "cohort"
-    generate_cohort(cohort, n_train=240, n_val=40, seed=1, shape=(32, 64, 64), p_second_recon=0.0, num_workers=2)
-    summary = train_classifier(cohort, tmp_path / "run", LEARNABILITY_RECIPE, progress=False)
+def test_tiny_classifier_learns_the_easy_labels(learnability_cohort, tmp_path):
+    summary = train_classifier(learnability_cohort, tmp_path / "run", LEARNABILITY_RECIPE, progress=False)
     auroc = summary["valid_auroc"]
     print(json.dumps({"valid_auroc": auroc, "loss_history": summary["loss_history"]}, indent=1))
     assert auroc["defined_labels"] == len(EASY_LABELS)
