@@ -52,10 +52,9 @@ class ReCTDiagnosisPrompt(nn.Module):
     `config.diagnosis_seq_length` image tokens (the language model's own embeddings of `config.diagnosis_token_ids`,
     zero vectors after the last word); a finding whose words no longer fit is left out whole, never cut short. On a
     follow-up, a finding present now and absent on the prior scan is written with `config.diagnosis_new_token_ids`
-    instead. The head is a trained classifier's
-    (`from_vision_and_language(diagnosis_head=...)`); decisions are thresholded, so no gradient reaches it and the
-    two-stage training keeps it frozen. The words come from the tokenizer (`ReCTForConditionalGeneration.
-    set_diagnosis_phrases`).
+    instead. The head is a trained classifier's (`from_vision_and_language(diagnosis_head=...)`); decisions are
+    thresholded, so no gradient reaches it and the two-stage training keeps it frozen. The words come from the
+    tokenizer (`ReCTForConditionalGeneration.set_diagnosis_phrases`).
     """
 
     def __init__(self, config: ReCTVLMConfig):
@@ -103,10 +102,10 @@ class ReCTDiagnosisPrompt(nn.Module):
         ids = torch.full((logits.shape[0], self.length), -1, dtype=torch.long, device=logits.device)
         for row, (now, then) in enumerate(zip(present.tolist(), before.tolist())):
             words: list[int] = []
-            for k in (k for k in range(len(now)) if now[k]):
-                phrase = (self.phrases if then[k] else self.new_phrases)[k]
-                if len(words) + len(phrase) <= self.length:
-                    words += phrase
+            for phrase, new_phrase, on, old in zip(self.phrases, self.new_phrases, now, then):
+                chosen = phrase if old else new_phrase
+                if on and len(words) + len(chosen) <= self.length:
+                    words += chosen
             ids[row, : len(words)] = torch.tensor(words, dtype=torch.long)
         return ids
 
