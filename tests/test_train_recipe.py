@@ -1,5 +1,6 @@
-"""`rect-vlm train` (`trainers.train.train_from_recipe`) on the tiny classification recipe and a tiny phantom cohort:
-a run killed with SIGKILL and restarted with `--resume` ends bit-identical to an uninterrupted one; a truncated
+"""`rect-vlm train` (`trainers.train.train_from_recipe`) on the tiny recipes and a tiny phantom cohort: a run killed
+with SIGKILL and restarted with `--resume` ends bit-identical to an uninterrupted one (a full fine-tune of the
+classifier and a LoRA run of the report generator's stage 2); a truncated
 newest checkpoint is skipped with a warning naming it; user mistakes are one line with exit code 2."""
 
 import json
@@ -44,11 +45,11 @@ def cohort(tmp_path_factory) -> Path:
     return root
 
 
-def start_train(cohort: Path, out: Path, *extra: str) -> subprocess.Popen:
-    """`rect-vlm train classification --tiny ...` in a fresh process (one thread: the same float sums in each run).
-    Its output goes to files next to `out` (a pipe nobody reads while polling could fill up and stall it)."""
+def start_train(cohort: Path, out: Path, *extra: str, recipe: str = "classification") -> subprocess.Popen:
+    """`rect-vlm train RECIPE --tiny ...` in a fresh process (one thread: the same float sums in each run). Its
+    output goes to files next to `out` (a pipe nobody reads while polling could fill up and stall it)."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = ["train", "classification", "--tiny", "--data", str(cohort), "--output-dir", str(out), *extra]
+    command = ["train", recipe, "--tiny", "--data", str(cohort), "--output-dir", str(out), *extra]
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"{out.name}-{len(list(out.parent.glob(f'{out.name}-*.stderr')))}"
     with open(f"{log}.stdout", "w") as stdout, open(f"{log}.stderr", "w") as stderr:
@@ -75,9 +76,9 @@ def reference(cohort, tmp_path_factory) -> Path:
     return out
 
 
-def assert_same_run(run: Path, reference: Path) -> None:
+def assert_same_run(run: Path, reference: Path, weights_file: str = "model.safetensors") -> None:
     """Bit-identical final weights, the same global step and the same per-step training logs."""
-    weights, expected = load_file(run / "model.safetensors"), load_file(reference / "model.safetensors")
+    weights, expected = load_file(run / weights_file), load_file(reference / weights_file)
     assert weights.keys() == expected.keys()
     different = [name for name in expected if not torch.equal(weights[name], expected[name])]
     assert different == [], f"{len(different)} tensors differ, e.g. {different[:3]}"
@@ -91,9 +92,8 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert training_logs(state) == training_logs(expected_state)
 
 
-def test_killed_run_resumes_to_bit_identical_weights(cohort, reference, tmp_path):
-    out = tmp_path / "run"
-    proc = start_train(cohort, out)
+def kill_after_checkpoint_8(proc: subprocess.Popen, out: Path) -> Path:
+    """SIGKILL `proc` once `out/checkpoint-8` is complete; returns the newest valid checkpoint it left."""
     deadline = time.monotonic() + 240
     while checkpoint_problem(out / "checkpoint-8") is not None:  # complete once its trainer_state.json parses
         assert proc.poll() is None, "ended before checkpoint-8 was complete: " + proc.stderr_path.read_text()[-3000:]
@@ -105,7 +105,12 @@ def test_killed_run_resumes_to_bit_identical_weights(cohort, reference, tmp_path
     assert not (out / "training_summary.json").exists(), "the run finished before it was killed"
     newest = latest_valid_checkpoint(out)
     assert newest is not None and 8 <= int(newest.name.split("-")[1]) < MAX_STEPS
+    return newest
 
+
+def test_killed_run_resumes_to_bit_identical_weights(cohort, reference, tmp_path):
+    out = tmp_path / "run"
+    newest = kill_after_checkpoint_8(start_train(cohort, out), out)
     finish(start_train(cohort, out, "--resume"))
     summary = json.loads((out / "training_summary.json").read_text())
     assert Path(summary["resumed_from"]).name == newest.name
@@ -114,6 +119,27 @@ def test_killed_run_resumes_to_bit_identical_weights(cohort, reference, tmp_path
     assert_same_run(out, reference)
     # The final folder is a Hub folder: model, config and image processor.
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_killed_lora_run_resumes_to_bit_identical_adapter(cohort, tmp_path):
+    """Stage 2 of the report generator (LoRA with dropout on a tiny random Llama, the projector as
+    `modules_to_save`): the resumed run restores the adapter, the optimizer and the dropout RNG from the checkpoint
+    and ends with the uninterrupted run's adapter, bit for bit."""
+    reference = tmp_path / "reference"
+    finish(start_train(cohort, reference, recipe="report_stage2"))
+    out = tmp_path / "run"
+    newest = kill_after_checkpoint_8(start_train(cohort, out, recipe="report_stage2"), out)
+    finish(start_train(cohort, out, "--resume", recipe="report_stage2"))
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert Path(summary["resumed_from"]).name == newest.name
+    assert_same_run(out, reference, "adapter_model.safetensors")
+    assert_same_run(out, reference, "non_lora_trainables.safetensors")
+    assert "model.safetensors" not in {p.name for p in out.iterdir()}  # the adapter folder, not a merged model
+    adapter = out / f"checkpoint-{MAX_STEPS}" / "adapter_model.safetensors"  # a LoRA checkpoint, cut short
+    with open(adapter, "r+b") as handle:
+        handle.truncate(adapter.stat().st_size // 2)
+    assert "truncated" in checkpoint_problem(adapter.parent)
+    assert latest_valid_checkpoint(out) == out / f"checkpoint-{MAX_STEPS - 4}"
 
 
 def test_truncated_newest_checkpoint_is_skipped_with_a_warning(cohort, reference, tmp_path):
@@ -341,3 +367,18 @@ def test_report_generation_two_stages_tiny(cohort, tmp_path):
         assert (
             adapted(input_ids=ids, pixel_values=pixels).logits - base(input_ids=ids, pixel_values=pixels).logits
         ).abs().max() > 0
+    # Libra's layout beside the adapter: the projector (modules_to_save) alone, in the model's own names, which
+    # load_stage2 and the converter's PEFT reader take; both ways of loading give the same model.
+    from trainers.report_generation import NON_LORA_FILE, load_stage2
+
+    non_lora = load_file(stage2_out / NON_LORA_FILE)
+    assert set(non_lora) == {f"multi_modal_projector.{k}" for k in stage1.multi_modal_projector.state_dict()}
+    adapter = load_file(stage2_out / "adapter_model.safetensors")
+    for name, tensor in non_lora.items():
+        assert torch.equal(tensor, adapter[f"base_model.model.{name}"]), name
+    assert any(not torch.equal(t, projector[n]) for n, t in non_lora.items())  # stage 2 moved the projector
+    reloaded = load_stage2(ReCTForConditionalGeneration.from_pretrained(stage1_out), stage2_out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(input_ids=ids, pixel_values=pixels).logits, adapted(input_ids=ids, pixel_values=pixels).logits
+        )

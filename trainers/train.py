@@ -236,7 +236,8 @@ def build_report_generation(recipe: Recipe, data_dir: Path, cache_dir: Path, pro
     model: the projector alone trains); `mm_projector.safetensors` is written beside the saved model. Stage 2
     (`lora:`): peft LoRA on the language model's linear layers named by `lora.target_modules` (never the encoder's,
     which share their names), `lora.modules_to_save` trained and saved with the adapter; the output is the adapter
-    folder, for the stage-1 model (`model.pretrained`).
+    folder, for the stage-1 model (`model.pretrained`), with `non_lora_trainables.safetensors` beside it
+    (the `modules_to_save` weights alone, Libra's layout).
 
     The language model and tokenizer: `model.text_pretrained` (`smollm2` for the packaged SmolLM2 GGUF, or a causal
     LM folder with its tokenizer) inside a new or `model.pretrained` model; otherwise `model.config.text_config`
@@ -335,7 +336,7 @@ def build_report_generation(recipe: Recipe, data_dir: Path, cache_dir: Path, pro
         compute_metrics=None,
         processor=ReCTVLMProcessor(image_processor, tokenizer, image_seq_length=config.image_seq_length),
         prediction_loss_only=True,
-        after_save=_save_stage1_projector if recipe.lora is None else None,
+        after_save=_save_stage1_projector if recipe.lora is None else _save_non_lora_trainables,
     )
 
 
@@ -354,6 +355,23 @@ def _save_stage1_projector(output_dir: Path) -> None:
     if not projector:
         raise ValueError(f"{output_dir}: the saved weights hold no {PROJECTOR_PREFIX}* tensors")
     save_file(projector, output_dir / PROJECTOR_FILE)
+
+
+def _save_non_lora_trainables(output_dir: Path) -> None:
+    """Stage 2's Libra-style companion of the adapter: `non_lora_trainables.safetensors`, every weight of the saved
+    adapter that is not LoRA (`lora.modules_to_save`: the projector), named as in the model without peft's
+    `base_model.model.` prefix (what `trainers.report_generation.load_stage2` and `conversion.readers.read_peft`
+    read). Read back from the saved adapter file, so it is the gathered weights under ZeRO-3 as well."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .report_generation import NON_LORA_FILE
+    from .trainer import PEFT_PREFIX
+
+    with safe_open(output_dir / "adapter_model.safetensors", framework="pt") as handle:
+        trainables = {k.removeprefix(PEFT_PREFIX): handle.get_tensor(k) for k in handle.keys() if "lora_" not in k}
+    if trainables:
+        save_file(trainables, output_dir / NON_LORA_FILE)
 
 
 def export_vision_encoder(output_dir: Path) -> None:
@@ -549,8 +567,9 @@ def _torch_file_problem(path: Path) -> str | None:
 
 def checkpoint_problem(folder: str | Path) -> str | None:
     """None if `folder` is a complete Trainer checkpoint, else the first problem found: `trainer_state.json` missing
-    or not JSON, model weights (`model.safetensors` or the shards of `model.safetensors.index.json`) missing or
-    truncated, `optimizer.pt` / `scheduler.pt` / `rng_state*.pth` missing or not loadable."""
+    or not JSON, model weights (`model.safetensors`, the shards of `model.safetensors.index.json`, or a peft
+    adapter's `adapter_model.safetensors`) missing or truncated, `optimizer.pt` / `scheduler.pt` /
+    `rng_state*.pth` missing or not loadable."""
     folder = Path(folder)
     state = folder / "trainer_state.json"
     if not state.is_file():
@@ -567,8 +586,13 @@ def checkpoint_problem(folder: str | Path) -> str | None:
             return f"{index.name} does not parse ({err})"
     elif (folder / "model.safetensors").is_file():
         shards = ["model.safetensors"]
+    elif (folder / "adapter_config.json").is_file():  # a LoRA run's checkpoint holds the adapter alone
+        shards = ["adapter_model.safetensors"]
     else:
-        return "model weights are missing (no model.safetensors or model.safetensors.index.json)"
+        return (
+            "model weights are missing (no model.safetensors, model.safetensors.index.json or "
+            "adapter_config.json + adapter_model.safetensors)"
+        )
     for shard in shards:
         path = folder / shard
         problem = safetensors_problem(path) if path.is_file() else f"{shard} is missing"
