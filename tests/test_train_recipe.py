@@ -382,3 +382,22 @@ def test_report_generation_two_stages_tiny(cohort, tmp_path):
         torch.testing.assert_close(
             reloaded(input_ids=ids, pixel_values=pixels).logits, adapted(input_ids=ids, pixel_values=pixels).logits
         )
+
+
+def test_deepspeed_checkpoint_layout_is_checked(reference, tmp_path):
+    """DeepSpeed keeps the optimizer state per rank in the folder its `latest` file names, not in `optimizer.pt`
+    (a real 2-process ZeRO-2 checkpoint is resumed in tests/test_distributed.py, slow)."""
+    folder = tmp_path / "checkpoint-24"
+    shutil.copytree(reference / "checkpoint-24", folder)
+    (folder / "global_step24").mkdir()
+    (folder / "optimizer.pt").rename(folder / "global_step24" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert checkpoint_problem(folder) == "optimizer.pt is missing"
+    (folder / "latest").write_text("global_step24")
+    assert checkpoint_problem(folder) is None
+    (folder / "latest").write_text("global_step20")
+    assert "holds no DeepSpeed optimizer states" in checkpoint_problem(folder)
+    (folder / "latest").write_text("global_step24")
+    states = folder / "global_step24" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    with open(states, "r+b") as handle:
+        handle.truncate(states.stat().st_size - 10)
+    assert "truncated" in checkpoint_problem(folder)

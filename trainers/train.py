@@ -568,8 +568,8 @@ def _torch_file_problem(path: Path) -> str | None:
 def checkpoint_problem(folder: str | Path) -> str | None:
     """None if `folder` is a complete Trainer checkpoint, else the first problem found: `trainer_state.json` missing
     or not JSON, model weights (`model.safetensors`, the shards of `model.safetensors.index.json`, or a peft
-    adapter's `adapter_model.safetensors`) missing or truncated, `optimizer.pt` / `scheduler.pt` /
-    `rng_state*.pth` missing or not loadable."""
+    adapter's `adapter_model.safetensors`) missing or truncated, `optimizer.pt` (under DeepSpeed: the per-rank
+    optimizer states in the folder `latest` names) / `scheduler.pt` / `rng_state*.pth` missing or not loadable."""
     folder = Path(folder)
     state = folder / "trainer_state.json"
     if not state.is_file():
@@ -601,13 +601,42 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     rng_files = sorted(folder.glob("rng_state*.pth"))
     if not rng_files:
         return "no rng_state*.pth file"
-    for name in ("optimizer.pt", "scheduler.pt"):
-        if not (folder / name).is_file():
-            return f"{name} is missing"
-    for path in [folder / "optimizer.pt", folder / "scheduler.pt", *rng_files]:
-        problem = _torch_file_problem(path)
+    torch_files = [folder / "scheduler.pt", *rng_files]
+    if (folder / DEEPSPEED_TAG_FILE).is_file():
+        problem = _deepspeed_states_problem(folder)
         if problem:
             return problem
+    else:
+        torch_files.insert(0, folder / "optimizer.pt")
+    for path in torch_files:
+        problem = _torch_file_problem(path) if path.is_file() else f"{path.name} is missing"
+        if problem:
+            return problem
+    return None
+
+
+#: DeepSpeed's checkpoint tag file: names the folder (`global_step<N>`) with the engine's model and optimizer states.
+DEEPSPEED_TAG_FILE = "latest"
+
+
+def _deepspeed_states_problem(folder: Path) -> str | None:
+    """A DeepSpeed checkpoint keeps its optimizer (and engine) state in the folder its `latest` file names, one
+    `*_optim_states.pt` per rank, instead of `optimizer.pt`. These pickles hold DeepSpeed's own objects, which a
+    weights-only load refuses, so each is checked as the zip archive `torch.save` writes: an archive cut short has
+    no central directory at its end."""
+    import zipfile
+
+    tag = (folder / DEEPSPEED_TAG_FILE).read_text(encoding="utf-8").strip()
+    states = folder / tag
+    optimizer = sorted(states.glob("*optim_states.pt")) if tag and states.is_dir() else []
+    if not optimizer:
+        return f"{DEEPSPEED_TAG_FILE} names {tag!r}, which holds no DeepSpeed optimizer states (*optim_states.pt)"
+    for path in [*optimizer, *sorted(states.glob("*model_states.pt"))]:
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (OSError, zipfile.BadZipFile) as err:
+            return f"{tag}/{path.name}: truncated or not a torch archive ({err})"
     return None
 
 
