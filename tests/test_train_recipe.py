@@ -401,3 +401,36 @@ def test_deepspeed_checkpoint_layout_is_checked(reference, tmp_path):
     with open(states, "r+b") as handle:
         handle.truncate(states.stat().st_size - 10)
     assert "truncated" in checkpoint_problem(folder)
+
+
+def test_lesion_supervised_classifier_logs_both_loss_terms(cohort, tmp_path):
+    """`train_classifier` with the cohort's lesion masks: the per-token lesion term joins the classification loss
+    (logged separately; their weighted sum is the logged loss), and its head trains in its own optimizer group."""
+    import dataclasses
+
+    from trainers.classification import ClassifierRecipe, train_classifier
+
+    recipe = ClassifierRecipe(
+        label_names=("Cardiomegaly", "Pleural effusion"),
+        volume_size=(8, 32, 32),
+        windows=("lung",),
+        patch_size=(2, 8, 8),
+        stem_channels=(),
+        hidden_size=32,
+        num_hidden_layers=1,
+        max_steps=6,
+        batch_size=2,
+        warmup_steps=1,
+        logging_steps=3,
+        eval_batch_size=4,
+    )
+    summary = train_classifier(cohort, tmp_path / "run", dataclasses.replace(recipe, lesion_supervision=0.5))
+    assert summary["lesion_supervision_used"]
+    terms = summary["loss_terms"]
+    assert set(terms) == {"classification_loss", "lesion_loss"} and len(terms["lesion_loss"]) == 2
+    for total, classification, lesion in zip(summary["loss_history"], *terms.values()):
+        assert total == pytest.approx(classification + 0.5 * lesion, abs=2e-4)
+    assert (
+        train_classifier(cohort, tmp_path / "plain", dataclasses.replace(recipe, lesion_supervision=0.0))["loss_terms"]
+        == {}
+    )

@@ -230,17 +230,20 @@ class LesionSupervisedCollator(ClassificationCollator):
 
 
 def _lesion_supervised_trainer(lesion_head: torch.nn.Module, weight: float):
-    """A `Trainer` whose loss adds `weight` × the BCE of `lesion_head` (per patch token of the encoder's last layer)
-    against `lesion_tokens`: dense, localised supervision that teaches the encoder where each finding lies, which
-    a few hundred volume-level labels alone teach slowly. The head's parameters join the optimizer (and its
-    learning-rate schedule); the head is not part of the saved model."""
-    from transformers import Trainer
+    """A `ReCTTrainer` whose loss adds `weight` × the BCE of `lesion_head` (per patch token of the encoder's last
+    layer) against `lesion_tokens`: dense, localised supervision that teaches the encoder where each finding lies,
+    which a few hundred volume-level labels alone teach slowly. The head's parameters join the optimizer as the
+    `lesion_head` group (no weight decay; the learning-rate schedule applies); the head is not part of the saved
+    model. The two terms are logged as `classification_loss` and `lesion_loss` beside `loss`."""
+    from .trainer import ReCTTrainer
 
-    class LesionSupervisedTrainer(Trainer):
+    class LesionSupervisedTrainer(ReCTTrainer):
         def create_optimizer(self, model=None):
             optimizer = super().create_optimizer(model)
             if not any(p is next(lesion_head.parameters()) for g in optimizer.param_groups for p in g["params"]):
-                optimizer.add_param_group({"params": list(lesion_head.parameters()), "weight_decay": 0.0})
+                optimizer.add_param_group(
+                    {"params": list(lesion_head.parameters()), "weight_decay": 0.0, "name": "lesion_head"}
+                )
             return optimizer
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -249,6 +252,8 @@ def _lesion_supervised_trainer(lesion_head: torch.nn.Module, weight: float):
             tokens = outputs.hidden_states[-1][:, -targets.shape[1] :]  # the patch tokens, after any CLS
             lesion_loss = F.binary_cross_entropy_with_logits(lesion_head(tokens), targets.to(tokens.dtype))
             loss = outputs.loss + weight * lesion_loss
+            if model.training:
+                self._accumulate_loss_terms({"classification_loss": outputs.loss, "lesion_loss": lesion_loss})
             return (loss, outputs) if return_outputs else loss
 
     return LesionSupervisedTrainer
@@ -289,8 +294,8 @@ def _auroc_summary(scores: np.ndarray, targets: np.ndarray, label_names) -> dict
 
 
 def _compact_progress_callback():
-    """The Trainer's tqdm bar, writing one short line per log (`step 300/3000  loss 0.4123  lr 9.6e-04`) instead of
-    the raw log dict."""
+    """The Trainer's tqdm bar, writing one short line per log (`step 300/3000  loss 0.4123 (classification 0.3012,
+    lesion 0.2222)  lr 9.6e-04`) instead of the raw log dict."""
     from transformers.trainer_callback import ProgressCallback
 
     class CompactProgressCallback(ProgressCallback):
@@ -299,6 +304,9 @@ def _compact_progress_callback():
                 return
             if "loss" in logs:
                 line = f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}"
+                terms = [f"{k.removesuffix('_loss')} {v:.4f}" for k, v in logs.items() if k.endswith("_loss")]
+                if terms:
+                    line += f" ({', '.join(terms)})"
                 if "learning_rate" in logs:
                     line += f"  lr {logs['learning_rate']:.1e}"
                 if "grad_norm" in logs:
@@ -334,14 +342,17 @@ def train_classifier(
 
     Returns a summary (also written to `output_dir/summary.json`): the recipe, volume counts, `train_loss`,
     `train_seconds` (wall) and `train_cpu_seconds` (this process's CPU time, which other jobs on the machine do not
-    inflate), `loss_history` (one value per `logging_steps`), `valid_auroc` (per label, `macro`, `macro_easy`,
-    `defined_labels`), and `valid_metrics` / `untrained_metrics`: `multilabel_classification_metrics` of the trained
-    model and of the same model before training (scored before the first step; training is unchanged by it).
+    inflate), `loss_history` (one value per `logging_steps`) and `loss_terms` (each logged loss term, likewise),
+    `valid_auroc` (per label, `macro`, `macro_easy`, `defined_labels`), and `valid_metrics` / `untrained_metrics`:
+    `multilabel_classification_metrics` of the trained model and of the same model before training (scored before
+    the first step; training is unchanged by it).
 
     Raises:
         ValueError: an unknown label name, or a label without positive or negative training examples.
     """
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
+
+    from .trainer import ReCTTrainer
 
     recipe = recipe or ClassifierRecipe()
     output_dir = Path(output_dir)
@@ -415,7 +426,7 @@ def train_classifier(
             LesionSupervisedCollator(),
         )
     else:
-        trainer_class, collator = Trainer, ClassificationCollator()
+        trainer_class, collator = ReCTTrainer, ClassificationCollator()
     trainer = trainer_class(model=model, args=args, train_dataset=train, data_collator=collator)
     compact_progress(trainer, progress)
     names = list(recipe.label_names)
@@ -442,6 +453,11 @@ def train_classifier(
         "valid_metrics": multilabel_classification_metrics(scores, targets, names),
         "untrained_metrics": untrained,
         "loss_history": [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e],
+        # Each loss term the trainer logged (`classification_loss`, `lesion_loss` with lesion supervision).
+        "loss_terms": {
+            key: [e[key] for e in trainer.state.log_history if key in e]
+            for key in sorted({k for e in trainer.state.log_history if "loss" in e for k in e if k.endswith("_loss")})
+        },
     }
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
