@@ -461,7 +461,8 @@ def add_demo_parser(parser: argparse.ArgumentParser) -> None:
         nargs=2,
         metavar=("STAGE1", "STAGE2"),
         default=None,
-        help="report generator: projector steps, then LoRA steps (default: the recipe's 5 50, as the bench's)",
+        help="report generator: projector steps, then LoRA steps (default: ReportRecipe's stage1_steps and "
+        "stage2_steps, as the bench's)",
     )
     parser.add_argument(
         "--report-scans", type=positive_int, default=None, help="held-out scans the report generator writes for"
