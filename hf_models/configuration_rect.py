@@ -266,6 +266,11 @@ class ReCTConfig(PreTrainedConfig):
             classification head reads: the CLS token, plus the mean of the patch tokens, plus their max (a focal
             finding anywhere in the volume drives the max, an extended one the mean).
         pos_weight (`list[float]`, *optional*): per-label positive weights of the multi-label BCE (one per label).
+        lesion_token_loss_weight (`float`, defaults to 0.0): [`ReCTForVolumeClassification`]'s auxiliary per-token
+            loss, >= 0. Above 0 the classifier gets a token head (`lesion_token_classifier`) and `forward` takes
+            `lesion_tokens`: for each patch token, which labels' lesions it holds; the BCE of the token head against
+            them, times this weight, joins the loss. Dense, localised supervision that teaches the encoder where
+            each finding lies; inference never uses the head.
         localizer_config (`dict` or [`ReCTLocalizerConfig`], *optional*): prompt fusion and mask decoder of
             [`ReCTForLesionLocalization`]; None: that model uses the defaults (and stores them).
         id2label (`dict[int, str]`, *optional*): defaults to the 18 CT-RATE abnormalities.
@@ -299,6 +304,7 @@ class ReCTConfig(PreTrainedConfig):
     classifier_dropout: float | int = interval(min=0.0, max=1.0, exclude_max=True)(default=0.0)
     classifier_pooling: Literal["cls", "cls_mean", "cls_mean_max"] = "cls_mean_max"
     pos_weight: list[float] | None = None
+    lesion_token_loss_weight: float | int = interval(min=0.0)(default=0.0)
     localizer_config: dict | ReCTLocalizerConfig | None = None
 
     def __post_init__(self, **kwargs):

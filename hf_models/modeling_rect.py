@@ -125,14 +125,21 @@ class ReCTVolumeClassifierOutput(ModelOutput):
     r"""
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*): with `labels`: BCE-with-logits over all labels
-            (multi-label), cross-entropy (single-label) or MSE (regression), per `config.problem_type`.
+            (multi-label), cross-entropy (single-label) or MSE (regression), per `config.problem_type`; with
+            `lesion_tokens` as well, plus `config.lesion_token_loss_weight` × `lesion_token_loss`.
         logits (`torch.FloatTensor` of shape `(batch, num_labels)`).
+        classification_loss (`torch.FloatTensor` of shape `()`, *optional*): with `lesion_tokens` and `labels`: the
+            `labels` term alone (without `lesion_tokens` it is `loss`, and this field is left empty).
+        lesion_token_loss (`torch.FloatTensor` of shape `()`, *optional*): with `lesion_tokens`: BCE-with-logits of
+            the token head against them (unweighted).
         pooler_output (`torch.FloatTensor` of shape `(batch, hidden_size)`): the vision CLS feature.
         hidden_states, attentions: as in [`ReCTVisionModelOutput`].
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    classification_loss: torch.FloatTensor | None = None
+    lesion_token_loss: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
@@ -914,6 +921,9 @@ class ReCTForVolumeClassification(ReCTPreTrainedModel):
         hidden = config.vision_config.hidden_size
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(len(config.classifier_pooling.split("_")) * hidden, config.num_labels)
+        self.lesion_token_classifier = None
+        if config.lesion_token_loss_weight > 0:
+            self.lesion_token_classifier = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, config.num_labels))
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -921,7 +931,11 @@ class ReCTForVolumeClassification(ReCTPreTrainedModel):
 
     @can_return_tuple
     def forward(
-        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        lesion_tokens: torch.Tensor | None = None,
+        **kwargs,
     ) -> ReCTVolumeClassifierOutput:
         r"""
         Args:
@@ -929,6 +943,12 @@ class ReCTForVolumeClassification(ReCTPreTrainedModel):
             labels (`torch.Tensor`, *optional*): `(batch, num_labels)` 0/1 floats for multi-label (BCE, weighted by
                 `config.pos_weight` when set), `(batch,)` integer class ids for single-label, floats for
                 regression. An unset `config.problem_type` is inferred from the first labels, as transformers does.
+            lesion_tokens (`torch.FloatTensor` of shape `(batch, num_patches, num_labels)`, *optional*): training
+                targets of the auxiliary token head (`config.lesion_token_loss_weight` > 0): 1 where patch token n
+                (in the encoder's (depth, height, width) order) holds a lesion of label l, else 0.
+
+        Raises:
+            ValueError: `lesion_tokens` without a token head, or of the wrong shape; an `anatomy_mask`.
         """
         if kwargs.get("anatomy_mask") is not None:
             raise ValueError(
@@ -936,15 +956,40 @@ class ReCTForVolumeClassification(ReCTPreTrainedModel):
                 "region features come from ReCTVisionModel / ReCTModel"
             )
         kwargs.pop("anatomy_mask", None)
+        if lesion_tokens is not None:
+            if self.lesion_token_classifier is None:
+                raise ValueError(
+                    "`lesion_tokens` needs the auxiliary token head: build the model with "
+                    "`config.lesion_token_loss_weight` > 0"
+                )
+            kwargs["output_hidden_states"] = True
         vision = self.vision_model(pixel_values, **kwargs, return_dict=True)
         features = pool_vision_features(
             vision, self.vision_model.config.num_prefix_tokens, self.config.classifier_pooling
         )
         logits = self.classifier(self.dropout(features))
-        loss = None if labels is None else self.classification_loss(logits, labels)
+        classification_loss = None if labels is None else self.classification_loss(logits, labels)
+        lesion_token_loss = None
+        if lesion_tokens is not None:
+            tokens = vision.hidden_states[-1][:, self.vision_model.config.num_prefix_tokens :]
+            expected = (tokens.shape[0], tokens.shape[1], self.num_labels)
+            if tuple(lesion_tokens.shape) != expected:
+                raise ValueError(
+                    f"`lesion_tokens` must be (batch, num_patches, num_labels) = {expected}, got "
+                    f"{tuple(lesion_tokens.shape)}"
+                )
+            lesion_token_loss = F.binary_cross_entropy_with_logits(
+                self.lesion_token_classifier(tokens), lesion_tokens.to(tokens.dtype)
+            )
+        loss = classification_loss
+        if lesion_token_loss is not None:
+            weighted = self.config.lesion_token_loss_weight * lesion_token_loss
+            loss = weighted if loss is None else loss + weighted
         return ReCTVolumeClassifierOutput(
             loss=loss,
             logits=logits,
+            classification_loss=classification_loss if lesion_token_loss is not None else None,
+            lesion_token_loss=lesion_token_loss,
             pooler_output=vision.pooler_output,
             hidden_states=vision.hidden_states,
             attentions=vision.attentions,

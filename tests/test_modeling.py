@@ -554,6 +554,34 @@ def test_classifier_pos_weight_scales_positive_terms():
         rect_config(pos_weight=[1.0, 2.0])
 
 
+def test_classifier_lesion_token_loss_joins_the_loss_and_reloads(tmp_path):
+    """`lesion_token_loss_weight` > 0 adds a token head; `lesion_tokens` (per patch token, per label) add its BCE,
+    times the weight, to the classification loss; the head is saved and reloaded with the model."""
+    model = ReCTForVolumeClassification(rect_config(lesion_token_loss_weight=0.5)).eval()
+    inputs = {"pixel_values": make_batch(2)["pixel_values"]}
+    labels = torch.tensor([[1.0, 0.0] * 9, [0.0, 1.0] * 9])
+    tokens = torch.zeros(2, 64, 18)
+    tokens[0, 5, 0] = tokens[1, 40:44, 1] = 1.0
+    with torch.no_grad():
+        out = model(**inputs, labels=labels, lesion_tokens=tokens)
+        plain = model(**inputs, labels=labels)
+    torch.testing.assert_close(out.loss, out.classification_loss + 0.5 * out.lesion_token_loss)
+    torch.testing.assert_close(out.classification_loss, plain.loss)
+    torch.testing.assert_close(out.logits, plain.logits)  # the head never touches the prediction
+    assert plain.lesion_token_loss is None and out.lesion_token_loss > 0
+    with torch.no_grad():
+        only_tokens = model(**inputs, lesion_tokens=tokens)
+    torch.testing.assert_close(only_tokens.loss, 0.5 * out.lesion_token_loss)
+    model.save_pretrained(tmp_path)
+    reloaded = ReCTForVolumeClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs, lesion_tokens=tokens).lesion_token_loss, out.lesion_token_loss)
+    with pytest.raises(ValueError, match=r"must be \(batch, num_patches, num_labels\) = \(2, 64, 18\)"):
+        model(**inputs, lesion_tokens=tokens[:, :10])
+    with pytest.raises(ValueError, match="lesion_token_loss_weight"):
+        ReCTForVolumeClassification(rect_config())(**inputs, lesion_tokens=tokens)
+
+
 def test_position_embeddings_interpolate_to_other_volume_sizes():
     model = ModelCase(ReCTVisionModel, "divided").build()
     assert model(torch.rand(1, 1, 12, 48, 24)).last_hidden_state.shape == (1, 1 + 6 * 6 * 3, 32)

@@ -119,6 +119,13 @@ def test_killed_run_resumes_to_bit_identical_weights(cohort, reference, tmp_path
     assert_same_run(out, reference)
     # The final folder is a Hub folder: model, config and image processor.
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
+    # The recipe trains with the demo's lesion-token supervision (the cohort has lesion masks): both terms are
+    # logged, the token head is saved (and so restored on resume), evaluation reads images and labels only.
+    logs = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert all({"classification_loss", "lesion_token_loss"} <= set(e) for e in logs)
+    assert json.loads((out / "config.json").read_text())["lesion_token_loss_weight"] == 1.0
+    assert any(k.startswith("lesion_token_classifier.") for k in load_file(out / "model.safetensors"))
+    assert summary["eval_metrics"]["eval_loss"] > 0
 
 
 def test_killed_lora_run_resumes_to_bit_identical_adapter(cohort, tmp_path):
@@ -405,7 +412,7 @@ def test_deepspeed_checkpoint_layout_is_checked(reference, tmp_path):
 
 def test_lesion_supervised_classifier_logs_both_loss_terms(cohort, tmp_path):
     """`train_classifier` with the cohort's lesion masks: the per-token lesion term joins the classification loss
-    (logged separately; their weighted sum is the logged loss), and its head trains in its own optimizer group."""
+    (logged separately; their weighted sum is the logged loss); without lesion supervision there is one term."""
     import dataclasses
 
     from trainers.classification import ClassifierRecipe, train_classifier
@@ -427,7 +434,7 @@ def test_lesion_supervised_classifier_logs_both_loss_terms(cohort, tmp_path):
     summary = train_classifier(cohort, tmp_path / "run", dataclasses.replace(recipe, lesion_supervision=0.5))
     assert summary["lesion_supervision_used"]
     terms = summary["loss_terms"]
-    assert set(terms) == {"classification_loss", "lesion_loss"} and len(terms["lesion_loss"]) == 2
+    assert set(terms) == {"classification_loss", "lesion_token_loss"} and len(terms["lesion_token_loss"]) == 2
     for total, classification, lesion in zip(summary["loss_history"], *terms.values()):
         assert total == pytest.approx(classification + 0.5 * lesion, abs=2e-4)
     assert (

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from hf_models import CT_RATE_ABNORMALITIES, ReCTConfig, ReCTForVolumeClassification, ReCTImageProcessor
 
@@ -103,8 +102,9 @@ class ClassifierRecipe:
     #: augmentation slowed learning (all 18 findings, 32×64×64: macro AUROC 0.55 with strength 1.0 vs 0.58 without
     #: after 1,200 steps); pass `augmentation=1.0` for longer runs.
     augmentation: float = 0.0
-    #: Weight of the auxiliary per-token loss on the cohort's lesion masks (`LesionTokenTargets`; 0 = none). The
-    #: head it trains is discarded after training: the saved classifier reads images only.
+    #: Weight of the auxiliary per-token loss on the cohort's lesion masks (`LesionTokenTargets`; 0 = none):
+    #: `ReCTConfig.lesion_token_loss_weight`. Its token head is saved with the classifier (so a resumed or further
+    #: fine-tuning run keeps it); inference reads images only and never uses it.
     lesion_supervision: float = 1.0
     seed: int = 0
     #: A `ReCTModel` / `ReCTForFeatureExtraction` / `ReCTVisionModel` folder whose vision encoder the classifier
@@ -221,42 +221,15 @@ class LesionTokenTargets:
 
 @dataclass
 class LesionSupervisedCollator(ClassificationCollator):
-    """`ClassificationCollator` plus `lesion_tokens (batch, num_patches, num_labels)` from `LesionTokenTargets`."""
+    """`ClassificationCollator` plus `lesion_tokens (batch, num_patches, num_labels)` from `LesionTokenTargets` when
+    the examples have them (training), without them otherwise (evaluation)."""
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = super().__call__(examples)
-        batch["lesion_tokens"] = stack_field(examples, "lesion_tokens")
+        lesion_tokens = stack_field(examples, "lesion_tokens", optional=True)
+        if lesion_tokens is not None:
+            batch["lesion_tokens"] = lesion_tokens
         return batch
-
-
-def _lesion_supervised_trainer(lesion_head: torch.nn.Module, weight: float):
-    """A `ReCTTrainer` whose loss adds `weight` × the BCE of `lesion_head` (per patch token of the encoder's last
-    layer) against `lesion_tokens`: dense, localised supervision that teaches the encoder where each finding lies,
-    which a few hundred volume-level labels alone teach slowly. The head's parameters join the optimizer as the
-    `lesion_head` group (no weight decay; the learning-rate schedule applies); the head is not part of the saved
-    model. The two terms are logged as `classification_loss` and `lesion_loss` beside `loss`."""
-    from .trainer import ReCTTrainer
-
-    class LesionSupervisedTrainer(ReCTTrainer):
-        def create_optimizer(self, model=None):
-            optimizer = super().create_optimizer(model)
-            if not any(p is next(lesion_head.parameters()) for g in optimizer.param_groups for p in g["params"]):
-                optimizer.add_param_group(
-                    {"params": list(lesion_head.parameters()), "weight_decay": 0.0, "name": "lesion_head"}
-                )
-            return optimizer
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            targets = inputs.pop("lesion_tokens")
-            outputs = model(**inputs, output_hidden_states=True)
-            tokens = outputs.hidden_states[-1][:, -targets.shape[1] :]  # the patch tokens, after any CLS
-            lesion_loss = F.binary_cross_entropy_with_logits(lesion_head(tokens), targets.to(tokens.dtype))
-            loss = outputs.loss + weight * lesion_loss
-            if model.training:
-                self._accumulate_loss_terms({"classification_loss": outputs.loss, "lesion_loss": lesion_loss})
-            return (loss, outputs) if return_outputs else loss
-
-    return LesionSupervisedTrainer
 
 
 def classifier_scores(model, dataset, batch_size: int, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -390,6 +363,7 @@ def train_classifier(
     pos_weight = label_pos_weight(train_labels, recipe.pos_weight_power)
 
     config = recipe.model_config(pos_weight)
+    config.lesion_token_loss_weight = recipe.lesion_supervision if lesion_supervision else 0.0
     if recipe.pretrained:
         model = ReCTForVolumeClassification.from_pretrained(recipe.pretrained, config=config)
     else:
@@ -417,17 +391,8 @@ def train_classifier(
         remove_unused_columns=False,
         disable_tqdm=not progress,
     )
-    if lesion_supervision:
-        lesion_head = torch.nn.Sequential(
-            torch.nn.LayerNorm(recipe.hidden_size), torch.nn.Linear(recipe.hidden_size, len(recipe.label_names))
-        )
-        trainer_class, collator = (
-            _lesion_supervised_trainer(lesion_head, recipe.lesion_supervision),
-            LesionSupervisedCollator(),
-        )
-    else:
-        trainer_class, collator = ReCTTrainer, ClassificationCollator()
-    trainer = trainer_class(model=model, args=args, train_dataset=train, data_collator=collator)
+    collator = LesionSupervisedCollator() if lesion_supervision else ClassificationCollator()
+    trainer = ReCTTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
     compact_progress(trainer, progress)
     names = list(recipe.label_names)
     untrained = multilabel_classification_metrics(

@@ -71,7 +71,10 @@ def build_classification(recipe: Recipe, data_dir: Path, cache_dir: Path, progre
     """`ReCTForVolumeClassification` over a CT-RATE-layout cohort (`data.format` `ct_rate`, or `phantom`: a
     generated cohort, which has the same layout). The image processor and label checks are
     `trainers.classification.ClassifierRecipe`'s; the model config is the recipe's `model.config` with `id2label`
-    from `data.labels` (None = the 18 CT-RATE findings).
+    from `data.labels` (None = the 18 CT-RATE findings). With `model.config.lesion_token_loss_weight` > 0 (the
+    recipe's, as the demo trains) and lesion masks in the cohort (`masks/lesion/`, which generated cohorts have),
+    the training split also yields `lesion_tokens` (`LesionTokenTargets`) for the classifier's auxiliary token
+    loss; without masks that loss is switched off with a warning. Evaluation reads images and labels only.
 
     Raises:
         ValueError: `data.volume_size`/`data.windows` missing, or disagreeing with the model's vision config; an
@@ -81,9 +84,9 @@ def build_classification(recipe: Recipe, data_dir: Path, cache_dir: Path, progre
     import hf_models
     from hf_models import CT_RATE_ABNORMALITIES, ReCTConfig
 
-    from .classification import ClassifierRecipe
+    from .classification import ClassifierRecipe, LesionSupervisedCollator, LesionTokenTargets
     from .data.cache import VolumeCache
-    from .data.collators import ClassificationCollator
+    from .data.phantom import LESION_IDS
     from .metrics import classification_compute_metrics
 
     data = recipe.data
@@ -91,16 +94,32 @@ def build_classification(recipe: Recipe, data_dir: Path, cache_dir: Path, progre
     classifier = ClassifierRecipe(label_names=tuple(data.labels or CT_RATE_ABNORMALITIES))
     label_indices = classifier.label_indices()
     config = ReCTConfig(**recipe.model.config, id2label=dict(enumerate(classifier.label_names)))
+    train_kwargs = {}
+    if config.lesion_token_loss_weight > 0:
+        if (Path(data_dir) / "masks" / "lesion").is_dir():
+            patch_size = config.vision_config.patch_size
+            lesion_ids = [LESION_IDS[name] for name in classifier.label_names]
+            train_kwargs = dict(lesion_column="lesion_mask_path", transform=LesionTokenTargets(patch_size, lesion_ids))
+        else:
+            logger.warning(
+                "%s has no lesion masks (masks/lesion/): training without the auxiliary lesion-token loss "
+                "(model.config.lesion_token_loss_weight=%s is set to 0)",
+                data_dir,
+                config.lesion_token_loss_weight,
+            )
+            config.lesion_token_loss_weight = 0.0
     model = _new_or_pretrained(recipe, hf_models.ReCTForVolumeClassification, config)
 
     cache = VolumeCache(cache_dir, image_processor)
-    train, valid = _cached_splits(recipe, data_dir, cache, progress, label_indices=label_indices)
+    train, valid = _cached_splits(
+        recipe, data_dir, cache, progress, train_kwargs=train_kwargs, label_indices=label_indices
+    )
     return TaskParts(
         model=model,
         image_processor=image_processor,
         train_dataset=train,
         eval_dataset=valid,
-        data_collator=ClassificationCollator(),
+        data_collator=LesionSupervisedCollator(),
         compute_metrics=classification_compute_metrics(classifier.label_names),
     )
 
@@ -408,24 +427,27 @@ def model_with_text_tower(recipe: Recipe, base_class: type, config_class: type) 
     return model, tokenizer
 
 
-def _cached_splits(recipe: Recipe, data_dir: Path, cache: Any, progress: bool, **dataset_kwargs) -> tuple[Any, Any]:
+def _cached_splits(
+    recipe: Recipe, data_dir: Path, cache: Any, progress: bool, train_kwargs: dict | None = None, **dataset_kwargs
+) -> tuple[Any, Any]:
     """The recipe's training and evaluation splits (None without `data.valid_split`) of a CT-RATE-layout cohort as
-    `CachedVolumeDataset`s with `dataset_kwargs`, their volumes processed into `cache`. With `data.format:
+    `CachedVolumeDataset`s with `dataset_kwargs` (and `train_kwargs` on the training split alone), their volumes
+    processed into `cache`. With `data.format:
     segmentation_csv`, `data_dir` is seed 002's CSV (or a folder holding `segmentation.csv`), split per patient by
     `read_segmentation_csv` into `train` and `validation`; its binary masks are the examples' `lesion_mask`."""
     from .data.readers import read_ct_rate, read_segmentation_csv
     from .data.volume_dataset import CachedVolumeDataset
 
-    anatomy = dataset_kwargs.get("anatomy", False)
-    lesions = dataset_kwargs.get("lesion_column") is not None
     segmentation = None
     if recipe.data.format == "segmentation_csv":
         csv = data_dir / "segmentation.csv" if data_dir.is_dir() else data_dir
         segmentation = read_segmentation_csv(csv)
         dataset_kwargs = dict(dataset_kwargs, volume_column="image_path", lesion_column="label_path", anatomy=False)
 
-    def split(name: str) -> Any:
+    def split(name: str, **kwargs) -> Any:
+        kwargs = {**dataset_kwargs, **kwargs}
         if segmentation is None:
+            anatomy, lesions = kwargs.get("anatomy", False), kwargs.get("lesion_column") is not None
             rows = read_ct_rate(data_dir, name, anatomy_masks=anatomy, lesion_masks=lesions, cot=False)
         elif name in segmentation:
             rows = segmentation[name]
@@ -434,12 +456,12 @@ def _cached_splits(recipe: Recipe, data_dir: Path, cache: Any, progress: bool, *
                 f"{recipe.source}: data: the segmentation CSV {data_dir} is split per patient into "
                 f"{sorted(segmentation)}; got split {name!r} (set data.train_split / data.valid_split)"
             )
-        dataset = CachedVolumeDataset(rows, cache, **dataset_kwargs)
+        dataset = CachedVolumeDataset(rows, cache, **kwargs)
         dataset.prepare(progress=progress)
         return dataset
 
     data = recipe.data
-    return split(data.train_split), (split(data.valid_split) if data.valid_split else None)
+    return split(data.train_split, **(train_kwargs or {})), (split(data.valid_split) if data.valid_split else None)
 
 
 #: `data.text_fields` → the `read_ct_rate` column holding that text.
