@@ -268,7 +268,7 @@ def _auroc_summary(scores: np.ndarray, targets: np.ndarray, label_names) -> dict
 
 def _compact_progress_callback():
     """The Trainer's tqdm bar, writing one short line per log (`step 300/3000  loss 0.4123 (classification 0.3012,
-    lesion 0.2222)  lr 9.6e-04`) instead of the raw log dict."""
+    lesion_token 0.1111)  lr 9.6e-04`) instead of the raw log dict."""
     from transformers.trainer_callback import ProgressCallback
 
     class CompactProgressCallback(ProgressCallback):
@@ -418,7 +418,7 @@ def train_classifier(
         "valid_metrics": multilabel_classification_metrics(scores, targets, names),
         "untrained_metrics": untrained,
         "loss_history": [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e],
-        # Each loss term the trainer logged (`classification_loss`, `lesion_loss` with lesion supervision).
+        # Each loss term the trainer logged (`classification_loss`, `lesion_token_loss` with lesion supervision).
         "loss_terms": {
             key: [e[key] for e in trainer.state.log_history if key in e]
             for key in sorted({k for e in trainer.state.log_history if "loss" in e for k in e if k.endswith("_loss")})

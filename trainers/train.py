@@ -362,15 +362,11 @@ def build_report_generation(recipe: Recipe, data_dir: Path, cache_dir: Path, pro
 def _save_stage1_projector(output_dir: Path) -> None:
     """Stage 1's own output beside the saved model: the projector alone (`mm_projector.safetensors`), its tensors
     read from the saved weight files (gathered under ZeRO-3) without loading the whole model back."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from .report_generation import PROJECTOR_FILE, PROJECTOR_PREFIX
 
-    projector = {}
-    for path in sorted(output_dir.glob("model*.safetensors")):
-        with safe_open(path, framework="pt") as handle:
-            projector.update({k: handle.get_tensor(k) for k in handle.keys() if k.startswith(PROJECTOR_PREFIX)})
+    projector = _saved_tensors(sorted(output_dir.glob("model*.safetensors")), lambda k: k.startswith(PROJECTOR_PREFIX))
     if not projector:
         raise ValueError(f"{output_dir}: the saved weights hold no {PROJECTOR_PREFIX}* tensors")
     save_file(projector, output_dir / PROJECTOR_FILE)
@@ -381,16 +377,25 @@ def _save_non_lora_trainables(output_dir: Path) -> None:
     adapter that is not LoRA (`lora.modules_to_save`: the projector), named as in the model without peft's
     `base_model.model.` prefix (what `trainers.report_generation.load_stage2` and `conversion.readers.read_peft`
     read). Read back from the saved adapter file, so it is the gathered weights under ZeRO-3 as well."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from .report_generation import NON_LORA_FILE
     from .trainer import PEFT_PREFIX
 
-    with safe_open(output_dir / "adapter_model.safetensors", framework="pt") as handle:
-        trainables = {k.removeprefix(PEFT_PREFIX): handle.get_tensor(k) for k in handle.keys() if "lora_" not in k}
+    trainables = _saved_tensors([output_dir / "adapter_model.safetensors"], lambda k: "lora_" not in k)
     if trainables:
-        save_file(trainables, output_dir / NON_LORA_FILE)
+        save_file({k.removeprefix(PEFT_PREFIX): v for k, v in trainables.items()}, output_dir / NON_LORA_FILE)
+
+
+def _saved_tensors(files: list[Path], keep: Callable[[str], bool]) -> dict[str, Any]:
+    """The tensors of saved safetensors `files` whose names `keep` accepts, read one by one (the rest stay on disk)."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for path in files:
+        with safe_open(path, framework="pt") as handle:
+            tensors.update({k: handle.get_tensor(k) for k in handle.keys() if keep(k)})
+    return tensors
 
 
 def export_vision_encoder(output_dir: Path) -> None:
@@ -432,9 +437,9 @@ def _cached_splits(
 ) -> tuple[Any, Any]:
     """The recipe's training and evaluation splits (None without `data.valid_split`) of a CT-RATE-layout cohort as
     `CachedVolumeDataset`s with `dataset_kwargs` (and `train_kwargs` on the training split alone), their volumes
-    processed into `cache`. With `data.format:
-    segmentation_csv`, `data_dir` is seed 002's CSV (or a folder holding `segmentation.csv`), split per patient by
-    `read_segmentation_csv` into `train` and `validation`; its binary masks are the examples' `lesion_mask`."""
+    processed into `cache`. With `data.format: segmentation_csv`, `data_dir` is seed 002's CSV (or a folder holding
+    `segmentation.csv`), split per patient by `read_segmentation_csv` into `train` and `validation`; its binary
+    masks are the examples' `lesion_mask`."""
     from .data.readers import read_ct_rate, read_segmentation_csv
     from .data.volume_dataset import CachedVolumeDataset
 
