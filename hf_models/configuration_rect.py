@@ -192,6 +192,9 @@ class ReCTLocalizerConfig(PreTrainedConfig):
         skip_layers (`list[int]`, *optional*): the encoder layer (1..`num_hidden_layers`; 0 = patch embeddings) whose
             tokens feed the skip connection of each decoder stage but the last (which takes the input volume), coarse
             to fine. None: evenly spaced from the last layer down, computed from the encoder's depth.
+        mask_feature_stages (`int`, *optional*): how many decoder stages, counted from the finest, whose features the
+            hypernetwork weighs into each prompt's mask (each adds its channels to the mask token's weights). None:
+            every stage.
         num_fourier_features (`int`, defaults to 10): sine/cosine frequencies per axis (π·2^0 … π·2^(F-1) over
             coordinates normalised to [0, 1]) encoding point, box and token positions; 10 resolves about a thousandth
             of the volume's extent.
@@ -220,6 +223,7 @@ class ReCTLocalizerConfig(PreTrainedConfig):
     qkv_bias: bool = True
     decoder_channels: list[int] | tuple[int, ...] = (64, 32, 16, 16)
     skip_layers: list[int] | tuple[int, ...] | None = None
+    mask_feature_stages: int | None = None
     num_fourier_features: int = interval(min=1)(default=10)
     point_sigma: float | int = interval(min=0.0, exclude_min=True)(default=2.0)
     dice_weight: float | int = interval(min=0.0)(default=1.0)
@@ -243,6 +247,8 @@ class ReCTLocalizerConfig(PreTrainedConfig):
             )
         if not self.decoder_channels or min(self.decoder_channels) < 1:
             raise ValueError(f"`decoder_channels` must hold positive channel counts, got {self.decoder_channels}")
+        if self.mask_feature_stages is not None and self.mask_feature_stages < 1:
+            raise ValueError(f"`mask_feature_stages` must be None or at least 1, got {self.mask_feature_stages}")
 
 
 @strict

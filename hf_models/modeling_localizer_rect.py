@@ -319,9 +319,16 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
             ReCTDecoderStage(channels[s - 1] if s else channels[0], channels[s], channels[s], self.scales[s])
             for s in range(stages)
         )
-        # SAM's hypernetwork: the fused mask token → per-channel weights over the features of the last two decoder
-        # stages, and weights over the fused image tokens for the prompt's coarse mask at the patch grid.
-        self.mask_channels = channels[-2:] if stages > 1 else channels[-1:]
+        # SAM's hypernetwork: the fused mask token → per-channel weights over the features of the finest
+        # `mask_feature_stages` decoder stages, and weights over the fused image tokens for the prompt's coarse mask at
+        # the patch grid.
+        mask_stages = loc.mask_feature_stages or stages
+        if mask_stages > stages:
+            raise ValueError(
+                f"`localizer_config.mask_feature_stages` must be at most the decoder's {stages} stages (patch size "
+                f"{vision_config.patch_size}), got {mask_stages}"
+            )
+        self.mask_channels = channels[-mask_stages:]
         self.mask_embedding = nn.Sequential(
             nn.Linear(width, width), nn.GELU(), nn.Linear(width, sum(self.mask_channels))
         )

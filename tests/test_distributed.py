@@ -152,3 +152,18 @@ def test_deepspeed_resume_is_bit_identical(cohort, tmp_path, stage):
     with open(states[1], "r+b") as handle:
         handle.truncate(states[1].stat().st_size // 2)
     assert "truncated" in checkpoint_problem(out / "checkpoint-6")
+
+
+@pytest.mark.parametrize("recipe", ["localization", "multitask"])
+def test_ddp_trains_models_whose_prompt_parameters_sit_out_some_steps(cohort, tmp_path, recipe):
+    """A localizer's box and point embeddings get no gradient in a text-only step: DDP must be told to look for
+    unused parameters (the task sets it), or the second step fails waiting for their gradients. The evaluation loss
+    must come from every batch, whatever its prompts (the Trainer would otherwise take the points' `input_labels`
+    for labels and skip the loss of batches without points; early stopping then finds no `eval_loss`)."""
+    out = tmp_path / recipe
+    path = REPO_ROOT / "trainers" / "recipes" / f"{recipe}.yaml"
+    summary, steps = train(cohort, out, TORCHRUN, "--per_device_train_batch_size", "1", "--max_steps", "3",
+                           recipe=path)  # fmt: skip
+    assert summary["global_step"] == 3 and [s["step"] for s in steps] == [1, 2, 3]
+    assert all({"dice_loss", "focal_loss"} <= set(s) for s in steps)
+    assert summary["eval_metrics"]["eval_loss"] > 0

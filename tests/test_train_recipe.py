@@ -196,17 +196,13 @@ def test_unknown_override_key_is_one_line(cohort, tmp_path):
         (["classification", "--tiny", "--data", "{missing}", "--output-dir", "{out}"], ["--data", "no such folder"]),
         (["classification", "--tiny", "--data", "{cohort}"], ["--output-dir is required"]),
         (
-            ["multitask", "--tiny", "--data", "{cohort}", "--output-dir", "{out}"],
-            ["'multitask'", "classification"],
-        ),
-        (
             ["classification", "--data", "{cohort}", "--output-dir", "{out}", "--max_steps", "x"],
             ["--max_steps", "'x'"],
         ),
         (["classification", "--data", "{cohort}", "--output-dir", "{out}", "--output_dir", "y"], ["--output_dir"]),
         (["classification", "--data", "{cohort}", "--output-dir", "{earlier}"], ["checkpoint-4", "--resume"]),
     ],
-    ids=["missing-data", "no-output-dir", "unsupported-task", "bad-value", "output-dir-override", "earlier-run"],
+    ids=["missing-data", "no-output-dir", "bad-value", "output-dir-override", "earlier-run"],
 )
 def test_train_usage_errors(cohort, tmp_path, capsys, args, expected):
     (tmp_path / "earlier" / "checkpoint-4").mkdir(parents=True)
@@ -217,15 +213,6 @@ def test_train_usage_errors(cohort, tmp_path, capsys, args, expected):
     assert len(lines) == 1 and lines[0].startswith("rect-vlm train: error: "), lines
     for text in expected:
         assert text in lines[0], lines[0]
-
-
-def test_unsupported_task_names_it_and_the_supported_ones(tmp_path):
-    expected = (
-        r"task 'multitask'.*supported tasks: \['classification', 'localization', 'report_generation', "
-        r"'vision_pretrain'\]"
-    )
-    with pytest.raises(NotImplementedError, match=expected):
-        train_from_recipe("multitask", tmp_path / "data", tmp_path / "out", tiny=True)
 
 
 def test_vision_pretrain_tiny_trains_and_saves_a_hub_folder(cohort, tmp_path):
@@ -296,6 +283,54 @@ def test_localization_tiny_trains_and_saves_a_hub_folder(cohort, tmp_path):
     with torch.no_grad():
         masks = model(**{k: v for k, v in batch.items() if k != "volume_meta"}).pred_masks
     assert masks.shape == (1, 2, 8, 32, 32)
+
+
+def test_multitask_tiny_trains_one_encoder_and_exports_each_component(cohort, tmp_path):
+    """`multitask` from a `vision_pretrain` folder: every loss term in the logs, the pre-trained weights as the
+    starting point, and OUT holding the ReCTModel, classifier/ and localizer/ Hub folders that share the one
+    jointly trained encoder (and, for the localizer, text tower)."""
+    from transformers import AutoModel, AutoModelForImageClassification, AutoModelForMaskGeneration
+
+    from trainers.multitask import CLASSIFIER_DIR, LOCALIZER_DIR
+    from trainers.recipes import load_recipe
+
+    pretrained = tmp_path / "pretrain"
+    train_from_recipe("vision_pretrain", cohort, pretrained, tiny=True, overrides={"max_steps": 2}, progress=False)
+    start = load_file(pretrained / "model.safetensors")
+    recipe = load_recipe("multitask", tiny=True)
+    recipe.model.pretrained = str(pretrained)
+    recipe.optimization.max_steps, recipe.optimization.logging_steps = 4, 2
+    out = tmp_path / "multitask"
+    summary = train_from_recipe(recipe, cohort, out, overrides={"use_cpu": True}, progress=False)
+    assert summary["task"] == "multitask" and summary["global_step"] == 4
+    assert summary["eval_metrics"]["eval_loss"] > 0
+    logged = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    terms = {"contrastive_loss", "region_loss", "classification_loss", "dice_loss", "focal_loss", "iou_loss"}
+    assert logged and all(terms | {"grad_norm"} <= set(e) for e in logged), logged
+
+    model = AutoModel.from_pretrained(out, trust_remote_code=True)
+    assert type(model).__name__ == "ReCTModel"
+    saved = load_file(out / "model.safetensors")
+    assert saved.keys() == model.state_dict().keys() == start.keys()
+    assert not torch.equal(saved["vision_model.embeddings.projection.weight"],
+                           start["vision_model.embeddings.projection.weight"])  # fmt: skip
+    classifier = AutoModelForImageClassification.from_pretrained(out / CLASSIFIER_DIR, trust_remote_code=True)
+    localizer = AutoModelForMaskGeneration.from_pretrained(out / LOCALIZER_DIR, trust_remote_code=True)
+    assert type(classifier).__name__ == "ReCTForVolumeClassification"
+    assert type(localizer).__name__ == "ReCTForLesionLocalization"
+    assert type(AutoModel.from_pretrained(out / LOCALIZER_DIR, trust_remote_code=True)) is type(localizer)
+    assert len(classifier.config.id2label) == 18
+    encoder = model.vision_model.state_dict()
+    for part in (classifier, localizer):
+        tower = part.vision_model.state_dict()
+        assert set(tower) <= set(encoder) and set(encoder) - set(tower) <= {k for k in encoder if "region" in k}
+        for name, tensor in tower.items():
+            torch.testing.assert_close(tensor, encoder[name], rtol=0, atol=0, msg=name)
+    for name, tensor in localizer.text_model.state_dict().items():
+        torch.testing.assert_close(tensor, model.text_model.state_dict()[name], rtol=0, atol=0, msg=name)
+    processor_files = {p.name for p in (out / LOCALIZER_DIR).iterdir()}
+    assert {"processor_config.json", "tokenizer.json"} <= processor_files, processor_files
+    assert (out / CLASSIFIER_DIR / "preprocessor_config.json").is_file()
 
 
 def test_localization_reads_a_seed_002_segmentation_csv(cohort, tmp_path):

@@ -398,17 +398,11 @@ def run_train(args: argparse.Namespace) -> int:
         if value is None:
             raise UsageError(f"{option} is required")
     from trainers.recipes import load_recipe
-    from trainers.train import SUPPORTED_TASKS
 
     try:
         recipe = load_recipe(args.recipe, tiny=args.tiny)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"RECIPE: {err}") from err
-    if recipe.task not in SUPPORTED_TASKS:
-        raise UsageError(
-            f"RECIPE {args.recipe!r}: task {recipe.task!r} cannot be trained yet; supported tasks: "
-            f"{sorted(SUPPORTED_TASKS)}"
-        )
     overrides = training_argument_overrides(rest)  # before any folder is created
     data = cohort_folder(args.data, "--data")
     output_dir = writable_folder(args.output_dir, "--output-dir")
@@ -421,7 +415,7 @@ def run_train(args: argparse.Namespace) -> int:
             "expected --resume to continue it, or another folder"
         )
 
-    summary = train_from_recipe(args.recipe, data, output_dir, tiny=args.tiny, resume=args.resume, overrides=overrides)
+    summary = train_from_recipe(recipe, data, output_dir, tiny=args.tiny, resume=args.resume, overrides=overrides)
     keys = ("global_step", "resumed_from", "train_loss", "wall_seconds", "best_metric")
     if int(os.environ.get("RANK", "0")) == 0:  # one summary for a multi-process run
         print(json.dumps({k: summary[k] for k in keys}, indent=1))

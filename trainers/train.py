@@ -2,8 +2,8 @@
 
 Data flows recipe (`trainers.recipes`) → image processor + model → reader rows → processed-volume cache →
 datasets → `ReCTTrainer` → `output_dir/checkpoint-N` every `save_steps` → final model + image processor
-(`save_pretrained`) and `training_summary.json` in `output_dir`. `SUPPORTED_TASKS` says which recipe tasks have a
-builder; the others raise `NotImplementedError` naming the task.
+(`save_pretrained`) and `training_summary.json` in `output_dir`. `SUPPORTED_TASKS` maps each recipe task to
+its builder.
 
 Checkpoints and crashes: transformers writes `checkpoint-N` in place, under its final name (weights, optimizer,
 scheduler, RNG state, `trainer_state.json` last), so a process killed while saving leaves a partial folder that
@@ -15,6 +15,7 @@ check is the safety net. A skipped folder is left in place; the resumed run over
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -60,6 +61,9 @@ class TaskParts:
     prediction_loss_only: bool = False
     #: Called with the output folder on the main process once the final model is saved there (extra exports).
     after_save: Callable[[Path], None] | None = None
+    #: Some parameters get no gradient in some steps (a localizer's box and point embeddings in a text-only batch):
+    #: DDP must look for them (`TrainingArguments.ddp_find_unused_parameters`, unless the user sets it).
+    find_unused_parameters: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,8 +245,103 @@ def build_localization(recipe: Recipe, data_dir: Path, cache_dir: Path, progress
         data_collator=PromptModeCollator(tokenizer, max_length=data.max_length or 32),
         compute_metrics=None,
         processor=ReCTProcessor(image_processor=image_processor, tokenizer=tokenizer),
+        # Not `input_labels` (the points' labels), which the Trainer takes for labels too: without it in a batch (text
+        # or box prompts), the loss would not be evaluated.
+        label_names=["labels"],
         prediction_loss_only=True,
         after_save=export_vision_encoder,
+        find_unused_parameters=True,
+    )
+
+
+def build_multitask(recipe: Recipe, data_dir: Path, cache_dir: Path, progress: bool) -> TaskParts:
+    """`ReCTMultitaskModel` (`trainers.multitask`): a `ReCTModel` (`model.pretrained`, the `vision_pretrain`
+    output, or new) fine-tuned with a classification head and a localizer decoder on its encoder, over a
+    CT-RATE-layout cohort with labels, reports, anatomy and lesion masks (the phantom's layout). Per volume and step:
+    the global and region contrastive terms on its report, BCE on its labels (`data.labels`, None = the 18
+    CT-RATE findings) and Dice + focal + IoU on `data.targets_per_volume` (16) localizer targets prompted by their
+    names (`LocalizationTargets`); the recipe's `losses` weigh them (`contrastive`, `region`, `classification`;
+    `dice` and `focal` inside the localization term). The Trainer evaluates the summed loss; the output folder gets
+    the `ReCTModel` with its `ReCTProcessor`, and `classifier/` and `localizer/` (`export_multitask`).
+
+    Raises:
+        ValueError: as `build_vision_pretrain` and `build_classification`.
+        DatasetFormatError, MissingFilesError: the cohort's files, including its masks (see `read_ct_rate`).
+    """
+    import hf_models
+    from hf_models import CT_RATE_ABNORMALITIES, ReCTConfig, ReCTProcessor
+
+    from .classification import ClassifierRecipe
+    from .data.anatomy_terms import region_mentions
+    from .data.cache import VolumeCache
+    from .data.localization import LocalizationTargets
+    from .data.phantom import LESION_IDS
+    from .multitask import (
+        DEFAULT_LOSS_WEIGHTS,
+        MultitaskCollator,
+        MultitaskExamples,
+        ReCTMultitaskModel,
+        export_multitask,
+    )
+
+    source, data = recipe.source, recipe.data
+    image_processor = _image_processor(recipe)
+    fields = tuple(data.text_fields or ("Findings_EN", "Impressions_EN"))
+    text_column = _TEXT_COLUMNS.get(frozenset(fields))
+    if text_column is None:
+        raise ValueError(
+            f"{source}: data.text_fields: expected Findings_EN, Impressions_EN or both, found {list(fields)}"
+        )
+    classifier = ClassifierRecipe(label_names=tuple(data.labels or CT_RATE_ABNORMALITIES))
+    label_indices = classifier.label_indices()
+    pretrained, tokenizer = model_with_text_tower(recipe, hf_models.ReCTModel, ReCTConfig)
+    config = pretrained.config
+    config.id2label = dict(enumerate(classifier.label_names))
+    config.label2id = {name: i for i, name in config.id2label.items()}
+    config.problem_type = "multi_label_classification"
+    model = ReCTMultitaskModel(config)
+    model.model.load_state_dict(pretrained.state_dict())
+    del pretrained
+    losses = recipe.losses
+    model.loss_weights = {
+        key: DEFAULT_LOSS_WEIGHTS[key] if getattr(losses, key, None) is None else float(getattr(losses, key))
+        for key in ("contrastive", "region", "classification")
+    } | {"localization": 1.0}
+    if losses.dice is not None:
+        config.localizer_config.dice_weight = losses.dice
+    if losses.focal is not None:
+        config.localizer_config.focal_weight = losses.focal
+    num_regions = config.vision_config.num_regions
+    cache = VolumeCache(cache_dir, image_processor)
+    train, valid = _cached_splits(
+        recipe,
+        data_dir,
+        cache,
+        progress,
+        anatomy=True,
+        lesion_column="lesion_mask_path",
+        label_indices=label_indices,
+        text_column=text_column,
+        region_mentions_fn=(lambda text: region_mentions(text, num_regions)) if num_regions > 0 else None,
+    )
+    findings = {name: LESION_IDS[name] for name in classifier.label_names}
+    seed, per_volume = recipe.optimization.seed, data.targets_per_volume or 16
+
+    def examples(volumes, seed):
+        return MultitaskExamples(LocalizationTargets(volumes, findings, None, per_volume, seed=seed))
+
+    processor = ReCTProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return TaskParts(
+        model=model,
+        image_processor=image_processor,
+        train_dataset=examples(train, seed),
+        eval_dataset=examples(valid, seed + 1) if valid is not None else None,
+        data_collator=MultitaskCollator(tokenizer, max_length=data.max_length or 256),
+        compute_metrics=None,
+        processor=processor,
+        prediction_loss_only=True,
+        after_save=functools.partial(export_multitask, processor=processor),
+        find_unused_parameters=True,
     )
 
 
@@ -556,6 +655,7 @@ SUPPORTED_TASKS: dict[str, Callable[[Recipe, Path, Path, bool], TaskParts]] = {
     "vision_pretrain": build_vision_pretrain,
     "localization": build_localization,
     "report_generation": build_report_generation,
+    "multitask": build_multitask,
 }
 
 
@@ -727,7 +827,6 @@ def train_from_recipe(
         recipe selects a best model).
 
     Raises:
-        NotImplementedError: the recipe's task has no builder yet (the message names it and `SUPPORTED_TASKS`).
         FileExistsError: `output_dir` holds checkpoints and `resume` is False.
         ValueError, FileNotFoundError: see `load_recipe` and the task's builder.
     """
@@ -739,12 +838,7 @@ def train_from_recipe(
     recipe = (
         recipe_name_or_path if isinstance(recipe_name_or_path, Recipe) else load_recipe(recipe_name_or_path, tiny=tiny)
     )
-    build = SUPPORTED_TASKS.get(recipe.task)
-    if build is None:
-        raise NotImplementedError(
-            f"{recipe.source}: task {recipe.task!r} cannot be trained by train_from_recipe yet; "
-            f"supported tasks: {sorted(SUPPORTED_TASKS)}"
-        )
+    build = SUPPORTED_TASKS[recipe.task]  # `load_recipe` accepts only these tasks
     output_dir, data_dir = Path(output_dir), Path(data_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     earlier = checkpoints(output_dir)
@@ -781,6 +875,8 @@ def train_from_recipe(
         args.label_names = parts.label_names
     if parts.prediction_loss_only and "prediction_loss_only" not in overrides:
         args.prediction_loss_only = True
+    if parts.find_unused_parameters and "ddp_find_unused_parameters" not in overrides:
+        args.ddp_find_unused_parameters = True
     trainer = ReCTTrainer(
         model=parts.model,
         args=args,

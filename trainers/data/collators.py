@@ -93,6 +93,27 @@ class ContrastiveCollator:
         return batch
 
 
+def tokenize_prompts(tokenizer: Any, examples: list[dict[str, Any]], max_length: int) -> tuple[torch.Tensor, ...]:
+    """The examples' text prompts (`prompt`: one string each → `(batch, seq)`, or a list of K each → `(batch, K,
+    seq)`) tokenised: `input_ids` and `attention_mask`."""
+    if tokenizer is None:
+        raise ValueError("LocalizationCollator: text prompts need a tokenizer")
+    prompts = [example.get("prompt") or "" for example in examples]
+    nested = [isinstance(p, (list, tuple)) for p in prompts]
+    if any(nested) and not all(nested) or len({len(p) for p in prompts if isinstance(p, (list, tuple))}) > 1:
+        raise ValueError(
+            "LocalizationCollator: every example of a batch needs one prompt, or the same number K of "
+            f"prompts (a list), got {[len(p) if isinstance(p, (list, tuple)) else 'one' for p in prompts]}"
+        )
+    flat = [q for p in prompts for q in p] if all(nested) else prompts
+    text = tokenizer(flat, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    input_ids, attention_mask = text["input_ids"], text["attention_mask"]
+    if all(nested):  # K prompts per volume → (batch, K, seq)
+        input_ids = input_ids.view(len(examples), -1, input_ids.shape[-1])
+        attention_mask = attention_mask.view(input_ids.shape)
+    return input_ids, attention_mask
+
+
 @dataclass
 class LocalizationCollator:
     """→ `pixel_values`, `labels` (the lesion masks: `(batch, 1, D, H, W)`, or `(batch, K, D, H, W)` from K masks per
@@ -107,22 +128,7 @@ class LocalizationCollator:
         batch = volume_fields(examples)
         batch["labels"] = stack_field(examples, "lesion_mask")
         if any(example.get("prompt") is not None for example in examples):
-            if self.tokenizer is None:
-                raise ValueError("LocalizationCollator: text prompts need a tokenizer")
-            prompts = [example.get("prompt") or "" for example in examples]
-            nested = [isinstance(p, (list, tuple)) for p in prompts]
-            if any(nested) and not all(nested) or len({len(p) for p in prompts if isinstance(p, (list, tuple))}) > 1:
-                raise ValueError(
-                    "LocalizationCollator: every example of a batch needs one prompt, or the same number K of "
-                    f"prompts (a list), got {[len(p) if isinstance(p, (list, tuple)) else 'one' for p in prompts]}"
-                )
-            flat = [q for p in prompts for q in p] if all(nested) else prompts
-            text = self.tokenizer(flat, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-            input_ids, attention_mask = text["input_ids"], text["attention_mask"]
-            if all(nested):  # K prompts per volume → (batch, K, seq)
-                input_ids = input_ids.view(len(examples), -1, input_ids.shape[-1])
-                attention_mask = attention_mask.view(input_ids.shape)
-            batch["input_ids"], batch["attention_mask"] = input_ids, attention_mask
+            batch["input_ids"], batch["attention_mask"] = tokenize_prompts(self.tokenizer, examples, self.max_length)
         if any(example.get("input_points") is not None for example in examples):
             count = max(len(example.get("input_points") or []) for example in examples)
             points = torch.zeros(len(examples), count, 3)

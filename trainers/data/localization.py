@@ -108,7 +108,12 @@ class LocalizationTargets(torch.utils.data.Dataset):
         return chosen[: self.targets_per_volume]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        example = self.volumes[int(index)]
+        return self.localization_example(index, self.volumes[int(index)])
+
+    def localization_example(self, index: int, example: dict[str, Any]) -> dict[str, Any]:
+        """Volume `index`'s training example from its volume example `example` (`self.volumes[index]`, read once
+        by a caller that needs its other fields too): `pixel_values`, the K target masks as `lesion_mask`, the K
+        prompts, `item` and, when the first target is not empty, its box and points."""
         targets = self.targets(index)
         masks = {source: np.asarray(example[f"{source}_mask"])[0] for source in {t.source for t in targets}}
         stacked = np.stack([masks[t.source] == t.mask_id for t in targets])
