@@ -149,14 +149,9 @@ def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progr
     from .data.collators import ContrastiveCollator
     from .metrics import retrieval_compute_metrics
 
-    source, data = recipe.source, recipe.data
+    data = recipe.data
     image_processor = _image_processor(recipe)
-    fields = tuple(data.text_fields or ("Findings_EN", "Impressions_EN"))
-    text_column = _TEXT_COLUMNS.get(frozenset(fields))
-    if text_column is None:
-        raise ValueError(
-            f"{source}: data.text_fields: expected Findings_EN, Impressions_EN or both, found {list(fields)}"
-        )
+    text_column = _text_column(recipe)
     model, tokenizer = model_with_text_tower(recipe, hf_models.ReCTModel, ReCTConfig)
     num_regions = model.config.vision_config.num_regions
     cache = VolumeCache(cache_dir, image_processor)
@@ -284,14 +279,9 @@ def build_multitask(recipe: Recipe, data_dir: Path, cache_dir: Path, progress: b
         export_multitask,
     )
 
-    source, data = recipe.source, recipe.data
+    data = recipe.data
     image_processor = _image_processor(recipe)
-    fields = tuple(data.text_fields or ("Findings_EN", "Impressions_EN"))
-    text_column = _TEXT_COLUMNS.get(frozenset(fields))
-    if text_column is None:
-        raise ValueError(
-            f"{source}: data.text_fields: expected Findings_EN, Impressions_EN or both, found {list(fields)}"
-        )
+    text_column = _text_column(recipe)
     classifier = ClassifierRecipe(label_names=tuple(data.labels or CT_RATE_ABNORMALITIES))
     label_indices = classifier.label_indices()
     pretrained, tokenizer = model_with_text_tower(recipe, hf_models.ReCTModel, ReCTConfig)
@@ -574,6 +564,21 @@ _TEXT_COLUMNS = {
     frozenset({"Findings_EN"}): "findings",
     frozenset({"Impressions_EN"}): "impressions",
 }
+
+
+def _text_column(recipe: Recipe) -> str:
+    """The `read_ct_rate` column of the recipe's `data.text_fields` (default both).
+
+    Raises:
+        ValueError: fields other than `Findings_EN` and `Impressions_EN`.
+    """
+    fields = tuple(recipe.data.text_fields or ("Findings_EN", "Impressions_EN"))
+    text_column = _TEXT_COLUMNS.get(frozenset(fields))
+    if text_column is None:
+        raise ValueError(
+            f"{recipe.source}: data.text_fields: expected Findings_EN, Impressions_EN or both, found {list(fields)}"
+        )
+    return text_column
 
 
 def _image_processor(recipe: Recipe, formats: tuple[str, ...] = ("ct_rate", "phantom")) -> Any:
