@@ -7,7 +7,7 @@ from a convolutional pyramid over the input volume. Each of the K prompts of a v
 predicted IoU.
 
 As in SAM, the expensive part runs once per volume and the prompts only steer it: the U-Net decodes the volume once
-into per-voxel mask features at its last two stages (points and the box enter it as dense maps beside the input
+into per-voxel mask features at each of its stages (points and the box enter it as dense maps beside the input
 volume, SAM's dense prompt embedding), and each prompt's mask is the dot product of those features with weights made
 from its fused mask token (SAM's hypernetwork), plus that prompt's coarse mask at the patch grid, read from the
 image tokens after fusion; the coarser maps are resized trilinearly and summed. Asking for K masks of one volume
@@ -555,9 +555,9 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
         prompts = self.fusion_norm(prompts)
         mask_token, iou_token = prompts[:, 0], prompts[:, 1]
 
-        # Mask per prompt: its coarse mask (its weights · its fused image tokens) at the patch grid, resized to the
-        # last stage but one and added to its weights · that stage's features, resized to the input resolution and
-        # added to its weights · the last stage's features (SAM's hypernetwork, over two scales).
+        # Mask per prompt: its coarse mask (its weights · its fused image tokens) at the patch grid, then per used
+        # decoder stage, coarse to fine: resized to that stage and added to its weights · that stage's features (SAM's
+        # hypernetwork, over `mask_feature_stages` scales).
         weights = self.mask_embedding(mask_token).view(batch, num_prompts, -1).split(self.mask_channels, dim=-1)
         logits = torch.einsum("mc,mnc->mn", self.coarse_mask_embedding(mask_token), self.image_norm(image))
         logits = logits.view(batch, num_prompts, *grid)
