@@ -128,9 +128,10 @@ class ReCTMultitaskModel(ReCTPreTrainedModel):
             **kwargs,
         )
         terms = {"contrastive_loss": clip.contrastive_loss, "region_loss": clip.region_loss}
-        loss = None if clip.contrastive_loss is None else weights["contrastive"] * clip.contrastive_loss
-        if clip.region_loss is not None:
-            loss = loss + weights["region"] * clip.region_loss
+        loss = None
+        for key in ("contrastive", "region"):
+            if terms[f"{key}_loss"] is not None:
+                loss = weighted_sum(loss, weights[key], terms[f"{key}_loss"])
         classified = self.classifier(pixel_values=pixel_values, labels=labels, **kwargs)
         if classified.loss is not None:
             terms["classification_loss"] = classified.loss

@@ -144,7 +144,6 @@ def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progr
     import hf_models
     from hf_models import ReCTConfig, ReCTProcessor
 
-    from .data.anatomy_terms import region_mentions
     from .data.cache import VolumeCache
     from .data.collators import ContrastiveCollator
     from .metrics import retrieval_compute_metrics
@@ -153,16 +152,16 @@ def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progr
     image_processor = _image_processor(recipe)
     text_column = _text_column(recipe)
     model, tokenizer = model_with_text_tower(recipe, hf_models.ReCTModel, ReCTConfig)
-    num_regions = model.config.vision_config.num_regions
+    region_mentions_fn = _region_mentions_fn(model.config)
     cache = VolumeCache(cache_dir, image_processor)
     train, valid = _cached_splits(
         recipe,
         data_dir,
         cache,
         progress,
-        anatomy=num_regions > 0,
+        anatomy=region_mentions_fn is not None,
         text_column=text_column,
-        region_mentions_fn=(lambda text: region_mentions(text, num_regions)) if num_regions > 0 else None,
+        region_mentions_fn=region_mentions_fn,
     )
     return TaskParts(
         model=model,
@@ -174,7 +173,7 @@ def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progr
         processor=ReCTProcessor(image_processor=image_processor, tokenizer=tokenizer),
         # ReCTModel takes no labels; the Trainer calls `compute_metrics` only with some, so it gathers the region
         # mentions (retrieval pairs image i with report i and does not read them).
-        label_names=["region_mentions"] if num_regions > 0 else None,
+        label_names=["region_mentions"] if region_mentions_fn is not None else None,
     )
 
 
@@ -216,11 +215,7 @@ def build_localization(recipe: Recipe, data_dir: Path, cache_dir: Path, progress
     if unknown and not csv:
         raise ValueError(f"{recipe.source}: data.labels: unknown finding(s) {unknown}; choose from {list(LESION_IDS)}")
     model, tokenizer = model_with_text_tower(recipe, hf_models.ReCTForLesionLocalization, ReCTConfig)
-    losses = model.config.localizer_config
-    if recipe.losses.dice is not None:
-        losses.dice_weight = recipe.losses.dice
-    if recipe.losses.focal is not None:
-        losses.focal_weight = recipe.losses.focal
+    _set_mask_loss_weights(model.config, recipe)
     cache = VolumeCache(cache_dir, image_processor)
     train, valid = _cached_splits(recipe, data_dir, cache, progress, anatomy=True, lesion_column="lesion_mask_path")
     seed = recipe.optimization.seed
@@ -267,7 +262,6 @@ def build_multitask(recipe: Recipe, data_dir: Path, cache_dir: Path, progress: b
     from hf_models import CT_RATE_ABNORMALITIES, ReCTConfig, ReCTProcessor
 
     from .classification import ClassifierRecipe
-    from .data.anatomy_terms import region_mentions
     from .data.cache import VolumeCache
     from .data.localization import LocalizationTargets
     from .data.phantom import LESION_IDS
@@ -292,16 +286,9 @@ def build_multitask(recipe: Recipe, data_dir: Path, cache_dir: Path, progress: b
     model = ReCTMultitaskModel(config)
     model.model.load_state_dict(pretrained.state_dict())
     del pretrained
-    losses = recipe.losses
-    model.loss_weights = {
-        key: DEFAULT_LOSS_WEIGHTS[key] if getattr(losses, key, None) is None else float(getattr(losses, key))
-        for key in ("contrastive", "region", "classification")
-    } | {"localization": 1.0}
-    if losses.dice is not None:
-        config.localizer_config.dice_weight = losses.dice
-    if losses.focal is not None:
-        config.localizer_config.focal_weight = losses.focal
-    num_regions = config.vision_config.num_regions
+    given = {key: getattr(recipe.losses, key) for key in ("contrastive", "region", "classification")}
+    model.loss_weights = DEFAULT_LOSS_WEIGHTS | {key: float(w) for key, w in given.items() if w is not None}
+    _set_mask_loss_weights(config, recipe)
     cache = VolumeCache(cache_dir, image_processor)
     train, valid = _cached_splits(
         recipe,
@@ -312,7 +299,7 @@ def build_multitask(recipe: Recipe, data_dir: Path, cache_dir: Path, progress: b
         lesion_column="lesion_mask_path",
         label_indices=label_indices,
         text_column=text_column,
-        region_mentions_fn=(lambda text: region_mentions(text, num_regions)) if num_regions > 0 else None,
+        region_mentions_fn=_region_mentions_fn(config),
     )
     findings = {name: LESION_IDS[name] for name in classifier.label_names}
     seed, per_volume = recipe.optimization.seed, data.targets_per_volume or 16
@@ -564,6 +551,23 @@ _TEXT_COLUMNS = {
     frozenset({"Findings_EN"}): "findings",
     frozenset({"Impressions_EN"}): "impressions",
 }
+
+
+def _region_mentions_fn(config: Any) -> Callable[[str], Any] | None:
+    """Report text → its region mentions over the encoder's `num_regions` regions (None without region queries)."""
+    from .data.anatomy_terms import region_mentions
+
+    num_regions = config.vision_config.num_regions
+    return functools.partial(region_mentions, num_regions=num_regions) if num_regions > 0 else None
+
+
+def _set_mask_loss_weights(config: Any, recipe: Recipe) -> None:
+    """The recipe's `losses.dice` / `losses.focal` (when given) into the localizer config's loss weights."""
+    losses, localizer = recipe.losses, config.localizer_config
+    if losses.dice is not None:
+        localizer.dice_weight = losses.dice
+    if losses.focal is not None:
+        localizer.focal_weight = losses.focal
 
 
 def _text_column(recipe: Recipe) -> str:
