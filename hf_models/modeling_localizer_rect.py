@@ -33,7 +33,7 @@ from transformers.utils import ModelOutput, can_return_tuple
 from transformers.utils.import_utils import is_torchdynamo_compiling
 
 from .configuration_rect import ReCTConfig, ReCTLocalizerConfig
-from .modeling_rect import ReCTAttention, ReCTMLP, ReCTPreTrainedModel, ReCTVisionModel
+from .modeling_rect import ReCTAttention, ReCTMLP, ReCTPreTrainedModel, ReCTVisionModel, ReCTVisionModelOutput
 
 
 #: Dense prompt maps the decoder reads beside the volume: box (+1 inside, −1 outside, 0 without a box), positive
@@ -347,6 +347,17 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
         if text:
             self.text_model.requires_grad_(False)
 
+    @torch.no_grad()
+    def get_image_embeddings(self, pixel_values: torch.Tensor, **kwargs) -> ReCTVisionModelOutput:
+        """The encoder's output for `pixel_values` with every layer's hidden states: pass it to `forward` as
+        `vision_outputs` to ask many prompts of the same volumes without encoding them again (SAM's
+        `get_image_embeddings`)."""
+        return self._encode(pixel_values, **kwargs)
+
+    def _encode(self, pixel_values: torch.Tensor, **kwargs) -> ReCTVisionModelOutput:
+        kwargs.pop("output_hidden_states", None)
+        return self.vision_model(pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
+
     def save_vision_encoder(self, save_directory, **kwargs) -> None:
         """Save the vision encoder alone as a Hub folder (its config, weights and code): seed 002's
         `sam_encoder.pth`, for reuse as another model's vision tower. `ReCTVisionModel.from_pretrained(folder)` and
@@ -418,25 +429,37 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
 
     def _prompt_tokens(self, batch, spatial, input_ids, attention_mask, token_type_ids, input_points, input_labels,
                        input_boxes):  # fmt: skip
-        """Prompt tokens `(batch · K, T, width)`, their position encodings and additive padding mask, and K."""
+        """Prompt tokens `(batch · K, T, width)`, their position encodings and additive padding mask, and K.
+
+        Point and box tokens are always there, masked out (padding) when the prompt has none: every parameter then
+        takes part in every forward, whatever prompts a batch holds, which DeepSpeed ZeRO-3 needs when the processes
+        of a run get different prompt kinds (each gathers a module's weights collectively when it runs). Masked
+        tokens get exactly zero attention, so the masks are those of a model without them."""
         width = self.config.localizer_config.hidden_size
         dtype = self.query_tokens.weight.dtype
         device = self.query_tokens.weight.device
         num_prompts = 1 if input_ids is None or input_ids.ndim == 2 else input_ids.shape[1]
-        tokens = [self.query_tokens.weight.unsqueeze(0).expand(batch, -1, -1)]
-        positions = [torch.zeros(batch, 2, width, dtype=dtype, device=device)]
-        valid = [torch.ones(batch, 2, dtype=torch.bool, device=device)]
-        if input_points is not None:
-            labels = input_labels.long()
-            point_tokens = self.point_embeddings(labels.clamp(min=0))
-            tokens.append(point_tokens * (labels >= 0).unsqueeze(-1).to(dtype))
-            positions.append(self._positions(input_points, spatial))
-            valid.append(labels >= 0)
-        if input_boxes is not None:
-            corners = input_boxes.view(batch, 2, 3)
-            tokens.append(self.box_embeddings.weight.unsqueeze(0).expand(batch, -1, -1))
-            positions.append(self._positions(corners, spatial))
-            valid.append(torch.ones(batch, 2, dtype=torch.bool, device=device))
+        if input_points is None:  # one padding point
+            input_points = torch.zeros(batch, 1, 3, dtype=dtype, device=device)
+            input_labels = torch.full((batch, 1), -1, dtype=torch.long, device=device)
+        labels = input_labels.long()
+        point_tokens = self.point_embeddings(labels.clamp(min=0)) * (labels >= 0).unsqueeze(-1).to(dtype)
+        corners = torch.zeros(batch, 2, 3, dtype=dtype, device=device) if input_boxes is None else input_boxes
+        tokens = [
+            self.query_tokens.weight.unsqueeze(0).expand(batch, -1, -1),
+            point_tokens,
+            self.box_embeddings.weight.unsqueeze(0).expand(batch, -1, -1),
+        ]
+        positions = [
+            torch.zeros(batch, 2, width, dtype=dtype, device=device),
+            self._positions(input_points, spatial),
+            self._positions(corners.reshape(batch, 2, 3), spatial),
+        ]
+        valid = [
+            torch.ones(batch, 2, dtype=torch.bool, device=device),
+            labels >= 0,
+            torch.full((batch, 2), input_boxes is not None, dtype=torch.bool, device=device),
+        ]
         tokens, positions, valid = (torch.cat(t, dim=1) for t in (tokens, positions, valid))
         # Every one of the K prompts of a volume shares its points and box: repeat per prompt.
         tokens, positions, valid = (t.repeat_interleave(num_prompts, dim=0) for t in (tokens, positions, valid))
@@ -497,6 +520,7 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
         input_labels: torch.Tensor | None = None,
         input_boxes: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        vision_outputs: ReCTVisionModelOutput | None = None,
         **kwargs,
     ) -> ReCTLesionLocalizationOutput:
         r"""
@@ -510,16 +534,22 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
                 coordinates in the processed volume, corners included.
             labels (`torch.FloatTensor` of shape `(batch, K, depth, height, width)`, *optional*): target masks (0/1)
                 per prompt; give the loss.
+            vision_outputs ([`ReCTVisionModelOutput`], *optional*): the encoder's output for `pixel_values` with
+                `hidden_states` (`get_image_embeddings`, or an encoder with the same weights, such as a
+                [`ReCTModel`]'s, run with `output_hidden_states=True`); used instead of encoding the volumes again.
 
         Raises:
             ValueError: no prompt, prompt shapes that do not match, coordinates outside the volume, a box with a
-                corner after the other, `labels` of the wrong shape.
+                corner after the other, `labels` of the wrong shape, `vision_outputs` without hidden states or of
+                other volumes' shape.
         """
         batch, spatial = pixel_values.shape[0], tuple(pixel_values.shape[2:])
         self._check_prompts(spatial, batch, input_ids, input_points, input_labels, input_boxes)
-        kwargs.pop("output_hidden_states", None)
-        vision = self.vision_model(pixel_values, output_hidden_states=True, return_dict=True, **kwargs)
         grid = tuple(s // p for s, p in zip(spatial, self.config.vision_config.patch_size))
+        if vision_outputs is None:
+            vision = self._encode(pixel_values, **kwargs)
+        else:
+            vision = self._check_vision_outputs(vision_outputs, batch, grid)
         prompts, prompt_pe, prompt_mask, num_prompts = self._prompt_tokens(
             batch, spatial, input_ids, attention_mask, token_type_ids, input_points, input_labels, input_boxes
         )
@@ -581,6 +611,23 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
             iou_loss=iou_loss,
             vision_hidden_states=vision.hidden_states,
         )
+
+    def _check_vision_outputs(
+        self, vision: ReCTVisionModelOutput, batch: int, grid: tuple[int, ...]
+    ) -> ReCTVisionModelOutput:
+        if vision.hidden_states is None:
+            raise ValueError(
+                "`vision_outputs` has no `hidden_states`: the decoder's skips read them (run the encoder with "
+                "`output_hidden_states=True`, or use `get_image_embeddings`)"
+            )
+        tokens = self.config.vision_config.num_prefix_tokens + math.prod(grid)
+        expected = (batch, tokens, self.config.vision_config.hidden_size)
+        if tuple(vision.last_hidden_state.shape) != expected:
+            raise ValueError(
+                f"`vision_outputs.last_hidden_state` must be (batch, tokens, hidden) = {expected} for these "
+                f"`pixel_values`, got {tuple(vision.last_hidden_state.shape)}"
+            )
+        return vision
 
     def localization_loss(
         self, pred_masks: torch.Tensor, iou_scores: torch.Tensor, labels: torch.Tensor

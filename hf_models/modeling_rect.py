@@ -455,16 +455,17 @@ class ReCTProjectionHead(nn.Module):
 
 class ReCTContrastiveHead(nn.Module):
     """Learnable temperatures: the global InfoNCE scale (init log(1/0.07)) and the region-alignment scale and bias
-    (init scale 10, bias 0: BCE starts near log 2 whatever the mention prevalence)."""
+    (init scale 10, bias 0: BCE starts near log 2 whatever the mention prevalence). Each is a 1-element vector, as
+    SigLIP's `logit_scale` and `logit_bias` are: DeepSpeed ZeRO-3 cannot partition 0-dimensional parameters."""
 
     region_logit_scale_init = math.log(10.0)
 
     def __init__(self, logit_scale_init: float):
         super().__init__()
         self.logit_scale_init = logit_scale_init
-        self.logit_scale = nn.Parameter(torch.tensor(logit_scale_init))
-        self.region_logit_scale = nn.Parameter(torch.tensor(self.region_logit_scale_init))
-        self.region_logit_bias = nn.Parameter(torch.tensor(0.0))
+        self.logit_scale = nn.Parameter(torch.full((1,), logit_scale_init))
+        self.region_logit_scale = nn.Parameter(torch.full((1,), self.region_logit_scale_init))
+        self.region_logit_bias = nn.Parameter(torch.zeros(1))
 
     def scale(self, parameter: torch.Tensor) -> torch.Tensor:
         # CLIP's clamp: a temperature below 1/100 makes the softmax numerically brittle.
@@ -526,7 +527,11 @@ class ReCTPreTrainedModel(PreTrainedModel):
         std = getattr(config, "initializer_range", None)
         if std is None:
             std = config.vision_config.initializer_range
-        if isinstance(module, ReCTPatchEmbeddings):
+        if isinstance(module, nn.ConvTranspose3d):  # the localizer's upsampling; transformers' default skips it
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, ReCTPatchEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
             if module.cls_token is not None:
                 init.trunc_normal_(module.cls_token, mean=0.0, std=std)
@@ -894,6 +899,21 @@ def pool_vision_features(vision, num_prefix_tokens: int, pooling: str) -> torch.
     return torch.cat([pooled[name] for name in pooling.split("_")], dim=-1)
 
 
+def encode_or_reuse(
+    vision_model: nn.Module, pixel_values: torch.Tensor | None, vision_outputs: ModelOutput | None, kwargs: dict
+) -> ReCTVisionModelOutput:
+    """`vision_model(pixel_values, **kwargs)`, or the `vision_outputs` a caller computed for the same volumes (a head
+    sharing its encoder with another: one encoder pass for both). Exactly one of the two must be given."""
+    if (pixel_values is None) == (vision_outputs is None):
+        raise ValueError(
+            "give either `pixel_values` or `vision_outputs` (an encoder output for these volumes), not "
+            + ("both" if pixel_values is not None else "neither")
+        )
+    if vision_outputs is not None:
+        return vision_outputs
+    return vision_model(pixel_values, **kwargs, return_dict=True)
+
+
 class ReCTForVolumeClassification(ReCTPreTrainedModel):
     """Abnormality classifier (18 CT-RATE labels by default, multi-label) on the 3D vision encoder alone.
 
@@ -932,23 +952,30 @@ class ReCTForVolumeClassification(ReCTPreTrainedModel):
     @can_return_tuple
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         lesion_tokens: torch.Tensor | None = None,
+        vision_outputs: ReCTVisionModelOutput | None = None,
         **kwargs,
     ) -> ReCTVolumeClassifierOutput:
         r"""
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch, channels, depth, height, width)`).
+            pixel_values (`torch.FloatTensor` of shape `(batch, channels, depth, height, width)`): the volumes;
+                or give `vision_outputs` instead.
             labels (`torch.Tensor`, *optional*): `(batch, num_labels)` 0/1 floats for multi-label (BCE, weighted by
                 `config.pos_weight` when set), `(batch,)` integer class ids for single-label, floats for
                 regression. An unset `config.problem_type` is inferred from the first labels, as transformers does.
             lesion_tokens (`torch.FloatTensor` of shape `(batch, num_patches, num_labels)`, *optional*): training
                 targets of the auxiliary token head (`config.lesion_token_loss_weight` > 0): 1 where patch token n
                 (in the encoder's (depth, height, width) order) holds a lesion of label l, else 0.
+            vision_outputs ([`ReCTVisionModelOutput`], *optional*): what `self.vision_model` (or an encoder with the
+                same weights, such as a [`ReCTModel`]'s) returned for these volumes, with `hidden_states` when
+                `lesion_tokens` is given; the head reads it instead of encoding `pixel_values` again.
 
         Raises:
-            ValueError: `lesion_tokens` without a token head, or of the wrong shape; an `anatomy_mask`.
+            ValueError: neither or both of `pixel_values` and `vision_outputs`, `vision_outputs` without the hidden
+                states `lesion_tokens` need; `lesion_tokens` without a token head, or of the wrong shape; an
+                `anatomy_mask`.
         """
         if kwargs.get("anatomy_mask") is not None:
             raise ValueError(
@@ -963,7 +990,9 @@ class ReCTForVolumeClassification(ReCTPreTrainedModel):
                     "`config.lesion_token_loss_weight` > 0"
                 )
             kwargs["output_hidden_states"] = True
-        vision = self.vision_model(pixel_values, **kwargs, return_dict=True)
+        vision = encode_or_reuse(self.vision_model, pixel_values, vision_outputs, kwargs)
+        if lesion_tokens is not None and vision.hidden_states is None:
+            raise ValueError("`lesion_tokens` read the last layer's hidden states: `vision_outputs` has none")
         features = pool_vision_features(
             vision, self.vision_model.config.num_prefix_tokens, self.config.classifier_pooling
         )

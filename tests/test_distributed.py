@@ -155,11 +155,12 @@ def test_deepspeed_resume_is_bit_identical(cohort, tmp_path, stage):
 
 
 @pytest.mark.parametrize("recipe", ["localization", "multitask"])
-def test_ddp_trains_models_whose_prompt_parameters_sit_out_some_steps(cohort, tmp_path, recipe):
-    """A localizer's box and point embeddings get no gradient in a text-only step: DDP must be told to look for
-    unused parameters (the task sets it), or the second step fails waiting for their gradients. The evaluation loss
-    must come from every batch, whatever its prompts (the Trainer would otherwise take the points' `input_labels`
-    for labels and skip the loss of batches without points; early stopping then finds no `eval_loss`)."""
+def test_ddp_trains_localizers_whatever_prompts_each_process_gets(cohort, tmp_path, recipe):
+    """The processes get batches with different prompt kinds (text, text + box, text + points): every parameter
+    must still get a gradient in each (DDP runs with `find_unused_parameters=False`; the localizer masks absent
+    prompts instead of skipping their layers). The evaluation loss must come from every batch, whatever its prompts
+    (the Trainer would otherwise take the points' `input_labels` for labels and skip the loss of batches without
+    points; early stopping then finds no `eval_loss`)."""
     out = tmp_path / recipe
     path = REPO_ROOT / "trainers" / "recipes" / f"{recipe}.yaml"
     summary, steps = train(cohort, out, TORCHRUN, "--per_device_train_batch_size", "1", "--max_steps", "3",
@@ -167,3 +168,31 @@ def test_ddp_trains_models_whose_prompt_parameters_sit_out_some_steps(cohort, tm
     assert summary["global_step"] == 3 and [s["step"] for s in steps] == [1, 2, 3]
     assert all({"dice_loss", "focal_loss"} <= set(s) for s in steps)
     assert summary["eval_metrics"]["eval_loss"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["vision_pretrain", "localization", "multitask"])
+def test_deepspeed_zero3_builds_text_tower_models_and_exports_their_parts(cohort, tmp_path, recipe):
+    """Under ZeRO-3 each weight is partitioned as it is created: a new model with a BERT text tower must be built
+    and initialised through `_from_config` (its padding row cannot be written into a partition), 0-dimensional
+    parameters cannot be partitioned at all, and every rank must run the same layers whatever prompts it gets (the
+    localizer masks absent prompts instead of skipping their layers). The exports after training build models
+    again, in a process of their own (`from_pretrained` with ZeRO-3 active would partition across ranks that are
+    not there). Every saved tensor is whole and every exported folder loads."""
+    from transformers import AutoModel
+
+    out = tmp_path / recipe
+    path = REPO_ROOT / "trainers" / "recipes" / f"{recipe}.yaml"
+    summary, steps = train(cohort, out, TORCHRUN, "--per_device_train_batch_size", "1", "--max_steps", "2",
+                           "--deepspeed", "zero3", recipe=path)  # fmt: skip
+    assert summary["global_step"] == 2 and [s["step"] for s in steps] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+    folders = {"vision_pretrain": [out], "localization": [out, out / "vision_encoder"],
+               "multitask": [out, out / "classifier", out / "localizer"]}[recipe]  # fmt: skip
+    for folder in folders:
+        weights = load_file(folder / "model.safetensors")
+        assert min(t.numel() for t in weights.values()) > 0, folder  # gathered, never ZeRO-3's placeholders
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+        assert weights.keys() == model.state_dict().keys(), folder
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, weights[name]), (folder, name)

@@ -213,6 +213,21 @@ def test_freeze_encoder_sends_gradients_to_the_prompt_fusion_and_decoder_only():
     assert model.point_embeddings.weight.grad is not None
 
 
+@pytest.mark.parametrize("combination", ["text", "points", "box"])
+def test_every_parameter_gets_a_gradient_whatever_the_prompts(combination):
+    """Absent point and box prompts are masked padding tokens, not skipped layers: each weight takes part in every
+    step, as DDP (`find_unused_parameters=False`) and DeepSpeed ZeRO-3 (processes with different prompt kinds
+    gather the same weights) need."""
+    model = build().train()
+    inputs = prompts(batch=2, num_text=2)
+    chosen = {k: inputs[k] for k in ("pixel_values", *COMBINATIONS[combination])}
+    k = 2 if combination == "text" else 1
+    model(**chosen, labels=(torch.rand(2, k, *SPATIAL) > 0.7).float()).loss.backward()
+    text_used = combination == "text"
+    missing = [n for n, p in model.named_parameters() if p.grad is None and (text_used or "text" not in n)]
+    assert missing == []
+
+
 def test_k_prompts_together_get_the_masks_they_get_alone():
     """The decoder runs once per volume and each prompt only steers it: asking K prompts of a volume at once gives
     each the mask (and IoU) it gets when asked alone, whatever the other prompts are."""
@@ -224,6 +239,28 @@ def test_k_prompts_together_get_the_masks_they_get_alone():
                              attention_mask=inputs["attention_mask"][:, k : k + 1]))  # fmt: skip
         torch.testing.assert_close(alone.pred_masks[:, 0], together.pred_masks[:, k], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(alone.iou_scores[:, 0], together.iou_scores[:, k], atol=1e-5, rtol=1e-5)
+
+
+def test_precomputed_image_embeddings_give_the_same_masks_and_are_checked():
+    """`get_image_embeddings` once, then any prompts through `vision_outputs`: the masks, scores and loss of a plain
+    forward, without encoding again; embeddings without hidden states or of other volumes are refused."""
+    model = build()
+    inputs = prompts(batch=2, num_text=3)
+    labels = (torch.rand(2, 3, *SPATIAL) > 0.7).float()
+    embeddings = model.get_image_embeddings(inputs["pixel_values"])
+    assert embeddings.hidden_states is not None and not embeddings.last_hidden_state.requires_grad
+    for combination in ("text", "box", "all"):
+        chosen = {k: inputs[k] for k in ("pixel_values", *COMBINATIONS[combination])}
+        k = 3 if "input_ids" in chosen else 1
+        plain = model(**chosen, labels=labels[:, :k])
+        reused = model(**chosen, labels=labels[:, :k], vision_outputs=embeddings)
+        assert torch.equal(plain.pred_masks, reused.pred_masks) and torch.equal(plain.iou_scores, reused.iou_scores)
+        assert torch.equal(plain.loss, reused.loss)
+    with pytest.raises(ValueError, match="no `hidden_states`.*get_image_embeddings"):
+        model(**inputs, vision_outputs=model.vision_model(inputs["pixel_values"]))
+    with pytest.raises(ValueError, match=r"must be \(batch, tokens, hidden\) = \(1, 65, 32\).*got \(2, 65, 32\)"):
+        single = {k: v[:1] for k, v in inputs.items()}
+        model(**single, vision_outputs=embeddings)
 
 
 def test_dense_prompt_maps_hold_the_box_and_the_points_by_label():
@@ -287,9 +324,15 @@ def test_starts_from_a_contrastive_model_folder(tmp_path):
         tmp_path / "dual", localizer_config=localizer_config().localizer_config
     )
     dual_state = dual.state_dict()
+    fresh = build(seed=4).state_dict()
     for name, value in model.state_dict().items():
         if name.startswith(("vision_model.", "text_model.")) and name in dual_state:
             torch.testing.assert_close(value, dual_state[name], atol=0, rtol=0, msg=name)
+        elif value.is_floating_point() and value.numel() >= 64:
+            # new parts are initialised as in a new model (loading builds them empty: every kind of layer must be
+            # covered by `_init_weights`, or it keeps whatever the memory held)
+            assert torch.isfinite(value).all(), name
+            assert 0.5 <= (value.std() + 1e-6) / (fresh[name].std() + 1e-6) <= 2, name
     assert type(model.config.localizer_config) is ReCTLocalizerConfig
 
 

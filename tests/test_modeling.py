@@ -582,6 +582,26 @@ def test_classifier_lesion_token_loss_joins_the_loss_and_reloads(tmp_path):
         ReCTForVolumeClassification(rect_config())(**inputs, lesion_tokens=tokens)
 
 
+def test_classifier_reads_an_encoder_output_computed_elsewhere():
+    """`vision_outputs` (a shared encoder's output for the same volumes, as the multitask composite passes) gives
+    what encoding `pixel_values` gives; exactly one of the two is accepted."""
+    model = ReCTForVolumeClassification(rect_config(lesion_token_loss_weight=0.5)).eval()
+    pixel_values = make_batch(2)["pixel_values"]
+    labels, tokens = torch.tensor([[1.0, 0.0] * 9, [0.0, 1.0] * 9]), torch.zeros(2, 64, 18)
+    tokens[0, 5, 0] = 1.0
+    with torch.no_grad():
+        plain = model(pixel_values, labels=labels, lesion_tokens=tokens)
+        vision = model.vision_model(pixel_values, output_hidden_states=True)
+        reused = model(labels=labels, lesion_tokens=tokens, vision_outputs=vision)
+    assert torch.equal(plain.logits, reused.logits) and torch.equal(plain.loss, reused.loss)
+    with pytest.raises(ValueError, match="not both"):
+        model(pixel_values, vision_outputs=vision)
+    with pytest.raises(ValueError, match="not neither"):
+        model(labels=labels)
+    with pytest.raises(ValueError, match="`vision_outputs` has none"):
+        model(lesion_tokens=tokens, vision_outputs=model.vision_model(pixel_values))
+
+
 def test_position_embeddings_interpolate_to_other_volume_sizes():
     model = ModelCase(ReCTVisionModel, "divided").build()
     assert model(torch.rand(1, 1, 12, 48, 24)).last_hidden_state.shape == (1, 1 + 6 * 6 * 3, 32)

@@ -19,11 +19,20 @@ hold under ZeRO as they do without it, and no fused Adam extension has to be com
 The final weights are saved through `Trainer.save_model`, which gathers ZeRO-3 partitions
 (`stage3_gather_16bit_weights_on_model_save: true` in `trainers/deepspeed/zero3.json`) and writes on the main
 process only, so a saved `model.safetensors` never holds the `[0]`-shaped placeholders ZeRO-3 leaves in each rank.
+
+Under ZeRO-3 each parameter is partitioned as it is created. Models are therefore built with `_from_config` (which
+initialises the partitioned weights as transformers does for `from_pretrained`), weights copied into a built model go
+through `load_into` (gathered while they are written), and work after training that builds models again (the
+multitask and localization exports) runs in a fresh process (`in_fresh_process`): `from_pretrained` in a process
+where ZeRO-3 is active partitions the new model across ranks that are not there to take part, and waits forever.
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,4 +96,67 @@ def prepare_distributed(deepspeed: Any, given: dict[str, Any]) -> dict[str, Any]
     return {k: v for k, v in extra.items() if k not in given}
 
 
-__all__ = ["ACCELERATE_CONFIGS", "DEEPSPEED_CONFIGS", "prepare_distributed", "resolve_deepspeed", "world_size"]
+def zero3_enabled() -> bool:
+    """Whether the Trainer being set up in this process partitions parameters with DeepSpeed ZeRO-3."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+@contextlib.contextmanager
+def gathered(module: Any) -> Iterator[None]:
+    """Inside, `module`'s parameters are whole tensors on every rank under ZeRO-3, and what rank 0 writes into them
+    is partitioned back on exit; without ZeRO-3 it does nothing."""
+    if not zero3_enabled():
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+        yield
+
+
+def state_dict_of(module: Any) -> dict[str, Any]:
+    """`module.state_dict()` as whole tensors (copies), under ZeRO-3 too."""
+    with gathered(module):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def load_into(module: Any, state_dict: Mapping[str, Any]) -> None:
+    """`module.load_state_dict(state_dict)` (strict), also when ZeRO-3 has partitioned `module`'s parameters."""
+    with gathered(module):
+        module.load_state_dict(state_dict)
+
+
+def in_fresh_process(function: Callable[..., None], *args: Any) -> None:
+    """`function(*args)` here, or under ZeRO-3 in a spawned process of its own (see the module docstring); both
+    must be picklable. The child's failure is raised here.
+
+    Raises:
+        RuntimeError: the child process failed (its traceback is in the log).
+    """
+    if not zero3_enabled():
+        function(*args)
+        return
+    process = multiprocessing.get_context("spawn").Process(target=function, args=args)
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(
+            f"{getattr(getattr(function, 'func', function), '__name__', function)} failed in its own process (exit "
+            f"code {process.exitcode}); its traceback is above"
+        )
+
+
+__all__ = [
+    "ACCELERATE_CONFIGS",
+    "DEEPSPEED_CONFIGS",
+    "gathered",
+    "in_fresh_process",
+    "load_into",
+    "prepare_distributed",
+    "resolve_deepspeed",
+    "state_dict_of",
+    "world_size",
+    "zero3_enabled",
+]

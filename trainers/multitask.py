@@ -66,11 +66,12 @@ class ReCTMultitaskModel(ReCTPreTrainedModel):
     Args:
         config: a [`ReCTConfig`] (its `id2label` are the classifier's labels; `localizer_config` the decoder's).
 
-    To fine-tune a pre-trained `ReCTModel`, build the composite from its config and load its weights into
-    `composite.model` (`build_multitask` does).
+    `ReCTMultitaskModel.from_pretrained(folder)` on a `ReCTModel` folder (a `vision_pretrain` output) loads it into
+    `composite.model` and initialises the classification head and the localizer's own parts (`build_multitask` does).
     """
 
     _auto_class = None  # a training composite: `export_multitask` writes the Hub folders
+    base_model_prefix = "model"  # `from_pretrained` on a `ReCTModel` folder loads it into `self.model`
     main_input_name = "pixel_values"
 
     def __init__(self, config: ReCTConfig):
@@ -113,10 +114,13 @@ class ReCTMultitaskModel(ReCTPreTrainedModel):
             prompt_input_ids, prompt_attention_mask (`torch.LongTensor` of shape `(batch, K, seq)`, *optional*): K
                 text prompts per volume for the localizer, with `mask_labels (batch, K, depth, height, width)`.
 
-        Each head runs the shared encoder on the same volumes (the classifier and the localizer read its tokens
-        without the anatomy mask); a term whose inputs are missing is left out of `loss`.
+        The encoder runs once per step: the classifier and the localizer read the `ReCTModel`'s vision output (its
+        tokens do not depend on the anatomy mask, which only pools the region features). A term whose inputs are
+        missing is left out of `loss`.
         """
         weights = self.loss_weights
+        if prompt_input_ids is not None:
+            kwargs["output_hidden_states"] = True  # the localizer's decoder reads the encoder's layers
         clip = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -132,7 +136,8 @@ class ReCTMultitaskModel(ReCTPreTrainedModel):
         for key in ("contrastive", "region"):
             if terms[f"{key}_loss"] is not None:
                 loss = weighted_sum(loss, weights[key], terms[f"{key}_loss"])
-        classified = self.classifier(pixel_values=pixel_values, labels=labels, **kwargs)
+        vision = clip.vision_model_output
+        classified = self.classifier(labels=labels, vision_outputs=vision)
         if classified.loss is not None:
             terms["classification_loss"] = classified.loss
             loss = weighted_sum(loss, weights["classification"], classified.loss)
@@ -142,7 +147,7 @@ class ReCTMultitaskModel(ReCTPreTrainedModel):
                 input_ids=prompt_input_ids,
                 attention_mask=prompt_attention_mask,
                 labels=mask_labels,
-                **kwargs,
+                vision_outputs=vision,
             )
             if located.loss is not None:
                 terms.update(dice_loss=located.dice_loss, focal_loss=located.focal_loss, iou_loss=located.iou_loss)

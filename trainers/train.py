@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .distributed import prepare_distributed, resolve_deepspeed
+from .distributed import in_fresh_process, load_into, prepare_distributed, resolve_deepspeed, state_dict_of
 from .recipes import Recipe, load_recipe
 
 
@@ -61,9 +61,6 @@ class TaskParts:
     prediction_loss_only: bool = False
     #: Called with the output folder on the main process once the final model is saved there (extra exports).
     after_save: Callable[[Path], None] | None = None
-    #: Some parameters get no gradient in some steps (a localizer's box and point embeddings in a text-only batch):
-    #: DDP must look for them (`TrainingArguments.ddp_find_unused_parameters`, unless the user sets it).
-    find_unused_parameters: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,7 +237,6 @@ def build_localization(recipe: Recipe, data_dir: Path, cache_dir: Path, progress
         label_names=["labels"],
         prediction_loss_only=True,
         after_save=export_vision_encoder,
-        find_unused_parameters=True,
     )
 
 
@@ -278,14 +274,15 @@ def build_multitask(recipe: Recipe, data_dir: Path, cache_dir: Path, progress: b
     text_column = _text_column(recipe)
     classifier = ClassifierRecipe(label_names=tuple(data.labels or CT_RATE_ABNORMALITIES))
     label_indices = classifier.label_indices()
-    pretrained, tokenizer = model_with_text_tower(recipe, hf_models.ReCTModel, ReCTConfig)
-    config = pretrained.config
-    config.id2label = dict(enumerate(classifier.label_names))
-    config.label2id = {name: i for i, name in config.id2label.items()}
-    config.problem_type = "multi_label_classification"
-    model = ReCTMultitaskModel(config)
-    model.model.load_state_dict(pretrained.state_dict())
-    del pretrained
+    model, tokenizer = model_with_text_tower(
+        recipe,
+        hf_models.ReCTModel,
+        ReCTConfig,
+        build_class=ReCTMultitaskModel,
+        id2label=dict(enumerate(classifier.label_names)),
+        problem_type="multi_label_classification",
+    )
+    config = model.config
     given = {key: getattr(recipe.losses, key) for key in ("contrastive", "region", "classification")}
     model.loss_weights = DEFAULT_LOSS_WEIGHTS | {key: float(w) for key, w in given.items() if w is not None}
     _set_mask_loss_weights(config, recipe)
@@ -318,7 +315,6 @@ def build_multitask(recipe: Recipe, data_dir: Path, cache_dir: Path, progress: b
         processor=processor,
         prediction_loss_only=True,
         after_save=functools.partial(export_multitask, processor=processor),
-        find_unused_parameters=True,
     )
 
 
@@ -483,22 +479,25 @@ def export_vision_encoder(output_dir: Path) -> None:
     model.save_vision_encoder(output_dir / VISION_ENCODER_DIR)
 
 
-def model_with_text_tower(recipe: Recipe, base_class: type, config_class: type) -> tuple[Any, Any]:
-    """The recipe's model (see `_new_or_pretrained`) whose text tower is `model.text_pretrained`'s when given (its
-    config replaces `config.text_config`, its weights are loaded), and the tokenizer for it.
+def model_with_text_tower(
+    recipe: Recipe, base_class: type, config_class: type, build_class: type | None = None, **config_kwargs: Any
+) -> tuple[Any, Any]:
+    """The recipe's model (see `_new_or_pretrained`; `config_kwargs` join `model.config`) whose text tower is
+    `model.text_pretrained`'s when given (its config replaces `config.text_config`, its weights are loaded), and the
+    tokenizer for it.
 
     Raises:
         ValueError: the text tower's vocabulary is smaller than the tokenizer's.
     """
     text_pretrained = recipe.model.text_pretrained
-    config_kwargs = dict(recipe.model.config)
+    config_kwargs = {**recipe.model.config, **config_kwargs}
     if text_pretrained:
         from transformers import AutoConfig
 
         config_kwargs["text_config"] = AutoConfig.from_pretrained(text_pretrained).to_dict()
-    model = _new_or_pretrained(recipe, base_class, config_class(**config_kwargs))
+    model = _new_or_pretrained(recipe, base_class, config_class(**config_kwargs), build_class)
     if text_pretrained:
-        _load_text_tower(model, text_pretrained)
+        _load_text_tower(model.base_model, text_pretrained)
     tokenizer = _text_tokenizer(text_pretrained or recipe.model.pretrained)
     if len(tokenizer) > model.config.text_config.vocab_size:
         raise ValueError(
@@ -604,9 +603,12 @@ def _image_processor(recipe: Recipe, formats: tuple[str, ...] = ("ct_rate", "pha
     return ct_image_processor(data.volume_size, data.windows)
 
 
-def _new_or_pretrained(recipe: Recipe, base_class: type, config: Any) -> Any:
+def _new_or_pretrained(recipe: Recipe, base_class: type, config: Any, build_class: type | None = None) -> Any:
     """`model.model_class` (a `base_class`) from `config`, or from `model.pretrained` with it; checked against the
-    data section (volume size, one input channel per window)."""
+    data section (volume size, one input channel per window). `build_class` is built instead when the task trains a
+    composite holding a `model.model_class` as its base model (the multitask `ReCTMultitaskModel`): a pre-trained
+    folder's weights load into that base model. A new model is built with `_from_config`, which under DeepSpeed
+    ZeRO-3 partitions each weight as it is created and initialises the partitioned weights."""
     import hf_models
 
     source, data = recipe.source, recipe.data
@@ -627,16 +629,17 @@ def _new_or_pretrained(recipe: Recipe, base_class: type, config: Any) -> Any:
             f"{source}: model.config.vision_config.in_channels is {vision.in_channels} but data.windows gives "
             f"{len(data.windows)} channel(s)"
         )
+    build_class = build_class or model_class
     if recipe.model.pretrained:
-        return model_class.from_pretrained(recipe.model.pretrained, config=config)
-    return model_class(config)
+        return build_class.from_pretrained(recipe.model.pretrained, config=config)
+    return build_class._from_config(config)
 
 
 def _load_text_tower(model: Any, text_pretrained: str) -> None:
     """Copy a pretrained BERT-like model's weights into `model.text_model` (same config). Every weight the tower uses
     must be there; weights the tower does not have (a pooler it drops) are left out, and said in the log."""
     source = type(model.text_model).from_pretrained(text_pretrained, config=model.text_model.config)
-    weights = source.state_dict()
+    weights = state_dict_of(source)
     expected = model.text_model.state_dict()
     missing = sorted(set(expected) - set(weights))
     if missing:
@@ -644,7 +647,7 @@ def _load_text_tower(model: Any, text_pretrained: str) -> None:
     unused = sorted(set(weights) - set(expected))
     if unused:
         logger.info("model.text_pretrained %s: not used by the text tower: %s", text_pretrained, unused)
-    model.text_model.load_state_dict({k: weights[k] for k in expected})
+    load_into(model.text_model, {k: weights[k] for k in expected})
 
 
 def _text_tokenizer(pretrained: str | None) -> Any:
@@ -884,8 +887,6 @@ def train_from_recipe(
         args.label_names = parts.label_names
     if parts.prediction_loss_only and "prediction_loss_only" not in overrides:
         args.prediction_loss_only = True
-    if parts.find_unused_parameters and "ddp_find_unused_parameters" not in overrides:
-        args.ddp_find_unused_parameters = True
     trainer = ReCTTrainer(
         model=parts.model,
         args=args,
@@ -905,7 +906,7 @@ def train_from_recipe(
     trainer.save_model(str(output_dir))
     trainer.save_state()
     if parts.after_save is not None and trainer.is_world_process_zero():
-        parts.after_save(output_dir)
+        in_fresh_process(parts.after_save, output_dir)  # under ZeRO-3 it may not build models in this process
     state = trainer.state
     summary = {
         "recipe": recipe.source,

@@ -97,13 +97,13 @@ def tokenize_prompts(tokenizer: Any, examples: list[dict[str, Any]], max_length:
     """The examples' text prompts (`prompt`: one string each → `(batch, seq)`, or a list of K each → `(batch, K,
     seq)`) tokenised: `input_ids` and `attention_mask`."""
     if tokenizer is None:
-        raise ValueError("LocalizationCollator: text prompts need a tokenizer")
+        raise ValueError("text prompts (`prompt`) need a tokenizer: the collator has none")
     prompts = [example.get("prompt") or "" for example in examples]
     nested = [isinstance(p, (list, tuple)) for p in prompts]
     if any(nested) and not all(nested) or len({len(p) for p in prompts if isinstance(p, (list, tuple))}) > 1:
         raise ValueError(
-            "LocalizationCollator: every example of a batch needs one prompt, or the same number K of "
-            f"prompts (a list), got {[len(p) if isinstance(p, (list, tuple)) else 'one' for p in prompts]}"
+            "`prompt`: every example of a batch needs one prompt, or the same number K of prompts (a list), "
+            f"got {[len(p) if isinstance(p, (list, tuple)) else 'one' for p in prompts]}"
         )
     flat = [q for p in prompts for q in p] if all(nested) else prompts
     text = tokenizer(flat, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
