@@ -527,10 +527,13 @@ class ReCTPreTrainedModel(PreTrainedModel):
         std = getattr(config, "initializer_range", None)
         if std is None:
             std = config.vision_config.initializer_range
-        if isinstance(module, nn.ConvTranspose3d):  # the localizer's upsampling; transformers' default skips it
-            init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.ConvTranspose3d):
+            # The localizer's upsampling, which transformers' default skips (a model loaded with new decoder parts
+            # would keep uninitialised memory there): torch's own initialisation, as a new model has always had.
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
-                init.zeros_(module.bias)
+                bound = 1 / math.sqrt(module.weight.shape[1] * math.prod(module.weight.shape[2:]))
+                init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, ReCTPatchEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
             if module.cls_token is not None:
