@@ -17,6 +17,7 @@ least three finding types too; the mean over every finding is printed beside it)
 their names.
 
 Usage: python bench/localization.py [--seeds 0 1 2] [--steps 300] [--workdir DIR] [--batch 4] [--eval-volumes 40]
+       [--prompt-modes text text+box ...]
 """
 
 # ruff: noqa: E402 - `short_openmp_spin` must run before torch (imported further down) loads libgomp.
@@ -55,7 +56,7 @@ from trainers.text import minilm_tokenizer
 TARGETS = {"findings_text": 0.7, "findings_box": 0.8, "anatomy_text": 0.8}
 
 
-def localization_recipe(seed: int, steps: int, batch: int):
+def localization_recipe(seed: int, steps: int, batch: int, prompt_modes: list[str] | None = None):
     """The `localization` recipe at the demo's scale (see the module docstring)."""
     from trainers.recipes import ParamGroup, load_recipe
 
@@ -70,6 +71,7 @@ def localization_recipe(seed: int, steps: int, batch: int):
     recipe.model.gradient_checkpointing = False
     recipe.data.volume_size = list(classifier.volume_size)
     recipe.data.windows = [list(w) if isinstance(w, tuple) else w for w in classifier.windows]
+    recipe.data.prompt_modes = prompt_modes
     opt = recipe.optimization
     opt.lr, opt.weight_decay, opt.scheduler = 1e-3, 0.05, "cosine"
     opt.epochs, opt.max_steps, opt.batch_size, opt.gradient_accumulation_steps = None, steps, batch, 1
@@ -177,6 +179,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--eval-volumes", type=int, default=40, help="held-out volumes scored (0 = all 166)")
+    parser.add_argument(
+        "--prompt-modes",
+        nargs="+",
+        default=None,
+        choices=["text", "text+box", "text+points"],
+        help="training batches' prompt modes, cycled (default: the recipe's, each mode once)",
+    )
     parser.add_argument("--workdir", default=None, help="keeps the cohort and the cache between runs")
     args = parser.parse_args()
 
@@ -191,7 +200,7 @@ def main() -> None:
     tokenizer = minilm_tokenizer()
     runs = {}
     for seed in args.seeds:
-        recipe = localization_recipe(seed, args.steps, args.batch)
+        recipe = localization_recipe(seed, args.steps, args.batch, args.prompt_modes)
         out = workdir / f"seed_{seed}"
         torch.manual_seed(seed)
         untrained, _ = model_with_text_tower(recipe, ReCTForLesionLocalization, ReCTConfig)

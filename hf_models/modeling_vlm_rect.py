@@ -184,17 +184,20 @@ class ReCTTACProjector(nn.Module):
     def forward(
         self,
         layers: list[torch.Tensor],
-        prior_layers: list[torch.Tensor] | None = None,
         has_prior: torch.Tensor | None = None,
         regions: torch.Tensor | None = None,
         present: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        current = self.extract(layers, regions, present)
-        prior = current
-        if prior_layers is not None:
+        """`layers`: the selected encoder layers' patch tokens of the current scans, followed (with `has_prior`,
+        `(batch,)` bool) by those of the prior scans that exist, in batch order; `regions`/`present` over the same
+        rows. Both kinds go through `extract` together, so every module runs once whatever the batch holds."""
+        tokens = self.extract(layers, regions, present)
+        batch = tokens.shape[0] if has_prior is None else has_prior.shape[0]
+        current = prior = tokens[:batch]
+        if has_prior is not None:
             # Prior features exist only for the samples with a prior; the others' current scan stands in.
             prior = current.clone()
-            prior[has_prior] = self.extract(prior_layers).to(current.dtype)
+            prior[has_prior] = tokens[batch:]
         length = current.shape[1]
         both = torch.cat([current + self.temporal_embeddings[0], prior + self.temporal_embeddings[1]], dim=1)
         normed = self.self_attention_norm(both)
@@ -320,14 +323,19 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
                 raise ValueError("projector_type 'mlp' reads the current scan only; prior scans need 'tac'")
         elif has_prior is not None and bool(has_prior.any()):
             raise ValueError("`has_prior` marks samples with a prior scan but `prior_pixel_values` is None")
-        layers, vision = self._encoder_layers(pixel_values, anatomy_mask)
-        prior_layers = prior_vision = None
-        if prior_pixel_values is not None and bool(has_prior.any()):
-            prior_layers, prior_vision = self._encoder_layers(prior_pixel_values[has_prior])
+        # One encoder pass over the current scans and the prior scans that exist, whatever the batch holds: every
+        # module runs once per forward, as ZeRO-3 needs (it gathers a module's weights on all ranks when it runs).
+        joint = pixel_values
+        if prior_pixel_values is not None:
+            joint = torch.cat([pixel_values, prior_pixel_values[has_prior]])
+            if anatomy_mask is not None:  # priors have none: no region present
+                anatomy_mask = torch.cat(
+                    [anatomy_mask, anatomy_mask.new_zeros((joint.shape[0] - batch, *anatomy_mask.shape[1:]))]
+                )
+        joint_layers, vision = self._encoder_layers(joint, anatomy_mask)
         features = self.multi_modal_projector(
-            layers,
-            prior_layers=prior_layers,
-            has_prior=has_prior,
+            joint_layers,
+            has_prior=has_prior if prior_pixel_values is not None else None,
             regions=vision.region_features,
             present=vision.region_present,
         )
@@ -343,8 +351,9 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
             )
             return diagnosis.classifier(pooled)
 
-        logits = logits_of(vision)
-        prior_logits = None if prior_vision is None else logits_of(prior_vision)
+        joint_logits = logits_of(vision)
+        logits = joint_logits[:batch]
+        prior_logits = joint_logits[batch:] if prior_pixel_values is not None else None
         ids = diagnosis.token_ids(logits, prior_logits, has_prior, diagnosis_targets)
         tokens = self.get_input_embeddings()(ids.clamp(min=0)) * (ids >= 0).unsqueeze(-1)
         tokens = tokens.to(features.dtype)

@@ -90,3 +90,16 @@ def test_collator_refuses_examples_with_different_prompt_counts(volumes, minilm_
     short = dict(targets[1], prompt=targets[1]["prompt"][:3])
     with pytest.raises(ValueError, match="same number K of prompts"):
         collator([targets[0], short])
+
+
+def test_prompt_modes_weigh_by_repetition_and_bad_modes_are_refused(volumes, minilm_dir):
+    targets = LocalizationTargets(volumes, dict(LESION_IDS), targets_per_volume=5, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    collator = PromptModeCollator(tokenizer, modes=["text", "text", "text+box"])
+    counts = {"text": 0, "text+box": 0}
+    for pair in [(0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3)]:  # index sums 1..5
+        counts["text+box" if "input_boxes" in collator([targets[i] for i in pair]) else "text"] += 1
+    assert counts == {"text": 4, "text+box": 2}
+    for bad in ((), ("text", "box")):
+        with pytest.raises(ValueError, match="modes must be a non-empty list"):
+            PromptModeCollator(tokenizer, modes=bad)

@@ -123,6 +123,22 @@ def test_cross_field_rules(tmp_path):
         load_recipe("vision_pretrian")
 
 
+@pytest.mark.parametrize(
+    "recipe, modes, message",
+    [
+        ("localization", ["text", "box"], r"data.prompt_modes\[1\]: expected one of .*'text\+box'"),
+        ("localization", [], r"data.prompt_modes: expected at least one mode"),
+        ("classification", ["text"], r"data.prompt_modes: only the localization task has prompt modes"),
+    ],
+)
+def test_prompt_modes_are_checked(tmp_path, recipe, modes, message):
+    path = _write_variant(tmp_path, recipe, lambda data: data["data"].update(prompt_modes=modes))
+    with pytest.raises(ValueError, match=message):
+        load_recipe(path)
+    good = _write_variant(tmp_path, "localization", lambda data: data["data"].update(prompt_modes=["text", "text"]))
+    assert load_recipe(good).data.prompt_modes == ["text", "text"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # ReCTTrainer on a tiny ReCTModel
 # ----------------------------------------------------------------------------------------------------------------

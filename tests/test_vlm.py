@@ -144,6 +144,28 @@ def test_placeholder_count_mismatch_raises(tokenizer, processor, scans):
         model(input_ids=batch["input_ids"])
 
 
+def test_every_module_runs_once_whatever_scans_have_priors(tokenizer):
+    # DeepSpeed ZeRO-3 gathers a module's weights on all ranks when the module runs: every rank must run the same
+    # modules in the same order, whichever of its samples have a prior scan (with anatomy masks or without).
+    model = build(tokenizer, vision={"num_regions": 5})
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=name: calls.append(n)) for name, m in model.named_modules()]
+    torch.manual_seed(0)
+    volumes, priors = torch.randn(2, 1, 8, 32, 32), torch.randn(2, 1, 8, 32, 32)
+    anatomy = torch.randint(0, 6, (2, 1, 8, 32, 32))
+    for mask in (anatomy, None):
+        sequences = []
+        for has_prior in ([True, False], [False, False], [True, True]):
+            calls.clear()
+            with torch.no_grad():
+                model.get_image_features(volumes, priors, torch.tensor(has_prior), anatomy_mask=mask)
+            sequences.append(list(calls))
+        assert sequences[0].count("vision_model") == 1
+        assert sequences[1] == sequences[0] and sequences[2] == sequences[0], "module calls depend on the priors"
+    for hook in hooks:
+        hook.remove()
+
+
 def test_batched_generation_with_and_without_prior(tokenizer, processor, scans):
     model = build(tokenizer)
     batch = processor(

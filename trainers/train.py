@@ -196,7 +196,7 @@ def build_localization(recipe: Recipe, data_dir: Path, cache_dir: Path, progress
     from hf_models import CT_RATE_ABNORMALITIES, ReCTConfig, ReCTProcessor
 
     from .data.cache import VolumeCache
-    from .data.localization import LocalizationTargets, PromptModeCollator
+    from .data.localization import PROMPT_MODES, LocalizationTargets, PromptModeCollator
     from .data.phantom import LESION_IDS
 
     data = recipe.data
@@ -229,7 +229,9 @@ def build_localization(recipe: Recipe, data_dir: Path, cache_dir: Path, progress
         image_processor=image_processor,
         train_dataset=targets(train, seed),
         eval_dataset=targets(valid, seed + 1) if valid is not None else None,
-        data_collator=PromptModeCollator(tokenizer, max_length=data.max_length or 32),
+        data_collator=PromptModeCollator(
+            tokenizer, max_length=data.max_length or 32, modes=tuple(data.prompt_modes or PROMPT_MODES)
+        ),
         compute_metrics=None,
         processor=ReCTProcessor(image_processor=image_processor, tokenizer=tokenizer),
         # Not `input_labels` (the points' labels), which the Trainer takes for labels too: without it in a batch (text

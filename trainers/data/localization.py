@@ -149,9 +149,19 @@ class PromptModeCollator(LocalizationCollator):
     (every example's K text prompts), `text+box` or `text+points` (each example's first target only, with its box
     or points), chosen from the sum of the batch's example indices (deterministic, so resumed runs match). A box or
     point batch that holds an example with an empty first target falls back to text (there is no box around
-    nothing)."""
+    nothing). Repeating a mode in `modes` gives it more batches (`("text", "text", "text+box")`: two in three text).
+
+    Raises:
+        ValueError: `modes` empty or naming a mode other than `PROMPT_MODES`.
+    """
 
     modes: tuple[str, ...] = PROMPT_MODES
+
+    def __post_init__(self):
+        self.modes = tuple(self.modes)
+        unknown = [m for m in self.modes if m not in PROMPT_MODES]
+        if not self.modes or unknown:
+            raise ValueError(f"PromptModeCollator: modes must be a non-empty list of {PROMPT_MODES}, got {self.modes}")
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         mode = self.modes[sum(int(e["item"]) for e in examples) % len(self.modes)]

@@ -84,6 +84,10 @@ class DataSection:
     n_val: int | None = None
     #: Localization: masks (prompts) per volume and training step, answered in one decoder pass (K).
     targets_per_volume: int | None = None
+    #: Localization: prompt mode of each batch, cycled (`trainers.data.localization.PromptModeCollator`): `text`
+    #: (the K text prompts), `text+box` or `text+points` (the first target's text with its box or points). Repeat a
+    #: mode to give it more batches; None = each mode once.
+    prompt_modes: list[Literal["text", "text+box", "text+points"]] | None = None
 
 
 @dataclass
@@ -402,6 +406,10 @@ def _check_rules(recipe: Recipe, source: str) -> None:
         _fail(source, "optimization.eval_strategy", "early stopping needs evaluations: set 'epoch' or 'steps'")
     if len(opt.betas) != 2:
         _fail(source, "optimization.betas", f"expected two values, got {opt.betas}")
+    if recipe.data.prompt_modes is not None and recipe.task != "localization":
+        _fail(source, "data.prompt_modes", f"only the localization task has prompt modes; task is {recipe.task!r}")
+    if recipe.data.prompt_modes == []:
+        _fail(source, "data.prompt_modes", "expected at least one mode (text, text+box, text+points), got []")
     names = [g.name for g in recipe.param_groups]
     if len(set(names)) != len(names):
         _fail(source, "param_groups", f"group names must be unique, got {names}")
