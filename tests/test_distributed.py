@@ -201,8 +201,8 @@ def test_deepspeed_zero3_builds_text_tower_models_and_exports_their_parts(cohort
 @pytest.mark.slow
 def test_deepspeed_zero3_trains_both_report_stages(cohort, tmp_path):
     """The report model under ZeRO-3, stage 1 (projector) from a new model, then stage 2 (LoRA) from stage 1's
-    folder. Uneven priors across ranks (a process whose batch holds a follow-up and one whose batch does not) must
-    not change which layers run: the prior scans go through the encoder with the current ones, in one pass."""
+    folder. The evaluation split's one follow-up goes to one process only: a batch with a prior scan must run the
+    same layers as one without (the prior scans go through the encoder with the current ones, in one pass)."""
     import yaml
 
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
