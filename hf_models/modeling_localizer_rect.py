@@ -33,7 +33,14 @@ from transformers.utils import ModelOutput, can_return_tuple
 from transformers.utils.import_utils import is_torchdynamo_compiling
 
 from .configuration_rect import ReCTConfig, ReCTLocalizerConfig
-from .modeling_rect import ReCTAttention, ReCTMLP, ReCTPreTrainedModel, ReCTVisionModel, ReCTVisionModelOutput
+from .modeling_rect import (
+    ReCTAttention,
+    ReCTMLP,
+    ReCTPreTrainedModel,
+    ReCTVisionModel,
+    ReCTVisionModelOutput,
+    check_vision_outputs,
+)
 
 
 #: Dense prompt maps the decoder reads beside the volume: box (+1 inside, −1 outside, 0 without a box), positive
@@ -621,13 +628,7 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
                 "`output_hidden_states=True`, or use `get_image_embeddings`)"
             )
         tokens = self.config.vision_config.num_prefix_tokens + math.prod(grid)
-        expected = (batch, tokens, self.config.vision_config.hidden_size)
-        if tuple(vision.last_hidden_state.shape) != expected:
-            raise ValueError(
-                f"`vision_outputs.last_hidden_state` must be (batch, tokens, hidden) = {expected} for these "
-                f"`pixel_values`, got {tuple(vision.last_hidden_state.shape)}"
-            )
-        return vision
+        return check_vision_outputs(vision, self.config.vision_config, batch, tokens)
 
     def localization_loss(
         self, pred_masks: torch.Tensor, iou_scores: torch.Tensor, labels: torch.Tensor

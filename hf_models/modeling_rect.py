@@ -913,8 +913,28 @@ def encode_or_reuse(
             + ("both" if pixel_values is not None else "neither")
         )
     if vision_outputs is not None:
-        return vision_outputs
+        return check_vision_outputs(vision_outputs, vision_model.config)
     return vision_model(pixel_values, **kwargs, return_dict=True)
+
+
+def check_vision_outputs(
+    vision_outputs: ModelOutput, vision_config, batch: int | None = None, tokens: int | None = None
+) -> ReCTVisionModelOutput:
+    """`vision_outputs` handed to a head instead of `pixel_values`, checked: `last_hidden_state` is `(batch, tokens,
+    vision_config.hidden_size)` (`batch`/`tokens` only where the caller knows them).
+
+    Raises:
+        ValueError: any other shape (an output of another encoder, or of other volumes).
+    """
+    shape = tuple(getattr(vision_outputs, "last_hidden_state", torch.empty(0)).shape)
+    expected = (batch, tokens, vision_config.hidden_size)
+    if len(shape) != 3 or any(e is not None and e != s for e, s in zip(expected, shape)):
+        written = tuple("*" if e is None else e for e in expected)
+        raise ValueError(
+            f"`vision_outputs.last_hidden_state` must be (batch, tokens, hidden) = {written} (an output of this "
+            f"model's encoder for these volumes), got {shape}"
+        )
+    return vision_outputs
 
 
 class ReCTForVolumeClassification(ReCTPreTrainedModel):

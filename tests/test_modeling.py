@@ -600,6 +600,11 @@ def test_classifier_reads_an_encoder_output_computed_elsewhere():
         model(labels=labels)
     with pytest.raises(ValueError, match="`vision_outputs` has none"):
         model(lesion_tokens=tokens, vision_outputs=model.vision_model(pixel_values))
+    other = ReCTForVolumeClassification(ReCTConfig(vision_config=tiny_vision_kwargs(hidden_size=48), text_config=None))
+    with pytest.raises(
+        ValueError, match=r"must be \(batch, tokens, hidden\) = \('\*', '\*', 32\) .* got \(2, 65, 48\)"
+    ):
+        model(vision_outputs=other.vision_model(pixel_values))
 
 
 def test_position_embeddings_interpolate_to_other_volume_sizes():
