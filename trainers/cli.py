@@ -415,7 +415,10 @@ def run_train(args: argparse.Namespace) -> int:
             "expected --resume to continue it, or another folder"
         )
 
+    from trainers.distributed import finish_distributed
+
     summary = train_from_recipe(recipe, data, output_dir, tiny=args.tiny, resume=args.resume, overrides=overrides)
+    finish_distributed()
     keys = ("global_step", "resumed_from", "train_loss", "wall_seconds", "best_metric")
     if int(os.environ.get("RANK", "0")) == 0:  # one summary for a multi-process run
         print(json.dumps({k: summary[k] for k in keys}, indent=1))

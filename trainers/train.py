@@ -930,6 +930,7 @@ def train_from_recipe(
     }
     if trainer.is_world_process_zero():
         (output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    trainer.accelerator.wait_for_everyone()  # every process returns once the main one has written everything
     return summary
 
 
