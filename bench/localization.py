@@ -18,8 +18,8 @@ Targets (issue 8): mean Dice >= 0.7 from text prompts on at least three finding 
 least three finding types too; the mean over every finding is printed beside it), >= 0.8 on anatomy regions from
 their names.
 
-Usage: python bench/localization.py [--seeds 0 1 2] [--steps 600] [--workdir DIR] [--batch 2] [--eval-volumes 40]
-       [--prompt-modes text text text+box]
+Usage: python bench/localization.py [--seeds 0 1 2] [--steps 600] [--workdir DIR] [--batch 2] [--lr 1e-3]
+       [--eval-volumes 40] [--prompt-modes text text text+box]
 """
 
 # ruff: noqa: E402 - `short_openmp_spin` must run before torch (imported further down) loads libgomp.
@@ -58,7 +58,7 @@ from trainers.text import minilm_tokenizer
 TARGETS = {"findings_text": 0.7, "findings_box": 0.8, "anatomy_text": 0.8}
 
 
-def localization_recipe(seed: int, steps: int, batch: int, prompt_modes: list[str] | None = None):
+def localization_recipe(seed: int, steps: int, batch: int, prompt_modes: list[str] | None = None, lr: float = 1e-3):
     """The `localization` recipe at the demo's scale (see the module docstring)."""
     from trainers.recipes import ParamGroup, load_recipe
 
@@ -75,7 +75,7 @@ def localization_recipe(seed: int, steps: int, batch: int, prompt_modes: list[st
     recipe.data.windows = [list(w) if isinstance(w, tuple) else w for w in classifier.windows]
     recipe.data.prompt_modes = prompt_modes
     opt = recipe.optimization
-    opt.lr, opt.weight_decay, opt.scheduler = 1e-3, 0.05, "cosine"
+    opt.lr, opt.weight_decay, opt.scheduler = lr, 0.05, "cosine"
     opt.epochs, opt.max_steps, opt.batch_size, opt.gradient_accumulation_steps = None, steps, batch, 1
     opt.warmup_steps, opt.eval_strategy, opt.seed, opt.logging_steps = 50, "no", seed, 100
     opt.mixed_precision = "no"
@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of all but the text tower (2e-5)")
     parser.add_argument("--eval-volumes", type=int, default=40, help="held-out volumes scored (0 = all 166)")
     parser.add_argument(
         "--prompt-modes",
@@ -202,7 +203,7 @@ def main() -> None:
     tokenizer = minilm_tokenizer()
     runs = {}
     for seed in args.seeds:
-        recipe = localization_recipe(seed, args.steps, args.batch, args.prompt_modes)
+        recipe = localization_recipe(seed, args.steps, args.batch, args.prompt_modes, args.lr)
         out = workdir / f"seed_{seed}"
         torch.manual_seed(seed)
         untrained, _ = model_with_text_tower(recipe, ReCTForLesionLocalization, ReCTConfig)
