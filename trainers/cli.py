@@ -465,6 +465,16 @@ def add_demo_parser(parser: argparse.ArgumentParser) -> None:
         "--report-scans", type=positive_int, default=None, help="held-out scans the report generator writes for"
     )
     parser.add_argument("--no-report", action="store_true", help="skip the report-generation stage")
+    parser.add_argument(
+        "--localization-steps",
+        type=positive_int,
+        default=None,
+        help="localizer training steps (default: trainers.demo.LOCALIZATION_STEPS)",
+    )
+    parser.add_argument(
+        "--localization-scans", type=positive_int, default=None, help="held-out scans the localizer writes masks for"
+    )
+    parser.add_argument("--no-localization", action="store_true", help="skip the localization stage")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -483,6 +493,9 @@ def run_demo(args: argparse.Namespace) -> int:
         report=not args.no_report,
         report_steps=args.report_steps,
         report_scans=args.report_scans,
+        localization=not args.no_localization,
+        localization_steps=args.localization_steps,
+        localization_scans=args.localization_scans,
     )
     return 0
 

