@@ -619,6 +619,9 @@ LOCALIZATION_PROMPT_MODES = ("text", "text", "text+box")
 #: Held-out scans the demo's localizer writes masks for (the first of the valid split).
 LOCALIZATION_SCANS = 8
 
+#: Lesions (connected components of the first scan's masks) the demo lists, the largest first.
+LISTED_LESIONS = 8
+
 
 def demo_localization_recipe(
     seed: int,
@@ -781,8 +784,9 @@ def stage_localization(
             f"(best: {best})"
         )
     if table is not None:
-        print(f"      {table['scan']}, the lesions its masks show (from the text prompts):")
-        for lesion in table["lesions"]:
+        lesions = sorted(table["lesions"], key=lambda lesion: -lesion["volume_ml"])
+        print(f"      {table['scan']}, the lesions its masks show (from the text prompts; {len(lesions)} in all):")
+        for lesion in lesions[:LISTED_LESIONS]:
             centre = ", ".join(f"{c:.1f}" for c in lesion["centroid_ras"])
             print(f"        {lesion['finding']:36s} {lesion['volume_ml']:7.2f} mL at RAS ({centre}) mm")
     print(f"      masks: {predictions}/<scan>/<finding>.nii.gz (the scans' own geometry)")
