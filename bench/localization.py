@@ -57,7 +57,7 @@ from trainers.demo import (
     demo_localization_recipe,
     prepare_cohort,
 )
-from trainers.metrics.segmentation import segmentation_case_metrics
+from trainers.metrics.segmentation import mean_case_metrics, segmentation_case_metrics
 from trainers.text import minilm_tokenizer
 
 
@@ -119,17 +119,7 @@ def evaluate(model, examples: list[dict], tokenizer) -> dict:
             filled = np.zeros_like(target)
             filled[box[0] : box[3] + 1, box[1] : box[4] + 1, box[2] : box[5] + 1] = True
             scores[f"{kind}/box filled"][name].append(segmentation_case_metrics(filled, target, spacing))
-    summary = {}
-    for key, per_name in scores.items():
-        summary[key] = {
-            name: {
-                "dice": float(np.mean([c["dice"] for c in cases])),
-                "hd95_mm": float(np.mean([c["hd95_mm"] for c in cases])),
-                "cases": len(cases),
-            }
-            for name, cases in sorted(per_name.items())
-        }
-    return summary
+    return mean_case_metrics(scores)
 
 
 def headline(summary: dict) -> dict:

@@ -45,7 +45,7 @@ def pretrain_recipe(seed: int, steps: int, region_weight: float):
     from hf_models.anatomy_rect import NUM_ANATOMY_REGIONS
     from trainers.classification import ClassifierRecipe
     from trainers.recipes import load_recipe
-    from trainers.text import minilm_tokenizer
+    from trainers.text import minilm_folder
 
     classifier = ClassifierRecipe()
     recipe = load_recipe("vision_pretrain")
@@ -56,7 +56,7 @@ def pretrain_recipe(seed: int, steps: int, region_weight: float):
         region_alignment_weight=region_weight,
         logit_scale_init_value=2.6593,
     )
-    recipe.model.text_pretrained = str(Path(minilm_tokenizer().name_or_path))
+    recipe.model.text_pretrained = str(minilm_folder())
     recipe.model.gradient_checkpointing = False
     windows = [list(w) if isinstance(w, tuple) else w for w in classifier.windows]
     recipe.data.volume_size, recipe.data.windows, recipe.data.max_length = list(classifier.volume_size), windows, 128

@@ -17,10 +17,11 @@
    findings it sees into the image tokens, + SmolLM2-135M-Instruct; stage 1 the projector, stage 2 LoRA) to write
    the impression of a chest CT, compared with the prior scan where there is one, and prints what its held-out
    reports say (clinical F1, BLEU-4, ROUGE-L, follow-up changes) with two of them next to their references
-   (`--no-report` skips it);
-7. trains the localizer (`ReCTForLesionLocalization`, the `localization` recipe at the demo's scale) and writes its
-   masks for held-out scans as NIfTI in each scan's own geometry, with the Dice per finding (text prompt, and text +
-   the finding's box) and per anatomy region against the phantom's masks (`--no-localization` skips it).
+   (`--no-report` skips it).
+
+Between 5 and 6 it trains the localizer (`ReCTForLesionLocalization`, the `localization` recipe at the demo's scale)
+and writes its masks for held-out scans as NIfTI in each scan's own geometry, with the Dice per finding (text prompt,
+and text + the finding's box) and per anatomy region against the phantom's masks (`--no-localization` skips it).
 
 Every path is made absolute first, so `--out` may be relative, absolute or hold spaces. Per-stage wall and CPU
 times and a summary (`demo_summary.json`) are written next to the outputs.
@@ -43,7 +44,7 @@ from typing import Any
 
 from .cli import CommandFailed, UsageError, silence_optional_kernel_probe
 from .fresh_process import run_without_project
-from .text import minilm_tokenizer
+from .text import minilm_folder, minilm_tokenizer
 
 
 #: Largest |p_fresh - p_in_process| accepted between the Hub folder loaded in a fresh process and this process.
@@ -646,7 +647,7 @@ def demo_localization_recipe(
         "vision_config": dict(classifier.vision_config(), num_regions=0),
         "localizer_config": {"hidden_size": 128, "decoder_channels": [int(c) for c in decoder_channels]},
     }
-    recipe.model.text_pretrained = str(Path(minilm_tokenizer().name_or_path))
+    recipe.model.text_pretrained = str(minilm_folder())
     recipe.model.gradient_checkpointing = False
     recipe.data.volume_size = list(classifier.volume_size)
     recipe.data.windows = [list(w) if isinstance(w, tuple) else w for w in classifier.windows]
@@ -691,7 +692,7 @@ def stage_localization(
 
     from .data.phantom import LESION_IDS
     from .data.readers import read_ct_rate
-    from .metrics.segmentation import segmentation_case_metrics
+    from .metrics.segmentation import mean_case_metrics, segmentation_case_metrics
     from .train import train_from_recipe
 
     steps = LOCALIZATION_STEPS if steps is None else steps
@@ -759,13 +760,7 @@ def stage_localization(
                 "scan": scan,
                 "lesions": processor.mask_findings(masks[: len(findings)], meta[0], names=names[: len(findings)]),
             }
-    summary = {
-        kind: {
-            name: {key: float(np.mean([c[key] for c in cases])) for key in ("dice", "hd95_mm")} | {"cases": len(cases)}
-            for name, cases in sorted(per_name.items())
-        }
-        for kind, per_name in scores.items()
-    }
+    summary = mean_case_metrics(scores)
     text, box = summary.get("finding/text", {}), summary.get("finding/box", {})
     print(f"      {min(scans, len(rows))} held-out scans, masks on each scan's own grid: Dice (HD95 mm) per finding")
     print(f"        {'':36s} {'text prompt':>17s} {'text + box':>17s}")

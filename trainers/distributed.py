@@ -149,16 +149,15 @@ def in_fresh_process(function: Callable[..., None], *args: Any) -> None:
 
 
 def finish_distributed() -> None:
-    """End of a `rect-vlm train` process: wait until every process is done, then tear the process group down.
+    """End of a `rect-vlm train` process: tear the process group down (`train_from_recipe` has already waited for
+    every process, the main one writing the exports and the summary last).
 
-    A process that exits while the others still work (the main one writes the exports and the summary after
-    training), with its gloo process group alive, can abort in the interpreter's shutdown (`terminate called without
-    an active exception`) and fail the launcher. Nothing happens in a single-process run.
+    A process that exits with its gloo process group alive can abort in the interpreter's shutdown (`terminate called
+    without an active exception`) and fail the launcher. Nothing happens in a single-process run.
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 

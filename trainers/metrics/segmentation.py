@@ -22,7 +22,7 @@ import numpy as np
 from ._validation import binary_array, same_shape
 
 
-__all__ = ["segmentation_case_metrics", "segmentation_metrics"]
+__all__ = ["mean_case_metrics", "segmentation_case_metrics", "segmentation_metrics"]
 
 
 def _spacing(spacing, ndim: int, name: str = "spacing") -> tuple[float, ...]:
@@ -80,6 +80,22 @@ def segmentation_case_metrics(
                 compute_surface_dice(y_pred, y, [float(tolerance_mm)], include_background=True, spacing=list(spacing))
             ),
         }
+
+
+def mean_case_metrics(scores: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, dict]]:
+    """`{kind: {name: [segmentation_case_metrics(...), ...]}}` → `{kind: {name: {"dice", "hd95_mm", "cases"}}}`: the
+    mean Dice and HD95 (mm) of each name's cases and their count, names sorted."""
+    return {
+        kind: {
+            name: {
+                "dice": float(np.mean([c["dice"] for c in cases])),
+                "hd95_mm": float(np.mean([c["hd95_mm"] for c in cases])),
+                "cases": len(cases),
+            }
+            for name, cases in sorted(per_name.items())
+        }
+        for kind, per_name in scores.items()
+    }
 
 
 def segmentation_metrics(predictions, targets, spacing=1.0, tolerance_mm: float = 1.0) -> dict[str, float | int]:
