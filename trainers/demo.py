@@ -693,12 +693,11 @@ def stage_localization(
     progress: bool,
 ) -> dict[str, Any]:
     """Train the localizer (`demo_localization_recipe`, from the vision encoder of the classifier folder `encoder`)
-    into `out/localizer`, then ask it, for each of the first
-    `scans` held-out scans read from their NIfTI files, for every finding in the phantom's lesion mask (its name as
-    the text prompt; again with the finding's box, given in the file's voxel indices) and every anatomy region in its
-    anatomy mask (its name). Masks come back on the scan's own grid (`post_process_masks`) and are scored there
-    against the phantom's masks; the findings' masks are written as NIfTI with the scan's affine
-    (`localizer/predictions/<scan>/<finding>.nii.gz`)."""
+    into `out/localizer`, then ask it, for each of the first `scans` held-out scans read from their NIfTI files, for
+    every finding in the phantom's lesion mask (its name as the text prompt; again with the finding's box, given in the
+    file's voxel indices) and every anatomy region in its anatomy mask (its name). Masks come back on the scan's own
+    grid (`post_process_masks`) and are scored there against the phantom's masks; the findings' masks are written as
+    NIfTI with the scan's affine (`localizer/predictions/<scan>/<finding>.nii.gz`)."""
     from collections import defaultdict
 
     import nibabel as nib
