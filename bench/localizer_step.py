@@ -3,8 +3,8 @@ PyTorch's default contiguous layout: seconds per step, peak memory, the ratio, a
 
 The model and optimizer are those `make demo` and `bench/localization.py` train (`trainers.demo.
 demo_localization_recipe`: the classifier's encoder shape at 32×64×64 with 4 windows, a MiniLM text tower, fusion
-width 128, decoder 64/32/16/8; AdamW at the recipe's learning rates), on random volumes, K text prompts per volume and
-random target masks. Each layout runs in its own process (`hf_models.modeling_localizer_rect.DECODER_MEMORY_FORMAT`
+width 128, decoder 64/32/16/8; the optimizer its `ReCTTrainer` builds), on random volumes, K text prompts per volume
+and random target masks. Each layout runs in its own process (`hf_models.modeling_localizer_rect.DECODER_MEMORY_FORMAT`
 set there), so each peak is its own: on CUDA `torch.cuda.max_memory_allocated`, on the CPU the growth of the
 process's peak resident memory over what it held once the model and optimizer were built (`ru_maxrss`).
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 
 from _measure import REPO_ROOT, run_child, timed_peak
 
@@ -33,6 +34,7 @@ def one_layout(layout: str, batch: int, targets: int, runs: int) -> dict:
     from hf_models import ReCTConfig, ReCTForLesionLocalization
     from trainers.demo import demo_localization_recipe
     from trainers.train import model_with_text_tower
+    from trainers.trainer import ReCTTrainer
 
     localizer_module.DECODER_MEMORY_FORMAT = {
         "channels_last": torch.channels_last_3d,
@@ -44,12 +46,10 @@ def one_layout(layout: str, batch: int, targets: int, runs: int) -> dict:
     torch.manual_seed(0)
     model, tokenizer = model_with_text_tower(recipe, ReCTForLesionLocalization, ReCTConfig)
     model = model.to(device)
-    text = list(model.text_model.parameters())  # AdamW groups as the recipe's: the text tower apart
-    others = [p for name, p in model.named_parameters() if not name.startswith("text_model.")]
-    optimizer = torch.optim.AdamW(
-        [{"params": others, "lr": recipe.optimization.lr}, {"params": text, "lr": 2e-5, "weight_decay": 0.01}],
-        weight_decay=recipe.optimization.weight_decay,
-    )
+    # The optimizer training builds: the recipe's `ReCTTrainer` with its parameter groups (the text tower apart).
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = recipe.training_arguments(output_dir, report_to=[], use_cpu=not cuda)
+        optimizer = ReCTTrainer(model=model, args=args, **recipe.trainer_kwargs()).create_optimizer()
     size = list(recipe.data.volume_size)
     generator = torch.Generator().manual_seed(0)
     pixel_values = torch.rand(batch, len(recipe.data.windows), *size, generator=generator).to(device)
