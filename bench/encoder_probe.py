@@ -30,7 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_models import ReCTForVolumeClassification, ReCTImageProcessor  # noqa: E402
-from trainers.classification import EASY_LABELS, LesionTokenTargets  # noqa: E402
+from trainers.classification import (  # noqa: E402
+    EASY_LABELS,
+    ClassifierRecipe,
+    LesionSupervisedCollator,
+    LesionTokenTargets,
+)
 from trainers.data.cache import VolumeCache  # noqa: E402
 from trainers.data.phantom import LESION_IDS  # noqa: E402
 from trainers.data.readers import read_ct_rate  # noqa: E402
@@ -41,18 +46,17 @@ from trainers.metrics import multilabel_auroc  # noqa: E402
 def probe(model, dataset: CachedVolumeDataset, names: list[str], batch: int) -> dict[str, dict]:
     """Per-label AUROC of the classifier, of the token head's maximum and of the token head per token."""
     prefix = model.vision_model.config.num_prefix_tokens
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, collate_fn=LesionSupervisedCollator())
     scores, token_max, token_logits, token_targets, labels = [], [], [], [], []
     with torch.no_grad():
-        for start in range(0, len(dataset), batch):
-            examples = [dataset[i] for i in range(start, min(len(dataset), start + batch))]
-            pixel_values = torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples]).float()
-            output = model(pixel_values=pixel_values, output_hidden_states=True)
+        for examples in loader:
+            output = model(pixel_values=examples["pixel_values"], output_hidden_states=True)
             tokens = model.lesion_token_classifier(output.hidden_states[-1][:, prefix:])
             scores.append(output.logits)
             token_max.append(tokens.amax(dim=1))
             token_logits.append(tokens.flatten(0, 1))
-            token_targets.append(torch.stack([torch.as_tensor(e["lesion_tokens"]) for e in examples]).flatten(0, 1))
-            labels.append(torch.stack([torch.as_tensor(e["labels"]) for e in examples]))
+            token_targets.append(examples["lesion_tokens"].flatten(0, 1))
+            labels.append(examples["labels"])
     labels = torch.cat(labels).numpy()
     return {
         "classifier": multilabel_auroc(torch.cat(scores).float().numpy(), labels, names),
@@ -80,6 +84,7 @@ def main() -> None:
     unknown = [name for name in names if name not in LESION_IDS]
     if unknown:
         raise SystemExit(f"{args.folder}: labels {unknown} have no lesion id in the phantom's masks")
+    label_indices = ClassifierRecipe(label_names=tuple(names)).label_indices()
     targets = LesionTokenTargets(model.config.vision_config.patch_size, [LESION_IDS[name] for name in names])
     with tempfile.TemporaryDirectory() as scratch:
         cache = VolumeCache(args.cache or Path(scratch), ReCTImageProcessor.from_pretrained(args.folder))
@@ -90,7 +95,7 @@ def main() -> None:
             rows = read_ct_rate(args.cohort, split, cot=False, lesion_masks=True)
             rows = rows.select(range(min(limit, len(rows)))) if limit else rows
             dataset = CachedVolumeDataset(
-                rows, cache, label_indices=_cohort_indices(names), lesion_column="lesion_mask_path", transform=targets
+                rows, cache, label_indices=label_indices, lesion_column="lesion_mask_path", transform=targets
             )
             dataset.prepare(progress=False)
             results[split] = probe(model, dataset, names, args.batch)
@@ -108,13 +113,6 @@ def main() -> None:
             small = [result[kind][n] for n in names if n not in easy and result[kind][n] is not None]
             print(f"  {kind}: five large findings {np.mean([result[kind][n] for n in easy]):.3f}, the other "
                   f"{len(small)} {np.mean(small):.3f}")  # fmt: skip
-
-
-def _cohort_indices(names: list[str]) -> list[int]:
-    """The columns of the cohort's 18-label CSV that hold `names`."""
-    from hf_models import CT_RATE_ABNORMALITIES
-
-    return [CT_RATE_ABNORMALITIES.index(name) for name in names]
 
 
 if __name__ == "__main__":
