@@ -208,6 +208,12 @@ def render_card(
     if "id2label" in config and component.key == "classifier":
         labels = [config["id2label"][k] for k in sorted(config["id2label"], key=int)]
         described += f"; {len(labels)} findings: {', '.join(labels)}"
+        if config.get("lesion_map_channels"):
+            described += (
+                f"; a lesion-map decoder over the convolutional stem (widths {config['lesion_map_channels']}) whose "
+                "per-finding maximum joins each logit, and whose map (`lesion_map_logits`, half the volume's size) "
+                "shows where each finding is seen"
+            )
     eval_rows, eval_results, metric_names = [], [], []
     baseline_name = "baseline"
     if evaluation is not None:

@@ -59,6 +59,22 @@ def _as_int_triple(field: str, value) -> list[int]:
     return list(value)
 
 
+def check_lesion_map_channels(name: str, channels: list[int], vision_config) -> None:
+    """A lesion-map decoder's widths: none, or one positive width per decoder stage, at most one stage per stem
+    convolution of `vision_config`."""
+    stem = vision_config.stem_channels
+    if channels and (len(channels) > len(stem) or min(channels) < 1):
+        raise ValueError(
+            f"`{name}` {channels} must hold positive widths, at most one per stem convolution "
+            f"(`vision_config.stem_channels` = {stem}): the lesion-map decoder descends the stem's feature maps"
+        )
+
+
+def lesion_map_stride(channels: list[int], vision_config) -> int:
+    """How many voxels of the volume one cell of a lesion-map decoder's map spans along each axis."""
+    return 2 ** (len(vision_config.stem_channels) - len(channels) + 1)
+
+
 @strict
 class ReCTVisionConfig(PreTrainedConfig):
     r"""
@@ -277,6 +293,18 @@ class ReCTConfig(PreTrainedConfig):
             `lesion_tokens`: for each patch token, which labels' lesions it holds; the BCE of the token head against
             them, times this weight, joins the loss. Dense, localised supervision that teaches the encoder where
             each finding lies; inference never uses the head.
+        lesion_map_channels (`list[int]`, defaults to `[]`): [`ReCTForVolumeClassification`]'s lesion-map decoder,
+            one width per stage, coarse to fine, at most one stage per stem convolution (`vision_config.
+            stem_channels`); empty: none. The decoder (a small U-Net from the last patch tokens down through the
+            stem's feature maps, from the coarsest) gives each label a logit map on the grid of the last stem map
+            it reaches (`lesion_map_stride`: 2 with a stage per stem convolution, 4 with one fewer), and each
+            label's highest map logit is added to the head's logit: a finding seen anywhere in the volume raises
+            its score, and the map shows where it was seen (`lesion_map_logits`).
+        lesion_map_depth (`int`, defaults to 2): 3×3×3 convolutions per decoder stage, >= 1.
+        lesion_map_loss_weight (`float`, defaults to 1.0): weight of the lesion-map loss, >= 0, when `forward` is
+            given `lesion_maps` (the labels' lesion masks on the map's grid).
+        lesion_map_pos_weight (`float`, defaults to 20.0): positive weight of that per-voxel BCE, > 0 (lesions
+            fill a small fraction of the map).
         localizer_config (`dict` or [`ReCTLocalizerConfig`], *optional*): prompt fusion and mask decoder of
             [`ReCTForLesionLocalization`]; None: that model uses the defaults (and stores them).
         id2label (`dict[int, str]`, *optional*): defaults to the 18 CT-RATE abnormalities.
@@ -311,11 +339,16 @@ class ReCTConfig(PreTrainedConfig):
     classifier_pooling: Literal["cls", "cls_mean", "cls_mean_max"] = "cls_mean_max"
     pos_weight: list[float] | None = None
     lesion_token_loss_weight: float | int = interval(min=0.0)(default=0.0)
+    lesion_map_channels: list[int] | tuple[int, ...] = ()
+    lesion_map_depth: int = interval(min=1)(default=2)
+    lesion_map_loss_weight: float | int = interval(min=0.0)(default=1.0)
+    lesion_map_pos_weight: float | int = interval(min=0.0, exclude_min=True)(default=20.0)
     localizer_config: dict | ReCTLocalizerConfig | None = None
 
     def __post_init__(self, **kwargs):
         if self.id2label is None and kwargs.get("num_labels") is None:
             self.id2label = dict(enumerate(CT_RATE_ABNORMALITIES))
+        self.lesion_map_channels = [int(c) for c in self.lesion_map_channels]
         super().__post_init__(**kwargs)
         if self.label2id is None or len(self.label2id) != len(self.id2label):
             self.label2id = {label: i for i, label in self.id2label.items()}
@@ -326,6 +359,7 @@ class ReCTConfig(PreTrainedConfig):
             raise ValueError(
                 f"`pos_weight` must have one entry per label ({self.num_labels}), got {len(self.pos_weight)}"
             )
+        check_lesion_map_channels("lesion_map_channels", self.lesion_map_channels, self.vision_config)
         skips = self.localizer_config.skip_layers if self.localizer_config is not None else None
         depth = self.vision_config.num_hidden_layers
         if skips is not None and any(not 0 <= i <= depth for i in skips):
@@ -333,6 +367,11 @@ class ReCTConfig(PreTrainedConfig):
                 f"`localizer_config.skip_layers` {skips} must name encoder layers 0..{depth} "
                 f"(`vision_config.num_hidden_layers` = {depth}; 0 = patch embeddings)"
             )
+
+    @property
+    def lesion_map_stride(self) -> int:
+        """Voxels of the volume one lesion-map cell spans along each axis (`lesion_map_channels` set)."""
+        return lesion_map_stride(self.lesion_map_channels, self.vision_config)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
@@ -376,6 +415,10 @@ class ReCTVLMConfig(PreTrainedConfig):
             (diagnosis-driven prompts, as PromptMRG's). None: the image tokens are the projector's alone.
         diagnosis_pooling (`"cls"`, `"cls_mean"` or `"cls_mean_max"`, defaults to `"cls_mean_max"`): the encoder
             features the diagnosis head reads, as [`ReCTConfig`]'s `classifier_pooling`.
+        diagnosis_lesion_map_channels (`list[int]`, defaults to `[]`), diagnosis_lesion_map_depth (`int`, defaults
+            to 2): the diagnosis head's lesion-map decoder, as [`ReCTConfig`]'s `lesion_map_channels` and
+            `lesion_map_depth` (a classifier trained with one scores a finding by its head's logit plus the map's
+            maximum, and so does the diagnosis head built from it); empty: the linear head alone.
         diagnosis_threshold (`float`, defaults to 0.5): probability from which a finding is written.
         diagnosis_seq_length (`int`, defaults to 32): image tokens the written findings fill (a finding whose words
             no longer fit is left out whole).
@@ -407,6 +450,8 @@ class ReCTVLMConfig(PreTrainedConfig):
     projector_hidden_act: str = "gelu"
     diagnosis_labels: list[str] | None = None
     diagnosis_pooling: Literal["cls", "cls_mean", "cls_mean_max"] = "cls_mean_max"
+    diagnosis_lesion_map_channels: list[int] | tuple[int, ...] = ()
+    diagnosis_lesion_map_depth: int = interval(min=1)(default=2)
     diagnosis_threshold: float = interval(min=0.0, max=1.0)(default=0.5)
     diagnosis_seq_length: int = interval(min=1)(default=32)
     diagnosis_token_ids: list[list[int]] | None = None
@@ -414,6 +459,7 @@ class ReCTVLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        self.diagnosis_lesion_map_channels = [int(c) for c in self.diagnosis_lesion_map_channels]
         super().__post_init__(**kwargs)
         # As LLaVA: a text config that ties its embeddings keeps them tied inside the composite model.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
@@ -445,6 +491,11 @@ class ReCTVLMConfig(PreTrainedConfig):
                     f"`{name}` holds {len(value)} phrases, expected one per `diagnosis_labels` "
                     f"({len(self.diagnosis_labels or ())})"
                 )
+        check_lesion_map_channels(
+            "diagnosis_lesion_map_channels", self.diagnosis_lesion_map_channels, self.vision_config
+        )
+        if self.diagnosis_lesion_map_channels and not self.diagnosis_labels:
+            raise ValueError("`diagnosis_lesion_map_channels` belong to a diagnosis head: set `diagnosis_labels`")
         depth = self.vision_config.num_hidden_layers
         layers = self.vision_feature_layers
         if layers is not None and (not layers or any(not 0 <= i <= depth for i in layers)):

@@ -20,7 +20,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import ModelOutput
 
 from .configuration_rect import ReCTVLMConfig
-from .modeling_rect import ReCTPreTrainedModel, ReCTVisionModel, pool_vision_features
+from .modeling_rect import ReCTLesionMapDecoder, ReCTPreTrainedModel, ReCTVisionModel, pool_vision_features
 
 
 @dataclass
@@ -52,7 +52,9 @@ class ReCTDiagnosisPrompt(nn.Module):
     `config.diagnosis_seq_length` image tokens (the language model's own embeddings of `config.diagnosis_token_ids`,
     zero vectors after the last word); a finding whose words no longer fit is left out whole, never cut short. On a
     follow-up, a finding present now and absent on the prior scan is written with `config.diagnosis_new_token_ids`
-    instead. The head is a trained classifier's (`from_vision_and_language(diagnosis_head=...)`); decisions are
+    instead. With `config.diagnosis_lesion_map_channels` each label's logit also gets the highest logit of a
+    lesion map over the stem, as the classifier it comes from scores. The head (and map decoder) is a trained
+    classifier's (`from_vision_and_language(diagnosis_head=..., diagnosis_lesion_map=...)`); decisions are
     thresholded, so no gradient reaches it and the two-stage training keeps it frozen. The words come from the
     tokenizer (`ReCTForConditionalGeneration.set_diagnosis_phrases`).
     """
@@ -61,6 +63,14 @@ class ReCTDiagnosisPrompt(nn.Module):
         super().__init__()
         pooled = len(config.diagnosis_pooling.split("_")) * config.vision_config.hidden_size
         self.classifier = nn.Linear(pooled, len(config.diagnosis_labels))
+        self.lesion_map_decoder = None
+        if config.diagnosis_lesion_map_channels:
+            self.lesion_map_decoder = ReCTLesionMapDecoder(
+                config.vision_config,
+                config.diagnosis_lesion_map_channels,
+                config.diagnosis_lesion_map_depth,
+                len(config.diagnosis_labels),
+            )
         self.threshold = config.diagnosis_threshold
         self.length = config.diagnosis_seq_length
         self.phrases = config.diagnosis_token_ids
@@ -276,7 +286,13 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------------------------------------------------
 
     def _encoder_layers(self, pixel_values: torch.Tensor, anatomy_mask: torch.Tensor | None = None):
-        vision = self.vision_model(pixel_values, anatomy_mask, output_hidden_states=True, return_dict=True)
+        vision = self.vision_model(
+            pixel_values,
+            anatomy_mask,
+            output_hidden_states=True,
+            output_stem_features=bool(self.config.diagnosis_lesion_map_channels),
+            return_dict=True,
+        )
         prefix = self.config.vision_config.num_prefix_tokens
         layers = [vision.hidden_states[i][:, prefix:] for i in self.config.feature_layers]
         return layers, vision
@@ -346,10 +362,11 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
             return features, None
 
         def logits_of(output):
-            pooled = pool_vision_features(
-                output, self.config.vision_config.num_prefix_tokens, self.config.diagnosis_pooling
-            )
-            return diagnosis.classifier(pooled)
+            prefix = self.config.vision_config.num_prefix_tokens
+            logits = diagnosis.classifier(pool_vision_features(output, prefix, self.config.diagnosis_pooling))
+            if diagnosis.lesion_map_decoder is not None:
+                logits = logits + diagnosis.lesion_map_decoder.label_maxima(output, prefix)
+            return logits
 
         joint_logits = logits_of(vision)
         logits = joint_logits[:batch]
@@ -453,6 +470,7 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
         language_model: nn.Module | str,
         image_token_id: int,
         diagnosis_head: nn.Linear | None = None,
+        diagnosis_lesion_map: ReCTLesionMapDecoder | None = None,
         **config_kwargs,
     ) -> ReCTForConditionalGeneration:
         """Assemble a report generator from a (pre-trained) ReCT encoder and a causal LM, either a model object
@@ -465,6 +483,10 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
             diagnosis_head: a trained classifier's head over this encoder's pooled features (e.g.
                 `ReCTForVolumeClassification.classifier`), one output per `config_kwargs["diagnosis_labels"]`; its
                 weights are copied into the diagnosis prompt. Needs `diagnosis_labels`.
+            diagnosis_lesion_map: the same classifier's lesion-map decoder
+                (`ReCTForVolumeClassification.lesion_map_decoder`, when it has one), copied beside the head so
+                the diagnosis scores each finding as the classifier does; sets `diagnosis_lesion_map_channels` and
+                `diagnosis_lesion_map_depth`.
             config_kwargs: further [`ReCTVLMConfig`] fields (`projector_type`, `image_seq_length`, ...).
         """
         if isinstance(vision_model, str):
@@ -479,6 +501,12 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
             )
         text_config = language_model.config.to_dict()
         text_config.pop("quantization_config", None)
+        if diagnosis_lesion_map is not None:
+            if diagnosis_head is None:
+                raise ValueError("`diagnosis_lesion_map` joins a `diagnosis_head`: give the classifier's head too")
+            stages = diagnosis_lesion_map.stages
+            config_kwargs["diagnosis_lesion_map_channels"] = [stage[0].conv.out_channels for stage in stages]
+            config_kwargs["diagnosis_lesion_map_depth"] = len(stages[0])
         config = ReCTVLMConfig(
             vision_config=vision_model.config.to_dict(),
             text_config=text_config,
@@ -506,6 +534,8 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
                     f"({len(config.diagnosis_labels)} labels × the encoder's {config.diagnosis_pooling} features)"
                 )
             diagnosis.classifier.load_state_dict(diagnosis_head.state_dict())
+        if diagnosis_lesion_map is not None:
+            diagnosis.lesion_map_decoder.load_state_dict(diagnosis_lesion_map.state_dict())
         return model
 
 

@@ -24,6 +24,7 @@ from trainers.classification import (
     EASY_LABELS,
     LOW_ATTENUATION_WINDOW,
     ClassifierRecipe,
+    LesionMapTargets,
     LesionTokenTargets,
     train_classifier,
 )
@@ -45,6 +46,7 @@ LEARNABILITY_RECIPE = ClassifierRecipe(
     warmup_steps=20,
     augmentation=0.0,
     lesion_supervision=0.0,
+    lesion_map_channels=(),  # the decoder climbs a stem, which this encoder does not have
     logging_steps=50,
     seed=0,
 )
@@ -76,6 +78,29 @@ def test_lesion_token_targets_match_max_pooled_one_hot_masks():
     assert out["lesion_tokens"].shape == (4 * 4 * 6, len(lesion_ids))
     assert torch.equal(out["lesion_tokens"], reference)
     assert reference.sum() > 0
+
+
+def test_lesion_map_targets_cover_each_label_on_the_half_size_grid():
+    """A map cell's target is 1 for a label when any of its s×s×s voxels holds that label's lesion id (checked by
+    reshaping the one-hot mask into cells, s = 2 and 4); `keep_mask` leaves the mask for a token transform."""
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.zeros(1, 8, 32, 48, dtype=torch.uint8)
+    sparse = torch.rand(mask.shape, generator=generator) < 0.01
+    mask[sparse] = torch.randint(1, 19, (int(sparse.sum()),), generator=generator, dtype=torch.uint8)
+    lesion_ids = [3, 10, 13, 18]
+    out = LesionMapTargets(lesion_ids)({"pixel_values": torch.zeros(2, 8, 32, 48), "lesion_mask": mask})
+    one_hot = torch.stack([mask[0] == i for i in lesion_ids])
+    reference = one_hot.reshape(4, 4, 2, 16, 2, 24, 2).any(dim=6).any(dim=4).any(dim=2).to(torch.uint8)
+    assert "lesion_mask" not in out and out["lesion_maps"].dtype == torch.uint8
+    assert torch.equal(out["lesion_maps"], reference) and reference.sum() > 0
+    kept = LesionMapTargets(lesion_ids, keep_mask=True)({"lesion_mask": mask})
+    assert kept["lesion_mask"] is mask and torch.equal(kept["lesion_maps"], reference)
+    coarse = LesionMapTargets(lesion_ids, stride=4)({"lesion_mask": mask})["lesion_maps"]
+    assert torch.equal(coarse, reference.reshape(4, 2, 2, 8, 2, 12, 2).amax(dim=(2, 4, 6)))
+    with pytest.raises(ValueError, match="no `lesion_mask`"):
+        LesionMapTargets([1])({"pixel_values": torch.zeros(1, 8, 32, 32)})
+    with pytest.raises(ValueError, match="not divisible by the map's stride 4"):
+        LesionMapTargets([1], stride=4)({"lesion_mask": torch.zeros(1, 6, 32, 32, dtype=torch.uint8)})
 
 
 def test_lesion_token_targets_need_a_mask_on_the_patch_grid():

@@ -24,6 +24,7 @@ from hf_models import (
     ReCTVisionConfig,
     ReCTVisionModel,
 )
+from hf_models.modeling_rect import pool_vision_features
 from tests.conftest import tiny_text_kwargs, tiny_vision_kwargs
 
 
@@ -66,10 +67,12 @@ class ModelCase:
     cls: type
     attention_type: str
     stem_channels: tuple[int, ...] = ()  # () = linear patch embedding; else a convolutional stem
+    lesion_map: bool = False  # the classifier's lesion-map decoder (one stage per stem convolution)
 
     @property
     def id(self) -> str:
-        return f"{self.cls.__name__}-{self.attention_type}" + ("-stem" if self.stem_channels else "")
+        suffix = ("-stem" if self.stem_channels else "") + ("-map" if self.lesion_map else "")
+        return f"{self.cls.__name__}-{self.attention_type}{suffix}"
 
     def config(self):
         if self.cls in (ReCTVisionModel, ReCTForFeatureExtraction):
@@ -77,6 +80,10 @@ class ModelCase:
             return ReCTVisionConfig(**kwargs)
         if self.cls is ReCTForLesionLocalization:
             return rect_config(self.attention_type, self.stem_channels, localizer_config=TINY_LOCALIZER)
+        if self.lesion_map:
+            return rect_config(
+                self.attention_type, self.stem_channels, lesion_map_channels=[8] * len(self.stem_channels)
+            )
         return rect_config(self.attention_type, self.stem_channels)
 
     def build(self, seed: int = 0, config=None):
@@ -146,6 +153,7 @@ CASES = [
     # The convolutional stem (GroupNorm per sample, stride-2 convolutions before the patch projection).
     ModelCase(ReCTVisionModel, "joint", stem_channels=(6,)),
     ModelCase(ReCTForVolumeClassification, "divided", stem_channels=(6,)),
+    ModelCase(ReCTForVolumeClassification, "joint", stem_channels=(6,), lesion_map=True),
 ]
 cases = pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 
@@ -580,6 +588,53 @@ def test_classifier_lesion_token_loss_joins_the_loss_and_reloads(tmp_path):
         model(**inputs, lesion_tokens=tokens[:, :10])
     with pytest.raises(ValueError, match="lesion_token_loss_weight"):
         ReCTForVolumeClassification(rect_config())(**inputs, lesion_tokens=tokens)
+
+
+def test_classifier_lesion_map_adds_its_maximum_to_the_logits_and_its_loss(tmp_path):
+    """`lesion_map_channels` adds a decoder over the stem: its map (half the volume's size, one channel per label)
+    adds each label's maximum to the head's logits; `lesion_maps` add its positively weighted per-voxel BCE, times
+    the weight, to the loss; it reloads with the model; wrong shapes and missing stem features are named."""
+    config = rect_config(stem_channels=(6,), lesion_map_channels=[8], lesion_map_loss_weight=0.5)
+    model = ReCTForVolumeClassification(config).eval()
+    pixel_values = make_batch(2)["pixel_values"]
+    labels = torch.tensor([[1.0, 0.0] * 9, [0.0, 1.0] * 9])
+    maps = torch.zeros(2, 18, 4, 16, 16)
+    maps[0, 2, 1, 3:6, 4:7] = 1.0
+    with torch.no_grad():
+        out = model(pixel_values, labels=labels, lesion_maps=maps)
+        vision = model.vision_model(pixel_values, output_stem_features=True)
+    assert out.lesion_map_logits.shape == (2, 18, 4, 16, 16)
+    assert vision.stem_features[0].shape == (2, 6, 4, 16, 16)
+    head = model.classifier(pool_vision_features(vision, 1, config.classifier_pooling))
+    torch.testing.assert_close(out.logits, head + out.lesion_map_logits.amax(dim=(2, 3, 4)))
+    expected_map_loss = F.binary_cross_entropy_with_logits(
+        out.lesion_map_logits, maps, pos_weight=torch.tensor(config.lesion_map_pos_weight)
+    )
+    torch.testing.assert_close(out.lesion_map_loss, expected_map_loss)
+    torch.testing.assert_close(out.classification_loss, F.binary_cross_entropy_with_logits(out.logits, labels))
+    torch.testing.assert_close(out.loss, out.classification_loss + 0.5 * out.lesion_map_loss)
+    with torch.no_grad():
+        reused = model(labels=labels, lesion_maps=maps, vision_outputs=vision)
+    assert torch.equal(reused.logits, out.logits) and torch.equal(reused.loss, out.loss)
+    model.save_pretrained(tmp_path)
+    reloaded = ReCTForVolumeClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values).logits, out.logits)
+    with pytest.raises(ValueError, match=r"`lesion_maps` must be .* = \(2, 18, 4, 16, 16\), got \(2, 18, 8, 32, 32\)"):
+        model(pixel_values, lesion_maps=torch.zeros(2, 18, 8, 32, 32))
+    with pytest.raises(ValueError, match="no `stem_features`"):
+        model(vision_outputs=model.vision_model(pixel_values))
+    with pytest.raises(ValueError, match="lesion_map_channels"):
+        ReCTForVolumeClassification(rect_config())(pixel_values, lesion_maps=maps)
+    with pytest.raises(StrictDataclassClassValidationError, match="at most one per stem convolution"):
+        rect_config(stem_channels=(6,), lesion_map_channels=[8, 4])
+    # Two stem convolutions: a stage per stem map gives cells of 2 voxels, one stage fewer cells of 4.
+    vision = tiny_vision_kwargs(stem_channels=[4, 6], patch_size=[4, 8, 8])
+    for widths, stride in (([8, 4], 2), ([8], 4)):
+        config = ReCTConfig(vision_config=vision, text_config=None, lesion_map_channels=widths, lesion_map_depth=1)
+        assert config.lesion_map_stride == stride
+        output = ReCTForVolumeClassification(config).eval()(pixel_values)
+        assert output.lesion_map_logits.shape == (2, 18, 8 // stride, 32 // stride, 32 // stride)
 
 
 def test_classifier_reads_an_encoder_output_computed_elsewhere():

@@ -445,9 +445,10 @@ def test_deepspeed_checkpoint_layout_is_checked(reference, tmp_path):
     assert "truncated" in checkpoint_problem(folder)
 
 
-def test_lesion_supervised_classifier_logs_both_loss_terms(cohort, tmp_path):
-    """`train_classifier` with the cohort's lesion masks: the per-token lesion term joins the classification loss
-    (logged separately; their weighted sum is the logged loss); without lesion supervision there is one term."""
+def test_lesion_supervised_classifier_logs_its_loss_terms(cohort, tmp_path):
+    """`train_classifier` with the cohort's lesion masks: the per-token lesion term and the lesion map's join the
+    classification loss (logged separately; their weighted sum is the logged loss); without lesion supervision there
+    is one term."""
     import dataclasses
 
     from trainers.classification import ClassifierRecipe, train_classifier
@@ -458,6 +459,7 @@ def test_lesion_supervised_classifier_logs_both_loss_terms(cohort, tmp_path):
         windows=("lung",),
         patch_size=(2, 8, 8),
         stem_channels=(),
+        lesion_map_channels=(),
         hidden_size=32,
         num_hidden_layers=1,
         max_steps=6,
@@ -476,3 +478,12 @@ def test_lesion_supervised_classifier_logs_both_loss_terms(cohort, tmp_path):
         train_classifier(cohort, tmp_path / "plain", dataclasses.replace(recipe, lesion_supervision=0.0))["loss_terms"]
         == {}
     )
+    # The lesion-map decoder over a one-convolution stem, beside the token head: three terms.
+    both = dataclasses.replace(recipe, lesion_supervision=0.5, stem_channels=(4,), lesion_map_channels=(4,))
+    summary = train_classifier(cohort, tmp_path / "map", dataclasses.replace(both, lesion_map_supervision=2.0))
+    terms = summary["loss_terms"]
+    assert set(terms) == {"classification_loss", "lesion_map_loss", "lesion_token_loss"}
+    for total, classification, lesion_map, lesion in zip(summary["loss_history"], *terms.values()):
+        assert total == pytest.approx(classification + 2.0 * lesion_map + 0.5 * lesion, abs=2e-4)
+    weights = load_file(tmp_path / "map" / "model" / "model.safetensors")
+    assert any(k.startswith("lesion_map_decoder.") for k in weights)

@@ -19,6 +19,7 @@ from hf_models import (
     ReCTVLMConfig,
     ReCTVLMProcessor,
 )
+from hf_models.modeling_rect import pool_vision_features
 from trainers.fresh_process import run_without_project
 
 
@@ -396,6 +397,60 @@ def test_diagnosis_prompt_from_a_trained_classifier(tokenizer, tmp_path):
         ReCTVLMConfig(text_config=tiny_llama(len(tokenizer)), **{**kwargs, "image_seq_length": length})
     with pytest.raises(Exception, match="holds 1 phrases"):
         ReCTVLMConfig(text_config=tiny_llama(len(tokenizer)), diagnosis_token_ids=[[1]], **kwargs)
+
+
+def test_diagnosis_prompt_scores_with_the_classifiers_lesion_map(tokenizer, tmp_path):
+    """A classifier with a lesion-map decoder scores a finding by its head's logit plus the map's maximum; the
+    diagnosis prompt built from it (`diagnosis_lesion_map=`) scores the same, before and after a reload."""
+    from hf_models import ReCTConfig, ReCTForVolumeClassification
+
+    names = ["Cardiomegaly", "Emphysema", "Pleural effusion"]
+    torch.manual_seed(3)
+    classifier = ReCTForVolumeClassification(
+        ReCTConfig(
+            vision_config=tiny_vision_kwargs(num_regions=0, stem_channels=[6]),
+            text_config=None,
+            id2label=dict(enumerate(names)),
+            lesion_map_channels=[8],
+        )
+    ).eval()
+    language = LlamaForCausalLM(
+        LlamaConfig(**{k: v for k, v in tiny_llama(len(tokenizer)).items() if k != "model_type"})
+    ).eval()
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    kwargs = dict(image_seq_length=S + 12, projector_hidden_size=32, projector_num_heads=4, diagnosis_labels=names)
+    model = ReCTForConditionalGeneration.from_vision_and_language(
+        classifier.vision_model,
+        language,
+        image_id,
+        diagnosis_head=classifier.classifier,
+        diagnosis_lesion_map=classifier.lesion_map_decoder,
+        diagnosis_seq_length=12,
+        **kwargs,
+    ).eval()
+    assert model.config.diagnosis_lesion_map_channels == [8]
+    model.set_diagnosis_phrases(tokenizer)
+    ids = torch.tensor([[5] + [image_id] * (S + 12) + [7, 8]] * 2)
+    volumes = torch.randn(2, 1, 8, 32, 32)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=volumes)
+        expected = classifier(volumes).logits
+        head_alone = classifier.classifier(pool_vision_features(classifier.vision_model(volumes), 1, "cls_mean_max"))
+    torch.testing.assert_close(out.diagnosis_logits, expected)
+    assert not torch.allclose(head_alone, expected)  # the map's maximum does move the scores
+    model.save_pretrained(tmp_path / "vlm")
+    reloaded = ReCTForConditionalGeneration.from_pretrained(tmp_path / "vlm").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, pixel_values=volumes).diagnosis_logits, expected)
+    with pytest.raises(ValueError, match="give the classifier's head too"):
+        ReCTForConditionalGeneration.from_vision_and_language(
+            classifier.vision_model, language, image_id, diagnosis_lesion_map=classifier.lesion_map_decoder, **kwargs
+        )
+    stem = dict(vision_config=tiny_vision_kwargs(stem_channels=[6]), text_config=tiny_llama(len(tokenizer)))
+    with pytest.raises(Exception, match="set `diagnosis_labels`"):
+        ReCTVLMConfig(**stem, diagnosis_lesion_map_channels=[8])
+    with pytest.raises(Exception, match="at most one per stem convolution"):
+        ReCTVLMConfig(**stem, **kwargs, diagnosis_seq_length=12, diagnosis_lesion_map_channels=[8, 4])
 
 
 def test_smollm2_gguf_generates_text_conditioned_on_a_volume(scans):

@@ -87,7 +87,8 @@ class ClassifierRecipe:
     dropout: float = 0.0
     attention_type: str = "divided"
     classifier_pooling: str = "cls_mean_max"
-    max_steps: int = 2500
+    #: 1,500 with the lesion-map decoder (whose steps cost about twice the encoder's alone), inside the demo's budget.
+    max_steps: int = 1500
     batch_size: int = 8
     #: 3e-4 rather than 1e-3: at 1e-3 the encoder stayed on the initial loss plateau (the label prior) for 1,300 to
     #: over 2,500 steps depending on the seed (median five-finding AUROC 0.655 over 3 seeds); at 3e-4 every seed left
@@ -104,8 +105,17 @@ class ClassifierRecipe:
     augmentation: float = 0.0
     #: Weight of the auxiliary per-token loss on the cohort's lesion masks (`LesionTokenTargets`; 0 = none):
     #: `ReCTConfig.lesion_token_loss_weight`. Its token head is saved with the classifier (so a resumed or further
-    #: fine-tuning run keeps it); inference reads images only and never uses it.
-    lesion_supervision: float = 1.0
+    #: fine-tuning run keeps it); inference reads images only and never uses it. Off since the lesion-map decoder:
+    #: the token head learnt where findings may lie, not where they are (bench/encoder_probe.py).
+    lesion_supervision: float = 0.0
+    #: The lesion-map decoder (`ReCTConfig.lesion_map_channels`: one width per stage, at most one per stem
+    #: convolution; () = none; `lesion_map_depth` convolutions per stage), whose per-label maximum joins the logits,
+    #: and the weight of its per-voxel loss on the cohort's lesion masks (`LesionMapTargets`;
+    #: `ReCTConfig.lesion_map_loss_weight`). One stage on the stem's 8×16×16 output: README "Learning on the phantom
+    #: cohort" has what it and the larger decoders reached.
+    lesion_map_channels: tuple[int, ...] = (48,)
+    lesion_map_depth: int = 2
+    lesion_map_supervision: float = 1.0
     seed: int = 0
     #: A `ReCTModel` / `ReCTForFeatureExtraction` / `ReCTVisionModel` folder whose vision encoder the classifier
     #: starts from (its vision config must equal this recipe's); None = random initialisation.
@@ -158,6 +168,10 @@ class ClassifierRecipe:
             id2label=dict(enumerate(self.label_names)),
             problem_type="multi_label_classification",
             pos_weight=pos_weight,
+            lesion_token_loss_weight=self.lesion_supervision,
+            lesion_map_channels=list(self.lesion_map_channels),
+            lesion_map_depth=self.lesion_map_depth,
+            lesion_map_loss_weight=self.lesion_map_supervision,
         )
 
 
@@ -219,16 +233,77 @@ class LesionTokenTargets:
         return out
 
 
+class LesionMapTargets:
+    """Dict transform: `lesion_mask (1, D, H, W)` (abnormality ids, `trainers.data.phantom.LESION_IDS`) →
+    `lesion_maps (num_labels, D / s, H / s, W / s)` uint8 for cells of `stride` s: 1 where one of the s×s×s voxels a
+    cell covers holds the lesion id of label l, the targets of `ReCTForVolumeClassification`'s lesion-map decoder
+    (`ReCTConfig.lesion_map_stride`). With `keep_mask` the mask stays in the example (for a `LesionTokenTargets`
+    after it).
+
+    Raises:
+        ValueError: the example has no lesion mask, or a spatial size not divisible by the stride.
+    """
+
+    def __init__(self, lesion_ids: Sequence[int], stride: int = 2, keep_mask: bool = False):
+        self.lesion_ids = [int(i) for i in lesion_ids]
+        self.stride = int(stride)
+        self.keep_mask = keep_mask
+
+    def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
+        out = dict(example)
+        mask = out.get("lesion_mask") if self.keep_mask else out.pop("lesion_mask", None)
+        if mask is None:
+            raise ValueError("LesionMapTargets: the example has no `lesion_mask` (read the cohort with lesion masks)")
+        spatial = tuple(mask.shape[-3:])
+        if any(s % self.stride for s in spatial):
+            raise ValueError(
+                f"LesionMapTargets: mask size {spatial} is not divisible by the map's stride {self.stride}"
+            )
+        maps = torch.stack([mask[0] == i for i in self.lesion_ids]).to(torch.uint8)
+        out["lesion_maps"] = torch.nn.functional.max_pool3d(maps[None].float(), self.stride)[0].to(torch.uint8)
+        return out
+
+
+def disable_lesion_losses(config: ReCTConfig, cohort_root: str | Path) -> None:
+    """Switch off `config`'s lesion losses (token head, lesion map) for a cohort without lesion masks, with a warning;
+    a lesion-map decoder stays and learns from the labels alone (through its maximum in the logits)."""
+    logger.warning(
+        "%s has no lesion masks (masks/lesion/): training without the lesion losses (lesion_token_loss_weight=%s, "
+        "lesion_map_loss_weight=%s are set to 0)",
+        cohort_root,
+        config.lesion_token_loss_weight,
+        config.lesion_map_loss_weight if config.lesion_map_channels else 0.0,
+    )
+    config.lesion_token_loss_weight = 0.0
+    config.lesion_map_loss_weight = 0.0
+
+
+def lesion_target_transforms(config: ReCTConfig, label_names: Sequence[str]) -> list:
+    """The transforms that turn a training example's lesion mask into the targets `config`'s auxiliary heads take:
+    `LesionMapTargets` for a lesion-map decoder (`config.lesion_map_channels`), `LesionTokenTargets` for a token
+    head (`config.lesion_token_loss_weight` > 0); empty for neither."""
+    lesion_ids = [LESION_IDS[name] for name in label_names]
+    transforms = []
+    tokens = config.lesion_token_loss_weight > 0
+    if config.lesion_map_channels and config.lesion_map_loss_weight > 0:
+        transforms.append(LesionMapTargets(lesion_ids, config.lesion_map_stride, keep_mask=tokens))
+    if tokens:
+        transforms.append(LesionTokenTargets(config.vision_config.patch_size, lesion_ids))
+    return transforms
+
+
 @dataclass
 class LesionSupervisedCollator(ClassificationCollator):
-    """`ClassificationCollator` plus `lesion_tokens (batch, num_patches, num_labels)` from `LesionTokenTargets` when
-    the examples have them (training), without them otherwise (evaluation)."""
+    """`ClassificationCollator` plus `lesion_tokens (batch, num_patches, num_labels)` from `LesionTokenTargets` and
+    `lesion_maps (batch, num_labels, D / 2, H / 2, W / 2)` from `LesionMapTargets` when the examples have them
+    (training), without them otherwise (evaluation)."""
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = super().__call__(examples)
-        lesion_tokens = stack_field(examples, "lesion_tokens", optional=True)
-        if lesion_tokens is not None:
-            batch["lesion_tokens"] = lesion_tokens
+        for key in ("lesion_tokens", "lesion_maps"):
+            value = stack_field(examples, key, optional=True)
+            if value is not None:
+                batch[key] = value
         return batch
 
 
@@ -335,20 +410,17 @@ def train_classifier(
     image_processor = recipe.image_processor()
     cache = VolumeCache(cache_dir or output_dir / "cache", image_processor)
     has_lesion_masks = (Path(cohort_root) / "masks" / "lesion").is_dir()
-    lesion_supervision = recipe.lesion_supervision > 0 and has_lesion_masks
+    wants_masks = recipe.lesion_supervision > 0 or (recipe.lesion_map_channels and recipe.lesion_map_supervision > 0)
+    lesion_supervision = bool(wants_masks) and has_lesion_masks
     train_rows = read_ct_rate(cohort_root, "train", cot=False, lesion_masks=lesion_supervision)
-    if recipe.lesion_supervision > 0 and not has_lesion_masks:  # said once the cohort itself has been read
-        logger.warning(
-            "%s has no lesion masks (masks/lesion/): training without the lesion-token loss "
-            "(recipe.lesion_supervision=%s is not used)",
-            cohort_root,
-            recipe.lesion_supervision,
-        )
+    train_labels = np.asarray(train_rows["labels"], dtype=np.float64)[:, indices]
+    config = recipe.model_config(label_pos_weight(train_labels, recipe.pos_weight_power))
+    if wants_masks and not has_lesion_masks:  # said once the cohort itself has been read
+        disable_lesion_losses(config, cohort_root)
     transforms = []
     if recipe.augmentation > 0:
         transforms.append(ct_augmentation(recipe.augmentation, seed=recipe.seed))
-    if lesion_supervision:
-        transforms.append(LesionTokenTargets(recipe.patch_size, [LESION_IDS[name] for name in recipe.label_names]))
+    transforms += lesion_target_transforms(config, recipe.label_names)
     train = CachedVolumeDataset(
         train_rows,
         cache,
@@ -359,11 +431,6 @@ def train_classifier(
     valid = CachedVolumeDataset(read_ct_rate(cohort_root, "valid", cot=False), cache, label_indices=indices)
     train.prepare(progress=progress)
     valid.prepare(progress=progress)
-    train_labels = np.asarray(train_rows["labels"], dtype=np.float64)[:, indices]
-    pos_weight = label_pos_weight(train_labels, recipe.pos_weight_power)
-
-    config = recipe.model_config(pos_weight)
-    config.lesion_token_loss_weight = recipe.lesion_supervision if lesion_supervision else 0.0
     if recipe.pretrained:
         model = ReCTForVolumeClassification.from_pretrained(recipe.pretrained, config=config)
     else:

@@ -125,7 +125,8 @@ def build_report_generator(encoder_folder: str | Path, recipe: ReportRecipe):
     """`(model, tokenizer, image_processor)`: the encoder saved in `encoder_folder` (a `ReCTVisionModel` folder, or a
     classifier / ReCT model folder whose encoder is taken) with its image processor, SmolLM2 from the packaged GGUF
     file with `<image>` added, and a new projector, seeded by `recipe.seed`. From a classifier folder with
-    `recipe.diagnosis`, the projector also gets the classifier's head and labels, and each label's words in SmolLM2's
+    `recipe.diagnosis`, the projector also gets the classifier's head (with its lesion-map decoder, when it has one)
+    and labels, and each label's words in SmolLM2's
     tokens (`set_diagnosis_phrases`); `model.config.image_seq_length` is then `recipe.image_seq_length` +
     `recipe.diagnosis_seq_length`."""
     from transformers import PretrainedConfig, set_seed
@@ -143,7 +144,7 @@ def build_report_generator(encoder_folder: str | Path, recipe: ReportRecipe):
     folder = Path(encoder_folder)
     config, _ = PretrainedConfig.get_config_dict(folder)  # the project's own classes: no remote code involved
     model_type, architectures = config.get("model_type"), config.get("architectures") or []
-    head, labels = None, None
+    head = labels = lesion_map = None
     if model_type == "rect_vision":
         vision = ReCTVisionModel.from_pretrained(folder)
     elif model_type == "rect":
@@ -151,7 +152,7 @@ def build_report_generator(encoder_folder: str | Path, recipe: ReportRecipe):
         trained = owner.from_pretrained(folder)
         vision = trained.vision_model
         if recipe.diagnosis and owner is ReCTForVolumeClassification:
-            head = trained.classifier
+            head, lesion_map = trained.classifier, trained.lesion_map_decoder
             labels = [trained.config.id2label[i] for i in range(trained.config.num_labels)]
             pooling = trained.config.classifier_pooling
     else:
@@ -173,6 +174,7 @@ def build_report_generator(encoder_folder: str | Path, recipe: ReportRecipe):
         language,
         tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         diagnosis_head=head,
+        diagnosis_lesion_map=lesion_map,
         projector_type=recipe.projector_type,
         image_seq_length=recipe.image_seq_length + (recipe.diagnosis_seq_length if head is not None else 0),
         projector_hidden_size=recipe.projector_hidden_size,

@@ -72,10 +72,10 @@ def build_classification(recipe: Recipe, data_dir: Path, cache_dir: Path, progre
     """`ReCTForVolumeClassification` over a CT-RATE-layout cohort (`data.format` `ct_rate`, or `phantom`: a
     generated cohort, which has the same layout). The image processor and label checks are
     `trainers.classification.ClassifierRecipe`'s; the model config is the recipe's `model.config` with `id2label`
-    from `data.labels` (None = the 18 CT-RATE findings). With `model.config.lesion_token_loss_weight` > 0 (the
-    recipe's, as the demo trains) and lesion masks in the cohort (`masks/lesion/`, which generated cohorts have),
-    the training split also yields `lesion_tokens` (`LesionTokenTargets`) for the classifier's auxiliary token
-    loss; without masks that loss is switched off with a warning. Evaluation reads images and labels only.
+    from `data.labels` (None = the 18 CT-RATE findings). With a lesion loss in `model.config` (the lesion-map
+    decoder's, as the demo trains, or the token head's) and lesion masks in the cohort (`masks/lesion/`, which
+    generated cohorts have), the training split also yields its targets (`lesion_target_transforms`); without
+    masks the lesion losses are switched off with a warning. Evaluation reads images and labels only.
 
     Raises:
         ValueError: `data.volume_size`/`data.windows` missing, or disagreeing with the model's vision config; an
@@ -85,9 +85,14 @@ def build_classification(recipe: Recipe, data_dir: Path, cache_dir: Path, progre
     import hf_models
     from hf_models import CT_RATE_ABNORMALITIES, ReCTConfig
 
-    from .classification import ClassifierRecipe, LesionSupervisedCollator, LesionTokenTargets
+    from .classification import (
+        ClassifierRecipe,
+        LesionSupervisedCollator,
+        disable_lesion_losses,
+        lesion_target_transforms,
+    )
+    from .data.augmentation import Compose
     from .data.cache import VolumeCache
-    from .data.phantom import LESION_IDS
     from .metrics import classification_compute_metrics
 
     data = recipe.data
@@ -96,19 +101,11 @@ def build_classification(recipe: Recipe, data_dir: Path, cache_dir: Path, progre
     label_indices = classifier.label_indices()
     config = ReCTConfig(**recipe.model.config, id2label=dict(enumerate(classifier.label_names)))
     train_kwargs = {}
-    if config.lesion_token_loss_weight > 0:
-        if (Path(data_dir) / "masks" / "lesion").is_dir():
-            patch_size = config.vision_config.patch_size
-            lesion_ids = [LESION_IDS[name] for name in classifier.label_names]
-            train_kwargs = dict(lesion_column="lesion_mask_path", transform=LesionTokenTargets(patch_size, lesion_ids))
-        else:
-            logger.warning(
-                "%s has no lesion masks (masks/lesion/): training without the auxiliary lesion-token loss "
-                "(model.config.lesion_token_loss_weight=%s is set to 0)",
-                data_dir,
-                config.lesion_token_loss_weight,
-            )
-            config.lesion_token_loss_weight = 0.0
+    transforms = lesion_target_transforms(config, classifier.label_names)
+    if transforms and not (Path(data_dir) / "masks" / "lesion").is_dir():
+        disable_lesion_losses(config, data_dir)
+    elif transforms:
+        train_kwargs = dict(lesion_column="lesion_mask_path", transform=Compose(transforms))
     model = _new_or_pretrained(recipe, hf_models.ReCTForVolumeClassification, config)
 
     cache = VolumeCache(cache_dir, image_processor)
