@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from hf_models.configuration_rect import lesion_map_stride
+
 from .readers import ConversionError
 from .writer import MANIFEST, REPORT, atomic_folder, write_manifest
 
@@ -208,11 +210,13 @@ def render_card(
     if "id2label" in config and component.key == "classifier":
         labels = [config["id2label"][k] for k in sorted(config["id2label"], key=int)]
         described += f"; {len(labels)} findings: {', '.join(labels)}"
-        if config.get("lesion_map_channels"):
+        widths = config.get("lesion_map_channels")
+        if widths:
+            stride = lesion_map_stride(widths, vision.get("stem_channels", []))
             described += (
-                f"; a lesion-map decoder over the convolutional stem (widths {config['lesion_map_channels']}) whose "
-                "per-finding maximum joins each logit, and whose map (`lesion_map_logits`, half the volume's size) "
-                "shows where each finding is seen"
+                f"; a lesion-map decoder over the convolutional stem (widths {widths}) whose per-finding maximum "
+                f"joins each logit, and whose map (`lesion_map_logits`, one cell per {stride}×{stride}×{stride} "
+                "voxels) shows where each finding is seen"
             )
     eval_rows, eval_results, metric_names = [], [], []
     baseline_name = "baseline"

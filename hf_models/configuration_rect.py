@@ -70,9 +70,9 @@ def check_lesion_map_channels(name: str, channels: list[int], vision_config) -> 
         )
 
 
-def lesion_map_stride(channels: list[int], vision_config) -> int:
+def lesion_map_stride(channels: list[int], stem_channels: list[int]) -> int:
     """How many voxels of the volume one cell of a lesion-map decoder's map spans along each axis."""
-    return 2 ** (len(vision_config.stem_channels) - len(channels) + 1)
+    return 2 ** (len(stem_channels) - len(channels) + 1)
 
 
 @strict
@@ -371,7 +371,7 @@ class ReCTConfig(PreTrainedConfig):
     @property
     def lesion_map_stride(self) -> int:
         """Voxels of the volume one lesion-map cell spans along each axis (`lesion_map_channels` set)."""
-        return lesion_map_stride(self.lesion_map_channels, self.vision_config)
+        return lesion_map_stride(self.lesion_map_channels, self.vision_config.stem_channels)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):

@@ -530,10 +530,10 @@ class ReCTLesionMapDecoder(nn.Module):
 
     def __init__(self, vision_config: ReCTVisionConfig, widths: list[int], depth: int, num_labels: int):
         super().__init__()
-        widths = list(widths)
+        self.widths, self.depth = list(widths), depth
         skips = list(reversed(vision_config.stem_channels))[: len(widths)]
         self.kernel = tuple(p // 2 ** len(vision_config.stem_channels) for p in vision_config.patch_size)
-        inputs = [vision_config.hidden_size] + widths[:-1]
+        inputs = [vision_config.hidden_size] + self.widths[:-1]
         self.projections = nn.ModuleList(nn.Conv3d(i, w, kernel_size=1) for i, w in zip(inputs, widths))
         self.stages = nn.ModuleList(
             nn.Sequential(

@@ -504,9 +504,8 @@ class ReCTForConditionalGeneration(ReCTPreTrainedModel, GenerationMixin):
         if diagnosis_lesion_map is not None:
             if diagnosis_head is None:
                 raise ValueError("`diagnosis_lesion_map` joins a `diagnosis_head`: give the classifier's head too")
-            stages = diagnosis_lesion_map.stages
-            config_kwargs["diagnosis_lesion_map_channels"] = [stage[0].conv.out_channels for stage in stages]
-            config_kwargs["diagnosis_lesion_map_depth"] = len(stages[0])
+            config_kwargs["diagnosis_lesion_map_channels"] = diagnosis_lesion_map.widths
+            config_kwargs["diagnosis_lesion_map_depth"] = diagnosis_lesion_map.depth
         config = ReCTVLMConfig(
             vision_config=vision_model.config.to_dict(),
             text_config=text_config,

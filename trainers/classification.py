@@ -295,7 +295,7 @@ def lesion_target_transforms(config: ReCTConfig, label_names: Sequence[str]) -> 
 @dataclass
 class LesionSupervisedCollator(ClassificationCollator):
     """`ClassificationCollator` plus `lesion_tokens (batch, num_patches, num_labels)` from `LesionTokenTargets` and
-    `lesion_maps (batch, num_labels, D / 2, H / 2, W / 2)` from `LesionMapTargets` when the examples have them
+    `lesion_maps (batch, num_labels, D / s, H / s, W / s)` from `LesionMapTargets` when the examples have them
     (training), without them otherwise (evaluation)."""
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -410,8 +410,8 @@ def train_classifier(
     image_processor = recipe.image_processor()
     cache = VolumeCache(cache_dir or output_dir / "cache", image_processor)
     has_lesion_masks = (Path(cohort_root) / "masks" / "lesion").is_dir()
-    wants_masks = recipe.lesion_supervision > 0 or (recipe.lesion_map_channels and recipe.lesion_map_supervision > 0)
-    lesion_supervision = bool(wants_masks) and has_lesion_masks
+    wants_masks = bool(lesion_target_transforms(recipe.model_config(), recipe.label_names))
+    lesion_supervision = wants_masks and has_lesion_masks
     train_rows = read_ct_rate(cohort_root, "train", cot=False, lesion_masks=lesion_supervision)
     train_labels = np.asarray(train_rows["labels"], dtype=np.float64)[:, indices]
     config = recipe.model_config(label_pos_weight(train_labels, recipe.pos_weight_power))
