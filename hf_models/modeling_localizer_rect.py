@@ -115,7 +115,16 @@ def linear_resize(maps: torch.Tensor, size: tuple[int, int, int]) -> torch.Tenso
 
 
 def decoder_scales(patch_size) -> list[tuple[int, int, int]]:
-    """Upsampling factor per decoder stage, coarse to fine: ×2 along each axis until it reaches its patch side."""
+    """Upsampling factor per decoder stage, coarse to fine: ×2 along each axis until it reaches its patch side.
+
+    Raises:
+        ValueError: a patch side that is not a power of two (the ×2 stages could not reach it).
+    """
+    if any(p < 1 or p & (p - 1) for p in patch_size):
+        raise ValueError(
+            f"the localizer's decoder doubles the resolution per stage: every side of `vision_config.patch_size` "
+            f"must be a power of two, got {tuple(patch_size)}"
+        )
     stages = max(int(math.log2(p)) for p in patch_size)
     return [tuple(2 if 2 ** (s + 1) <= p else 1 for p in patch_size) for s in range(stages)]
 

@@ -853,6 +853,7 @@ class ReCTModel(ReCTPreTrainedModel):
         anatomy_mask: torch.Tensor | None = None,
         region_mentions: torch.Tensor | None = None,
         return_loss: bool | None = None,
+        output_stem_features: bool = False,
         **kwargs,
     ) -> ReCTOutput:
         r"""
@@ -865,12 +866,17 @@ class ReCTModel(ReCTPreTrainedModel):
                 mentions region r (id r + 1); adds the region alignment loss (needs `anatomy_mask`).
             return_loss (`bool`, *optional*): compute `loss` (as CLIP: off unless asked; InfoNCE needs batch ≥ 2
                 to mean anything). Training collators pass `return_loss=True`.
+            output_stem_features (`bool`, defaults to `False`): keep the vision stem's feature maps in
+                `vision_model_output`, for a head that reads them (the classifier's lesion map, when a composite
+                model shares this encoder pass); the text tower never sees this flag.
         """
         if input_ids is None or pixel_values is None:
             raise ValueError("ReCTModel.forward needs both `input_ids` and `pixel_values`")
         if region_mentions is not None and anatomy_mask is None:
             raise ValueError("`region_mentions` needs `anatomy_mask`: region features come from the anatomy mask")
-        vision = self.vision_model(pixel_values, anatomy_mask, **kwargs, return_dict=True)
+        vision = self.vision_model(
+            pixel_values, anatomy_mask, output_stem_features=output_stem_features, **kwargs, return_dict=True
+        )
         image_embeds, region_embeds = self.projection(vision)
         text_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:

@@ -299,6 +299,11 @@ def test_separable_resize_is_trilinear_interpolation(sizes):
 
 def test_decoder_layout_follows_the_config():
     assert decoder_scales((4, 16, 16)) == [(2, 2, 2), (2, 2, 2), (1, 2, 2), (1, 2, 2)]
+    with pytest.raises(ValueError, match=r"must be a power of two, got \(2, 6, 8\)"):
+        decoder_scales((2, 6, 8))  # the ×2 stages would never reach a side of 6: refused, not a shape error later
+    odd = tiny_vision_kwargs(patch_size=[2, 6, 8], volume_size=[8, 36, 32])
+    with pytest.raises(ValueError, match="power of two"):
+        ReCTForLesionLocalization(ReCTConfig(vision_config=odd, text_config=tiny_text_kwargs()))
     assert default_skip_layers(12, 3) == [9, 6, 3]
     model = build()
     assert model.skip_layers == [1, 1]  # 2-layer encoder, two skips; the last stage reads the input volume

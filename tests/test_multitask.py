@@ -1,6 +1,7 @@
 """ReCTMultitaskModel: one encoder pass per step gives each head the loss its standalone model gives, and every
 parameter of the composite learns from the summed loss."""
 
+import pytest
 import torch
 
 from hf_models import ReCTConfig
@@ -9,10 +10,14 @@ from tests.test_modeling import make_batch
 from trainers.multitask import ReCTMultitaskModel
 
 
-def composite() -> ReCTMultitaskModel:
+def composite(lesion_map: bool = False) -> ReCTMultitaskModel:
+    """The tiny composite; `lesion_map`: an encoder with a convolutional stem and a classifier whose lesion-map
+    decoder reads the stem's feature maps from the shared encoder pass."""
     torch.manual_seed(0)
+    stem = dict(stem_channels=[6]) if lesion_map else {}
     config = ReCTConfig(
-        vision_config=tiny_vision_kwargs(),
+        vision_config=tiny_vision_kwargs(**stem),
+        lesion_map_channels=[8] if lesion_map else [],
         text_config=tiny_text_kwargs(),
         localizer_config=dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, decoder_channels=[16, 8]),
         num_labels=3,
@@ -34,8 +39,9 @@ def batch() -> dict[str, torch.Tensor]:
     return inputs
 
 
-def test_one_encoder_pass_gives_each_head_its_standalone_loss():
-    model, inputs = composite(), batch()
+@pytest.mark.parametrize("lesion_map", [False, True], ids=["linear-patches", "stem-lesion-map"])
+def test_one_encoder_pass_gives_each_head_its_standalone_loss(lesion_map):
+    model, inputs = composite(lesion_map), batch()
     calls = []
     hook = model.model.vision_model.register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad():
