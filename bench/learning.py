@@ -19,7 +19,7 @@ Targets (issue 6): median `macro_easy` >= 0.95 and median `macro` >= 0.85.
 A workdir keeps one cohort; another `--n-train` regenerates it there.
 
 Usage: python bench/learning.py [--seeds 0 1 2] [--workdir DIR] [--no-shuffled-baseline] [--max-steps N]
-                                [--n-train PATIENTS]
+                                [--n-train PATIENTS] [--augmentation STRENGTH]
 """
 
 # ruff: noqa: E402 - `short_openmp_spin` must run before torch (imported further down) loads libgomp.
@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--no-shuffled-baseline", action="store_true", help="skip the shuffled-label run")
     parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's steps")
     parser.add_argument(
+        "--augmentation", type=float, default=None, help="override the recipe's augmentation strength (0 = none)"
+    )
+    parser.add_argument(
         "--n-train",
         type=int,
         default=None,
@@ -127,6 +130,8 @@ def main() -> None:
     base = ClassifierRecipe()
     if args.max_steps:
         base = dataclasses.replace(base, max_steps=args.max_steps)
+    if args.augmentation is not None:
+        base = dataclasses.replace(base, augmentation=args.augmentation)
     print(
         f"recipe: {len(base.label_names)} findings, {base.max_steps} steps × batch {base.batch_size}, "
         f"volumes {base.volume_size}, patch {base.patch_size}, {base.num_hidden_layers} × {base.hidden_size} "
