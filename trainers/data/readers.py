@@ -199,12 +199,11 @@ def read_ct_rate(
 ):
     """A CT-RATE split → one row per volume.
 
-    Columns: `volume_name`, `volume_path`, `patient_id`, `scan_id`, `findings`, `impressions`, `report`
-    (findings + impression), `labels` (18 ints in `CT_RATE_ABNORMALITIES` order), `rescale_slope`,
-    `rescale_intercept`, `xy_spacing`, `z_spacing`, `anatomy_mask_path`, `lesion_mask_path` (None when not
-    requested), `prior_volume_path` (the patient's previous scan, else None) with its `prior_rescale_slope` /
-    `prior_rescale_intercept`, `cot` (list of
-    {question, answer}).
+    Columns: `volume_name`, `volume_path`, `patient_id`, `scan_id`, `findings`, `impressions`, `report` (findings +
+    impression), `report_impression_first` (impression + findings), `labels` (18 ints in `CT_RATE_ABNORMALITIES`
+    order), `rescale_slope`, `rescale_intercept`, `xy_spacing`, `z_spacing`, `anatomy_mask_path`, `lesion_mask_path`
+    (None when not requested), `prior_volume_path` (the patient's previous scan, else None) with its
+    `prior_rescale_slope` / `prior_rescale_intercept`, `cot` (list of {question, answer}).
 
     Args:
         root: the cohort folder holding `dataset/` and `masks/`.
@@ -265,6 +264,7 @@ def read_ct_rate(
                 "findings": findings,
                 "impressions": impressions,
                 "report": f"Findings: {findings} Impression: {impressions}",
+                "report_impression_first": f"Impression: {impressions} Findings: {findings}",
                 "labels": label_values,
                 "rescale_slope": slope,
                 "rescale_intercept": intercept,
