@@ -511,3 +511,40 @@ def test_text_fields_choose_the_report_sections_and_their_order(cohort, tmp_path
         recipe.data.text_fields = fields
         with pytest.raises(ValueError, match=r"data\.text_fields: expected Findings_EN, Impressions_EN or both"):
             build_vision_pretrain(recipe, cohort, tmp_path / "cache", progress=False)
+
+
+def test_vision_pretrain_augments_the_training_split_without_swapping_sides(cohort, tmp_path):
+    """`data.augmentation` perturbs the training volumes (never the evaluation ones) and moves their anatomy masks
+    with them, but never mirrors left and right: the right lower lobe (id 4) stays on the patient's right (low W in
+    the LPS+ layout) and the left lower lobe (id 6) on the left, draw after draw. Other tasks refuse the key."""
+    from trainers.recipes import load_recipe
+    from trainers.train import build_vision_pretrain
+
+    recipe = load_recipe("vision_pretrain", tiny=True)
+    plain = build_vision_pretrain(recipe, cohort, tmp_path / "cache", progress=False)
+    recipe.data.augmentation = 2.0
+    augmented = build_vision_pretrain(recipe, cohort, tmp_path / "cache", progress=False)
+    assert torch.equal(augmented.eval_dataset[0]["pixel_values"], plain.eval_dataset[0]["pixel_values"])
+    original = plain.train_dataset[0]
+    width = torch.arange(original["anatomy_mask"].shape[-1], dtype=torch.float32)
+
+    def centre(mask: torch.Tensor, region: int) -> float:
+        return float((mask == region).float().sum(dim=(0, 1, 2)) @ width / (mask == region).sum())
+
+    moved = 0
+    for _ in range(12):
+        example = augmented.train_dataset[0]
+        assert example["text"] == original["text"]
+        assert not torch.equal(example["pixel_values"], original["pixel_values"])
+        moved += int(not torch.equal(example["anatomy_mask"], original["anatomy_mask"]))
+        assert centre(example["anatomy_mask"], 4) < centre(example["anatomy_mask"], 6)
+    assert centre(original["anatomy_mask"], 4) < centre(original["anatomy_mask"], 6)
+    assert moved > 0  # rotations moved the mask with the volume
+
+    recipe.data.augmentation = -1.0
+    with pytest.raises(ValueError, match=r"data\.augmentation: expected a strength >= 0, found -1.0"):
+        build_vision_pretrain(recipe, cohort, tmp_path / "cache", progress=False)
+    classification = load_recipe("classification", tiny=True)
+    classification.data.augmentation = 0.5
+    with pytest.raises(ValueError, match=r"data\.augmentation: only the vision_pretrain task reads it"):
+        train_from_recipe(classification, cohort, tmp_path / "classifier", progress=False)

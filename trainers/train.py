@@ -138,6 +138,7 @@ def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progr
     import hf_models
     from hf_models import ReCTConfig, ReCTProcessor
 
+    from .data.augmentation import ct_augmentation
     from .data.cache import VolumeCache
     from .data.collators import ContrastiveCollator
     from .metrics import retrieval_compute_metrics
@@ -148,11 +149,18 @@ def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progr
     model, tokenizer = model_with_text_tower(recipe, hf_models.ReCTModel, ReCTConfig)
     region_mentions_fn = _region_mentions_fn(model.config)
     cache = VolumeCache(cache_dir, image_processor)
+    train_kwargs = {}
+    if data.augmentation is not None and data.augmentation < 0:
+        raise ValueError(f"{recipe.source}: data.augmentation: expected a strength >= 0, found {data.augmentation}")
+    if data.augmentation:
+        seed = recipe.optimization.seed
+        train_kwargs["transform"] = ct_augmentation(data.augmentation, seed=seed, flip_prob=0.0)
     train, valid = _cached_splits(
         recipe,
         data_dir,
         cache,
         progress,
+        train_kwargs=train_kwargs,
         anatomy=region_mentions_fn is not None,
         text_column=text_column,
         region_mentions_fn=region_mentions_fn,
@@ -854,6 +862,11 @@ def train_from_recipe(
         recipe_name_or_path if isinstance(recipe_name_or_path, Recipe) else load_recipe(recipe_name_or_path, tiny=tiny)
     )
     build = SUPPORTED_TASKS[recipe.task]  # `load_recipe` accepts only these tasks
+    if recipe.data.augmentation and recipe.task != "vision_pretrain":
+        raise ValueError(
+            f"{recipe.source}: data.augmentation: only the vision_pretrain task reads it, this recipe's task is "
+            f"{recipe.task!r}"
+        )
     output_dir, data_dir = Path(output_dir), Path(data_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     earlier = checkpoints(output_dir)

@@ -77,6 +77,9 @@ class DataSection:
     #: Report fields fed to the text tower / language model.
     text_fields: list[str] | None = None
     max_length: int | None = None
+    #: `vision_pretrain`: strength of `ct_augmentation` on the training split (None or 0 = none), without its
+    #: left-right flip (reports and anatomy regions name sides).
+    augmentation: float | None = None
     #: Label columns (classification); None = all 18 CT-RATE findings.
     labels: list[str] | None = None
     #: Volumes generated per split for `format: phantom` (`trainers.data.phantom.generate_cohort`).
