@@ -132,7 +132,7 @@ def build_vision_pretrain(recipe: Recipe, data_dir: Path, cache_dir: Path, progr
 
     Raises:
         ValueError: `data.volume_size`/`data.windows` missing or disagreeing with the model; unknown text fields;
-            a text tower whose vocabulary is smaller than the tokenizer's.
+            a text tower whose vocabulary is smaller than the tokenizer's; a negative `data.augmentation`.
         DatasetFormatError, MissingFilesError: the cohort's files (see `read_ct_rate`).
     """
     import hf_models
