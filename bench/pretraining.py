@@ -81,6 +81,12 @@ def pretrain_recipe(
     return recipe
 
 
+def batches(dataset, size: int = 16):
+    """The dataset's examples in lists of `size` (the last may be shorter)."""
+    for start in range(0, len(dataset), size):
+        yield [dataset[i] for i in range(start, min(len(dataset), start + size))]
+
+
 @torch.no_grad()
 def evaluate_pretrained(folder: Path, cohort: Path, cache: Path, recipe) -> dict:
     """Retrieval, region-alignment accuracy and zero-shot AUROC of a saved `ReCTModel` on the held-out split, with
@@ -114,8 +120,7 @@ def evaluate_pretrained(folder: Path, cohort: Path, cache: Path, recipe) -> dict
     positive = processor.tokenizer([f"{f}." for f in FIVE], padding=True, return_tensors="pt")
     negative = processor.tokenizer([f"No {f.lower()}." for f in FIVE], padding=True, return_tensors="pt")
     images, texts, correct, counted, labels, scores = [], [], 0, 0, [], []
-    for start in range(0, len(dataset), 16):
-        examples = [dataset[i] for i in range(start, min(len(dataset), start + 16))]
+    for examples in batches(dataset):
         pixel_values = torch.stack([e["pixel_values"] for e in examples]).float()
         anatomy = torch.stack([e["anatomy_mask"] for e in examples]).long()
         mentions = torch.stack([torch.as_tensor(e["region_mentions"]) for e in examples]).float()
@@ -210,8 +215,7 @@ def classifier_label_ranking(folder: Path, cohort: Path, cache: Path) -> dict:
     dataset = CachedVolumeDataset(rows, VolumeCache(cache, image_processor), label_indices=list(range(18)))
     dataset.prepare(progress=False)
     logits, labels = [], []
-    for start in range(0, len(dataset), 16):
-        examples = [dataset[i] for i in range(start, min(len(dataset), start + 16))]
+    for examples in batches(dataset):
         logits.append(model(torch.stack([e["pixel_values"] for e in examples]).float()).logits)
         labels.append(torch.stack([torch.as_tensor(e["labels"]) for e in examples]).double())
     logits, labels = torch.cat(logits).double(), torch.cat(labels)
@@ -299,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nmedian over seeds {args.seeds} ({pairs} held-out pairs; chance R@1 {1 / pairs:.3f}, R@5 {5 / pairs:.3f}):"
     )
-    for name in ("region", "no_region"):
+    for name in ("region", "no_region")[: 1 if args.no_baseline else 2]:
         print(
             f"  pre-training ({name:9s}): image→report R@1 {median((name, 'image_to_text/R@1')):.3f} "
             f"R@5 {median((name, 'image_to_text/R@5')):.3f} R@10 {median((name, 'image_to_text/R@10')):.3f}; "
