@@ -19,7 +19,9 @@ The report text is the impression, then the findings (`--text-fields`), cut at 1
 findings alone run to about 300 tokens, and the lung findings come after the first 128.
 
 Prints each seed's numbers and the median over the seeds. Takes about 20 minutes per seed on 2 CPU cores with the
-defaults.
+defaults. Runs already finished in `--out` (a pre-training folder with its `training_summary.json`, a fine-tuning
+folder with its `summary.json`) are read back rather than trained again, so a stopped bench picks up where it was
+and seeds run in separate processes can be summed up by one more call over all of them.
 
 Usage: python bench/pretraining.py [--cohort DIR] [--out DIR] [--seeds 0 1 2] [--steps 1500] [--finetune-steps 800]
     [--text-fields Impressions_EN Findings_EN] [--max-length 128] [--no-baseline] [--classifier FOLDER]
@@ -224,11 +226,15 @@ def classifier_label_ranking(folder: Path, cohort: Path, cache: Path) -> dict:
 
 
 def finetune(cohort: Path, out: Path, cache: Path, seed: int, steps: int, pretrained: Path | None) -> dict:
-    """The demo classifier recipe for `steps` steps, from scratch or from a pre-trained ReCTModel's encoder."""
+    """The demo classifier recipe for `steps` steps, from scratch or from a pre-trained ReCTModel's encoder; a
+    folder that already holds a finished run (its `summary.json`) is read instead of trained again."""
     from trainers.classification import ClassifierRecipe, train_classifier
 
-    recipe = ClassifierRecipe(seed=seed, max_steps=steps, pretrained=str(pretrained) if pretrained else None)
-    summary = train_classifier(cohort, out, recipe, cache_dir=cache, progress=False)
+    if (out / "summary.json").is_file():
+        summary = json.loads((out / "summary.json").read_text())
+    else:
+        recipe = ClassifierRecipe(seed=seed, max_steps=steps, pretrained=str(pretrained) if pretrained else None)
+        summary = train_classifier(cohort, out, recipe, cache_dir=cache, progress=False)
     return {k: summary["valid_auroc"][k] for k in ("macro_easy", "macro")}
 
 
