@@ -182,8 +182,8 @@ def retrieval_ceilings(cohort: Path) -> dict:
     truth = {v["volume_name"]: v for v in manifest["volumes"]}
     volumes = [truth[row["volume_name"]] for row in read_ct_rate(cohort, "valid", cot=False)]
     attributes = {
-        "five large findings": lambda v: tuple(v["labels"][f] for f in FIVE),
-        "five large findings + contrast phase": lambda v: (
+        "the five large findings": lambda v: tuple(v["labels"][f] for f in FIVE),
+        "the five large findings + contrast phase": lambda v: (
             *(v["labels"][f] for f in FIVE),
             v["appearance"]["contrast_phase"],
         ),
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         return " ".join(f"R@{k} {result[f'image_to_text/R@{k}']:.3f}" for k in (1, 5, 10)) + " (image→report)"
 
     for name, result in retrieval_ceilings(args.cohort).items():
-        print(f"ceiling, a ranker that knows the {name}: {recalls(result)}", flush=True)
+        print(f"ceiling, a ranker that knows {name}: {recalls(result)}", flush=True)
     if args.classifier:
         result = classifier_label_ranking(args.classifier, args.cohort, args.out / "cache")
         print(f"ranking by the labels {args.classifier} predicts: {recalls(result)}", flush=True)
