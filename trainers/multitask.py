@@ -121,7 +121,8 @@ class ReCTMultitaskModel(ReCTPreTrainedModel):
         weights = self.loss_weights
         if prompt_input_ids is not None:
             kwargs["output_hidden_states"] = True  # the localizer's decoder reads the encoder's layers
-        kwargs["output_stem_features"] = True  # a classifier with a lesion map reads the stem's feature maps
+        if self.classifier.lesion_map_decoder is not None:
+            kwargs["output_stem_features"] = True  # its lesion map reads the stem's feature maps
         clip = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
