@@ -22,7 +22,7 @@ their names.
 
 Usage: python bench/localization.py [--seeds 0 1 2] [--steps 1000] [--encoder classifier|scratch|FOLDER]
        [--workdir DIR] [--batch 2] [--lr 3e-4] [--targets 16] [--decoder-channels 64 32 16 8] [--eval-volumes 40]
-       [--prompt-modes text text text+box] [--focal-weight W]
+       [--prompt-modes text text text+box] [--focal-weight W] [--focal-reduction mean|balanced]
 """
 
 # ruff: noqa: E402 - `short_openmp_spin` must run before torch (imported further down) loads libgomp.
@@ -54,6 +54,7 @@ from trainers.data.phantom import LESION_IDS
 from trainers.data.volume_dataset import CachedVolumeDataset
 from trainers.demo import (
     LOCALIZATION_DECODER,
+    LOCALIZATION_FOCAL_REDUCTION,
     LOCALIZATION_LR,
     LOCALIZATION_TARGETS,
     demo_cohort_parameters,
@@ -190,6 +191,12 @@ def main() -> None:
         default=None,
         help="weight of the focal term against Dice's 1 (the recipe's `losses.focal`; default: the recipe's, 1)",
     )
+    parser.add_argument(
+        "--focal-reduction",
+        choices=["mean", "balanced"],
+        default=LOCALIZATION_FOCAL_REDUCTION,
+        help="how the focal term is averaged (localizer_config.focal_reduction)",
+    )
     parser.add_argument("--eval-volumes", type=int, default=40, help="held-out volumes scored (0 = all 166)")
     parser.add_argument(
         "--prompt-modes",
@@ -220,10 +227,16 @@ def main() -> None:
     runs = {}
     for seed in args.seeds:
         recipe = demo_localization_recipe(
-            seed, args.steps, args.batch, args.prompt_modes, args.lr, args.targets, args.decoder_channels
+            seed,
+            args.steps,
+            args.batch,
+            args.prompt_modes,
+            args.lr,
+            args.targets,
+            args.decoder_channels,
+            focal_weight=args.focal_weight,
+            focal_reduction=args.focal_reduction,
         )
-        if args.focal_weight is not None:
-            recipe.losses.focal = args.focal_weight
         recipe.model.pretrained, classifier_seconds = encoder_folder(args.encoder, seed, workdir, cohort, cache)
         out = workdir / f"seed_{seed}"
         torch.manual_seed(seed)

@@ -135,12 +135,26 @@ def default_skip_layers(num_layers: int, num_skips: int) -> list[int]:
     return [round(num_layers * (num_skips - s) / (num_skips + 1)) for s in range(num_skips)]
 
 
-def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
-    """Sigmoid focal loss (Lin et al. 2017; torchvision's `sigmoid_focal_loss`), mean over every element."""
+def sigmoid_focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float, reduction: str = "mean"
+) -> torch.Tensor:
+    """Sigmoid focal loss (Lin et al. 2017; torchvision's `sigmoid_focal_loss`) of masks `(M, voxels)`.
+
+    `reduction="mean"`: the mean over every element, each weighted by `alpha` (target) or `1 − alpha` (background).
+    `"balanced"`: per mask, `alpha` × the mean over its target voxels + `(1 − alpha)` × the mean over the others (a
+    mask with an empty target or no background has that part 0), then the mean over the masks.
+    """
     probabilities = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = probabilities * targets + (1 - probabilities) * (1 - targets)
     loss = ce * (1 - p_t) ** gamma
+    if reduction == "balanced":
+        background = 1 - targets
+        inside = (loss * targets).sum(dim=1) / targets.sum(dim=1).clamp(min=1.0)
+        outside = (loss * background).sum(dim=1) / background.sum(dim=1).clamp(min=1.0)
+        return (alpha * inside + (1 - alpha) * outside).mean()
+    if reduction != "mean":
+        raise ValueError(f"sigmoid_focal_loss: reduction must be 'mean' or 'balanced', got {reduction!r}")
     if alpha >= 0:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return loss.mean()
@@ -658,7 +672,7 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
         logits = pred_masks.flatten(2).flatten(0, 1).float()
         targets = labels.flatten(2).flatten(0, 1).to(logits.dtype)
         dice = soft_dice_loss(logits, targets)
-        focal = sigmoid_focal_loss(logits, targets, loc.focal_alpha, loc.focal_gamma)
+        focal = sigmoid_focal_loss(logits, targets, loc.focal_alpha, loc.focal_gamma, loc.focal_reduction)
         with torch.no_grad():
             predicted = (logits > 0).to(logits.dtype)
             intersection = (predicted * targets).sum(dim=1)

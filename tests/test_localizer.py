@@ -27,6 +27,7 @@ from hf_models.modeling_localizer_rect import (
     default_skip_layers,
     linear_resize,
     linear_resize_matrix,
+    sigmoid_focal_loss,
     soft_dice_loss,
 )
 from tests.conftest import tiny_text_kwargs, tiny_vision_kwargs
@@ -190,6 +191,40 @@ def test_loss_terms_and_empty_target_policy():
         torch.full((1, 1, *SPATIAL), 8.0), torch.zeros(1, 1), torch.zeros(1, 1, *SPATIAL)
     )
     assert sum(t.item() for t in nothing) < sum(t.item() for t in everything)
+
+
+def test_balanced_focal_reduction_keeps_a_small_missed_target_in_the_loss():
+    # Two masks of 1,000 voxels: a 10-voxel target predicted confidently absent (logit −12 there), and an empty target
+    # predicted well. Averaged over every voxel the miss is a rounding error; balanced, it is alpha × its own loss.
+    logits = torch.full((2, 1000), -6.0)
+    targets = torch.zeros(2, 1000)
+    targets[0, :10] = 1
+    logits[0, :10] = -12.0
+    mean = sigmoid_focal_loss(logits, targets, 0.25, 2.0)
+    balanced = sigmoid_focal_loss(logits, targets, 0.25, 2.0, reduction="balanced")
+    focal = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    focal = focal * (1 - torch.where(targets > 0, logits.sigmoid(), 1 - logits.sigmoid())) ** 2
+    inside = focal[0, :10].mean()
+    outside = torch.stack([focal[0, 10:].mean(), focal[1].mean()])
+    torch.testing.assert_close(balanced, (0.25 * inside + 0.75 * outside[0] + 0.75 * outside[1]) / 2)
+    assert balanced.item() > 1.0 and balanced.item() > 50 * mean.item()
+    # The gradient on the missed voxels does not vanish with the sigmoid: a tenth of alpha per voxel, per mask pair.
+    logits.requires_grad_(True)
+    sigmoid_focal_loss(logits, targets, 0.25, 2.0, reduction="balanced").backward()
+    assert (logits.grad[0, :10] < -0.25 / 10 / 2 * 0.99).all()
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'balanced'"):
+        sigmoid_focal_loss(logits, targets, 0.25, 2.0, reduction="sum")
+    # The config chooses it (and refuses other values); the model's focal term follows it.
+    model = build(focal_reduction="balanced")
+    labels = torch.zeros(1, 1, *SPATIAL)
+    labels[0, 0, 2:4, 8:12, 8:12] = 1
+    with torch.no_grad():
+        out = model(**prompts(batch=1, num_text=1), labels=labels)
+    expected = sigmoid_focal_loss(out.pred_masks.flatten(2).flatten(0, 1), labels.flatten(2).flatten(0, 1), 0.25, 2.0,
+                                  reduction="balanced")  # fmt: skip
+    torch.testing.assert_close(out.focal_loss, expected)
+    with pytest.raises(Exception, match="focal_reduction"):
+        ReCTLocalizerConfig(focal_reduction="sum")
 
 
 def test_labels_of_the_wrong_shape_are_refused():

