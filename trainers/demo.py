@@ -619,7 +619,7 @@ LOCALIZATION_TARGETS = 16
 LOCALIZATION_DECODER = (64, 32, 16, 8)
 LOCALIZATION_LR = 3e-4
 LOCALIZATION_PROMPT_MODES = ("text", "text", "text+box")
-LOCALIZATION_FOCAL_REDUCTION = "mean"
+LOCALIZATION_FOCAL_REDUCTION = "balanced"
 
 #: Held-out scans the demo's localizer writes masks for (the first of the valid split).
 LOCALIZATION_SCANS = 8
