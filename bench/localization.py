@@ -23,6 +23,7 @@ their names.
 Usage: python bench/localization.py [--seeds 0 1 2] [--steps 1000] [--encoder classifier|scratch|FOLDER]
        [--workdir DIR] [--batch 2] [--lr 3e-4] [--targets 16] [--decoder-channels 64 32 16 8] [--eval-volumes 40]
        [--prompt-modes text text text+box] [--focal-weight W] [--focal-reduction mean|balanced]
+       [--focal-alpha A]
 """
 
 # ruff: noqa: E402 - `short_openmp_spin` must run before torch (imported further down) loads libgomp.
@@ -197,6 +198,12 @@ def main() -> None:
         default=LOCALIZATION_FOCAL_REDUCTION,
         help="how the focal term is averaged (localizer_config.focal_reduction)",
     )
+    parser.add_argument(
+        "--focal-alpha",
+        type=float,
+        default=None,
+        help="the focal term's target weight (localizer_config.focal_alpha; default: the config's, 0.05)",
+    )
     parser.add_argument("--eval-volumes", type=int, default=40, help="held-out volumes scored (0 = all 166)")
     parser.add_argument(
         "--prompt-modes",
@@ -236,6 +243,7 @@ def main() -> None:
             args.decoder_channels,
             focal_weight=args.focal_weight,
             focal_reduction=args.focal_reduction,
+            focal_alpha=args.focal_alpha,
         )
         recipe.model.pretrained, classifier_seconds = encoder_folder(args.encoder, seed, workdir, cohort, cache)
         out = workdir / f"seed_{seed}"

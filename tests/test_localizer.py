@@ -220,8 +220,10 @@ def test_balanced_focal_reduction_keeps_a_small_missed_target_in_the_loss():
     labels[0, 0, 2:4, 8:12, 8:12] = 1
     with torch.no_grad():
         out = model(**prompts(batch=1, num_text=1), labels=labels)
-    expected = sigmoid_focal_loss(out.pred_masks.flatten(2).flatten(0, 1), labels.flatten(2).flatten(0, 1), 0.25, 2.0,
-                                  reduction="balanced")  # fmt: skip
+    loc = model.config.localizer_config
+    assert loc.focal_alpha == 0.05  # the default that suits the balanced reduction
+    expected = sigmoid_focal_loss(out.pred_masks.flatten(2).flatten(0, 1), labels.flatten(2).flatten(0, 1),
+                                  loc.focal_alpha, loc.focal_gamma, reduction="balanced")  # fmt: skip
     torch.testing.assert_close(out.focal_loss, expected)
     with pytest.raises(Exception, match="focal_reduction"):
         ReCTLocalizerConfig(focal_reduction="sum")

