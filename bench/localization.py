@@ -55,7 +55,6 @@ from trainers.data.phantom import LESION_IDS
 from trainers.data.volume_dataset import CachedVolumeDataset
 from trainers.demo import (
     LOCALIZATION_DECODER,
-    LOCALIZATION_FOCAL_REDUCTION,
     LOCALIZATION_LR,
     LOCALIZATION_TARGETS,
     demo_cohort_parameters,
@@ -195,8 +194,8 @@ def main() -> None:
     parser.add_argument(
         "--focal-reduction",
         choices=["mean", "balanced"],
-        default=LOCALIZATION_FOCAL_REDUCTION,
-        help="how the focal term is averaged (localizer_config.focal_reduction)",
+        default=None,
+        help="how the focal term is averaged (localizer_config.focal_reduction; default: the config's, balanced)",
     )
     parser.add_argument(
         "--focal-alpha",

