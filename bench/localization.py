@@ -14,13 +14,17 @@ held-out volumes, for every finding present in a volume's lesion mask and every 
 mask, it asks the trained model with the name as text prompt (and, for findings, again with the target's bounding box)
 and scores the thresholded mask (logit > 0) with Dice and HD95 in mm (`trainers.metrics.segmentation`, voxel spacing of
 the model grid). Baselines in the same run: the untrained model (same seed, text prompts) and the box itself filled as
-the mask (what a box prompt gives for free).
+the mask (what a box prompt gives for free). Before training it prints, and writes to `one_voxel_off.json`, what the
+truth itself scores one voxel off — dilated by one voxel, or moved by one voxel along one axis — on the same volumes
+and targets: the phantoms are drawn on the model's grid (32×64×64 voxels, about 8.6×7×7 mm in the first held-out
+volume), so this is the Dice a mask with its boundary one voxel out gets, the scale to read the targets against
+(`--seeds` with no seed prints only this).
 
 Targets (issue 8): mean Dice >= 0.7 from text prompts on at least three finding types, >= 0.8 with a box (on at
 least three finding types too; the mean over every finding is printed beside it), >= 0.8 on anatomy regions from
 their names.
 
-Usage: python bench/localization.py [--seeds 0 1 2] [--steps 1000] [--encoder classifier|scratch|FOLDER]
+Usage: python bench/localization.py [--seeds [0 1 2]] [--steps 1000] [--encoder classifier|scratch|FOLDER]
        [--workdir DIR] [--batch 2] [--lr 3e-4] [--targets 16] [--decoder-channels 64 32 16 8] [--eval-volumes 40]
        [--prompt-modes text text text+box] [--focal-weight W] [--focal-reduction mean|balanced]
        [--focal-alpha A]
@@ -93,17 +97,61 @@ def held_out(cohort: Path, cache_dir: Path, recipe, max_volumes: int | None) -> 
     return examples
 
 
+def example_targets(example: dict) -> list[tuple[str, str, np.ndarray]]:
+    """`(kind, name, mask)` of every finding present in a held-out volume's lesion mask and every anatomy region
+    present in its anatomy mask; `kind` is "finding" or "region"."""
+    lesion, anatomy = example["lesion"], example["anatomy"]
+    targets = [("finding", n, lesion == i) for n, i in LESION_IDS.items() if (lesion == i).any()]
+    return targets + [("region", r.name, anatomy == r.id) for r in ANATOMY_REGIONS if r.id and (anatomy == r.id).any()]
+
+
+def moved(mask: np.ndarray, axis: int, step: int) -> np.ndarray:
+    """`mask` moved by `step` voxels along `axis`; what leaves the grid is lost, what enters is background."""
+    result = np.zeros_like(mask)
+    source, target = [slice(None)] * mask.ndim, [slice(None)] * mask.ndim
+    source[axis], target[axis] = (
+        (slice(None, -step), slice(step, None)) if step > 0 else (slice(-step, None), slice(None, step))
+    )
+    result[tuple(target)] = mask[tuple(source)]
+    return result
+
+
+def one_voxel_off(examples: list[dict]) -> dict[str, dict]:
+    """What a mask one voxel off the truth scores — no model, the truth itself changed: "dilated", one voxel too
+    large all round (the truth and its six face neighbours), and "moved", the truth moved by one voxel along one axis
+    (each of the six directions a case). Dice only, on the same held-out volumes and targets as `evaluate`, in its
+    summary's form (text and box findings the same), so `headline` reads it: the scale of one voxel of the scans'
+    grid against the targets."""
+    scores: dict[str, dict[str, dict[str, list]]] = {
+        reference: defaultdict(lambda: defaultdict(list)) for reference in ("dilated", "moved")
+    }
+    for example in examples:
+        for kind, name, target in example_targets(example):
+            shifts = [moved(target, axis, step) for axis in range(target.ndim) for step in (-1, 1)]
+            references = {"dilated": [np.logical_or.reduce([target, *shifts])], "moved": shifts}
+            for reference, masks in references.items():
+                for mask in masks:
+                    dice = 2 * np.logical_and(mask, target).sum() / (mask.sum() + target.sum())
+                    keys = ("finding/text", "finding/box") if kind == "finding" else ("region/text",)
+                    for key in keys:
+                        scores[reference][key][name].append(float(dice))
+    return {
+        reference: {
+            key: {name: {"dice": float(np.mean(values)), "cases": len(values)} for name, values in sorted(per.items())}
+            for key, per in per_key.items()
+        }
+        for reference, per_key in scores.items()
+    }
+
+
 def evaluate(model, examples: list[dict], tokenizer) -> dict:
     """Per-target Dice / HD95 on the held-out `examples`: findings (text, text + box, box filled), regions (text).
     The text prompts of one volume go through the model together (K prompts)."""
-    regions = {r.id: r.name for r in ANATOMY_REGIONS if r.id}
     scores: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     model.eval()
     for example in examples:
         pixel_values, spacing = example["pixel_values"], example["spacing"]
-        lesion, anatomy = example["lesion"], example["anatomy"]
-        targets = [("finding", n, lesion == i) for n, i in LESION_IDS.items() if (lesion == i).any()]
-        targets += [("region", regions[i], anatomy == i) for i in regions if (anatomy == i).any()]
+        targets = example_targets(example)
         text = tokenizer([name.lower() for _, name, _ in targets], padding=True, return_tensors="pt")
         with torch.no_grad():
             logits = model(pixel_values=pixel_values, input_ids=text["input_ids"][None],
@@ -175,7 +223,9 @@ def encoder_folder(encoder: str, seed: int, workdir: Path, cohort: Path, cache: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--seeds", type=int, nargs="*", default=[0, 1, 2], help="none: only the one-voxel-off references"
+    )
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument(
@@ -229,6 +279,16 @@ def main() -> None:
     stamp = prepare_cohort(cohort, demo_cohort_parameters(), progress=True)
     print(f"cohort: {stamp['volumes']} volumes ({'reused' if stamp['reused'] else 'generated'}) in {cohort}")
     examples = held_out(cohort, cache, demo_localization_recipe(0, args.steps, args.batch), args.eval_volumes)
+    references = one_voxel_off(examples)
+    (workdir / "one_voxel_off.json").write_text(json.dumps(references, indent=1))
+    print(f"one voxel off the truth, no model (grid {tuple(examples[0]['lesion'].shape)}, voxels "
+          f"{' x '.join(f'{v:.1f}' for v in examples[0]['spacing'])} mm): Dice of the truth dilated by one voxel / "
+          "moved by one voxel")  # fmt: skip
+    for key in ("finding/text", "region/text"):
+        for name, value in references["dilated"][key].items():
+            print(f"  {key:20s} {name:36s} {value['dice']:.3f} / {references['moved'][key][name]['dice']:.3f}")
+    for reference, summary in references.items():
+        print(f"  headline, {reference}: {json.dumps(_rounded(headline(summary)))}")
     tokenizer = minilm_tokenizer()
     runs = {}
     for seed in args.seeds:
@@ -272,13 +332,19 @@ def main() -> None:
                 )
         print(f"  headline {json.dumps(_rounded(head))}; untrained {json.dumps(_rounded(base))}")
 
+    if not runs:
+        return
     print("\nmedian over seeds", args.seeds)
+    one_voxel = {reference: headline(summary) for reference, summary in references.items()}
     for key, target in TARGETS.items():
         values = [headline(run["trained"])[key] for run in runs.values()]
         values = [v for v in values if v is not None]
         median = statistics.median(values) if values else None
         met = median is not None and median >= target
-        print(f"  {key:15s} {_rounded(median)} (target {target}: {'met' if met else 'NOT met'})")
+        print(
+            f"  {key:15s} {_rounded(median)} (target {target}: {'met' if met else 'NOT met'}; the truth one voxel "
+            f"larger {_rounded(one_voxel['dilated'][key])}, moved one voxel {_rounded(one_voxel['moved'][key])})"
+        )
     for key, label in (("findings_box_mean", "mean finding Dice with a box"),
                        ("box_filled_baseline", "box filled as the mask (baseline)")):  # fmt: skip
         values = [headline(run["trained"])[key] for run in runs.values()]
