@@ -27,7 +27,7 @@ their names.
 Usage: python bench/localization.py [--seeds [0 1 2]] [--steps 1000] [--encoder classifier|scratch|FOLDER]
        [--workdir DIR] [--batch 2] [--lr 3e-4] [--targets 16] [--decoder-channels 64 32 16 8] [--eval-volumes 40]
        [--prompt-modes text text text+box] [--focal-weight W] [--focal-reduction mean|balanced]
-       [--focal-alpha A]
+       [--focal-alpha A] [--deep-supervision W]
 """
 
 # ruff: noqa: E402 - `short_openmp_spin` must run before torch (imported further down) loads libgomp.
@@ -253,6 +253,12 @@ def main() -> None:
         default=None,
         help="the focal term's target weight (localizer_config.focal_alpha; default: the config's, 0.05)",
     )
+    parser.add_argument(
+        "--deep-supervision",
+        type=float,
+        default=None,
+        help="the coarser masks' loss weight (localizer_config.deep_supervision_weight; default: the config's: 0)",
+    )
     parser.add_argument("--eval-volumes", type=int, default=40, help="held-out volumes scored (0 = all 166)")
     parser.add_argument(
         "--prompt-modes",
@@ -303,6 +309,7 @@ def main() -> None:
             focal_weight=args.focal_weight,
             focal_reduction=args.focal_reduction,
             focal_alpha=args.focal_alpha,
+            deep_supervision=args.deep_supervision,
         )
         recipe.model.pretrained, classifier_seconds = encoder_folder(args.encoder, seed, workdir, cohort, cache)
         out = workdir / f"seed_{seed}"

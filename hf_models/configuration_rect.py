@@ -230,6 +230,10 @@ class ReCTLocalizerConfig(PreTrainedConfig):
             few hundred voxels then weighs almost nothing, and once its logits are confidently wrong the Dice term's
             gradient vanishes too (the sigmoid saturates), so it may never be learned (the phantom's sternum: Dice
             0.00 on every seed of `bench/localization.py` with `"mean"`, 0.96–0.97 with `"balanced"`).
+        deep_supervision_weight (`float`, defaults to 0.0): deep supervision (nnU-Net's): each prompt's coarser masks —
+            at the patch grid and after every decoder stage but the last — get the Dice and focal losses too, against
+            the targets averaged down to their grid, the one a stage coarser than `pred_masks` weighted by this value,
+            each further one by half the previous. 0 turns it off.
 
     Raises:
         huggingface_hub.errors.StrictDataclassFieldValidationError: a field of the wrong type or out of range.
@@ -258,6 +262,7 @@ class ReCTLocalizerConfig(PreTrainedConfig):
     focal_alpha: float | int = interval(min=0.0, max=1.0)(default=0.05)
     focal_gamma: float | int = interval(min=0.0)(default=2.0)
     focal_reduction: Literal["balanced", "mean"] = "balanced"
+    deep_supervision_weight: float | int = interval(min=0.0)(default=0.0)
 
     def __post_init__(self, **kwargs):
         self.decoder_channels = [int(c) for c in self.decoder_channels]

@@ -57,11 +57,13 @@ DECODER_MEMORY_FORMAT = torch.channels_last_3d
 class ReCTLesionLocalizationOutput(ModelOutput):
     r"""
     loss (`torch.FloatTensor` of shape `()`, *optional*): `dice_weight · dice_loss + focal_weight · focal_loss +
-        iou_weight · iou_loss`, when `labels` are given.
+        iou_weight · iou_loss` (+ `deep_supervision_loss`), when `labels` are given.
     pred_masks (`torch.FloatTensor` of shape `(batch, K, depth, height, width)`): mask logits per prompt, at the
         resolution of `pixel_values`.
     iou_scores (`torch.FloatTensor` of shape `(batch, K)`): predicted IoU of each mask (after a sigmoid).
     dice_loss, focal_loss, iou_loss (`torch.FloatTensor` of shape `()`, *optional*): the loss terms.
+    deep_supervision_loss (`torch.FloatTensor` of shape `()`, *optional*): the weighted Dice and focal losses of the
+        coarser masks (`localizer_config.deep_supervision_weight` > 0).
     vision_hidden_states (`tuple[torch.FloatTensor]`): encoder hidden states (embeddings and every layer).
     """
 
@@ -71,6 +73,7 @@ class ReCTLesionLocalizationOutput(ModelOutput):
     dice_loss: torch.FloatTensor | None = None
     focal_loss: torch.FloatTensor | None = None
     iou_loss: torch.FloatTensor | None = None
+    deep_supervision_loss: torch.FloatTensor | None = None
     vision_hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -626,17 +629,22 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
         weights = self.mask_embedding(mask_token).view(batch, num_prompts, -1).split(self.mask_channels, dim=-1)
         logits = torch.einsum("mc,mnc->mn", self.coarse_mask_embedding(mask_token), self.image_norm(image))
         logits = logits.view(batch, num_prompts, *grid)
+        coarser = []  # the masks before each stage, for deep supervision
         for stage_weights, features in zip(weights, stage_features[-len(weights) :]):
+            coarser.append(logits)
             logits = linear_resize(logits, tuple(features.shape[2:]))
             logits = logits + torch.einsum("bkc,bczyx->bkzyx", stage_weights, features)
         pred_masks = logits
         iou_scores = self.iou_head(iou_token).sigmoid().reshape(batch, num_prompts)
 
-        loss = dice_loss = focal_loss = iou_loss = None
+        loss = dice_loss = focal_loss = iou_loss = deep_supervision_loss = None
         if labels is not None:
             dice_loss, focal_loss, iou_loss = self.localization_loss(pred_masks, iou_scores, labels)
             loc = self.config.localizer_config
             loss = loc.dice_weight * dice_loss + loc.focal_weight * focal_loss + loc.iou_weight * iou_loss
+            if loc.deep_supervision_weight > 0:
+                deep_supervision_loss = self.deep_supervision_loss(coarser, labels)
+                loss = loss + deep_supervision_loss
         return ReCTLesionLocalizationOutput(
             loss=loss,
             pred_masks=pred_masks,
@@ -644,6 +652,7 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
             dice_loss=dice_loss,
             focal_loss=focal_loss,
             iou_loss=iou_loss,
+            deep_supervision_loss=deep_supervision_loss,
             vision_hidden_states=vision.hidden_states,
         )
 
@@ -658,6 +667,31 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
         tokens = self.config.vision_config.num_prefix_tokens + math.prod(grid)
         return check_vision_outputs(vision, self.config.vision_config, batch, tokens)
 
+    def _mask_losses(self, masks: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dice and focal loss of mask logits `(batch, K, ...)` against targets (0/1, or fractions) of their shape."""
+        loc = self.config.localizer_config
+        logits = masks.flatten(2).flatten(0, 1).float()
+        targets = targets.flatten(2).flatten(0, 1).to(logits.dtype)
+        dice = soft_dice_loss(logits, targets)
+        return dice, sigmoid_focal_loss(logits, targets, loc.focal_alpha, loc.focal_gamma, loc.focal_reduction)
+
+    def deep_supervision_loss(self, coarser: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Deep supervision: the Dice and focal losses (with their weights) of the masks `coarser` (coarse to fine,
+        each a decoder stage before `pred_masks`) against `labels` averaged down to each one's grid (each coarse voxel
+        the fraction of its fine voxels in the target); the finest weighted by `deep_supervision_weight`, each coarser
+        by half the next."""
+        loc = self.config.localizer_config
+        total = labels.new_zeros((), dtype=torch.float32)
+        for k, masks in enumerate(reversed(coarser)):
+            size = tuple(masks.shape[2:])
+            factor = tuple(n // s for n, s in zip(labels.shape[2:], size))
+            targets = (
+                F.avg_pool3d(labels.float(), kernel_size=factor, stride=factor) if factor != (1, 1, 1) else labels
+            )
+            dice, focal = self._mask_losses(masks, targets)
+            total = total + loc.deep_supervision_weight / 2**k * (loc.dice_weight * dice + loc.focal_weight * focal)
+        return total
+
     def localization_loss(
         self, pred_masks: torch.Tensor, iou_scores: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -668,11 +702,9 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
                 f"`labels` must be (batch, K, depth, height, width) = {tuple(pred_masks.shape)} (one mask per "
                 f"prompt), got {tuple(labels.shape)}"
             )
-        loc = self.config.localizer_config
+        dice, focal = self._mask_losses(pred_masks, labels)
         logits = pred_masks.flatten(2).flatten(0, 1).float()
         targets = labels.flatten(2).flatten(0, 1).to(logits.dtype)
-        dice = soft_dice_loss(logits, targets)
-        focal = sigmoid_focal_loss(logits, targets, loc.focal_alpha, loc.focal_gamma, loc.focal_reduction)
         with torch.no_grad():
             predicted = (logits > 0).to(logits.dtype)
             intersection = (predicted * targets).sum(dim=1)

@@ -193,6 +193,37 @@ def test_loss_terms_and_empty_target_policy():
     assert sum(t.item() for t in nothing) < sum(t.item() for t in everything)
 
 
+def test_deep_supervision_adds_the_coarser_masks_losses_against_averaged_targets():
+    data = prompts(batch=2, num_text=2)
+    labels = torch.zeros(2, 2, *SPATIAL)
+    labels[0, 0, 2:5, 8:16, 8:16] = 1
+    labels[1, 1, 0:8, 0:13, 20:32] = 1  # not aligned with the coarse grids: fractions there
+    plain = build()(**data, labels=labels)
+    model = build(deep_supervision_weight=0.5)
+    supervised = model(**data, labels=labels)
+    assert plain.deep_supervision_loss is None
+    torch.testing.assert_close(supervised.pred_masks, plain.pred_masks)  # the forward pass is the same
+    assert torch.isfinite(supervised.deep_supervision_loss) and supervised.deep_supervision_loss > 0
+    torch.testing.assert_close(supervised.loss, plain.loss + supervised.deep_supervision_loss)
+
+    # Against the formula: the finest coarser mask weighted 0.5, the next 0.25; targets are the fraction of each coarse
+    # voxel's fine voxels in the target (averaged by reshaping here).
+    def fraction(target, size):
+        factors = [n // s for n, s in zip(target.shape[2:], size)]
+        shape = (*target.shape[:2], *(x for s, f in zip(size, factors) for x in (s, f)))
+        return target.reshape(shape).mean(dim=(3, 5, 7))
+
+    coarse, finer = torch.randn(2, 2, 4, 4, 4), torch.randn(2, 2, 8, 16, 16)
+    expected = sum(
+        weight * (dice + focal)
+        for weight, masks in ((0.25, coarse), (0.5, finer))
+        for dice, focal in [model._mask_losses(masks, fraction(labels, masks.shape[2:]))]
+    )
+    torch.testing.assert_close(model.deep_supervision_loss([coarse, finer], labels), expected)
+    partial = fraction(labels, (4, 4, 4))[1, 1]
+    assert ((partial > 0) & (partial < 1)).any()  # the second target's edges are fractions on the coarse grid
+
+
 def test_balanced_focal_reduction_keeps_a_small_missed_target_in_the_loss():
     # Two masks of 1,000 voxels: a 10-voxel target predicted confidently absent (logit −12 there), and an empty target
     # predicted well. Averaged over every voxel the miss is a rounding error; balanced, it is alpha × its own loss.

@@ -650,6 +650,7 @@ def demo_localization_recipe(
     focal_weight: float | None = None,
     focal_reduction: str | None = None,
     focal_alpha: float | None = None,
+    deep_supervision: float | None = None,
 ):
     """The `localization` recipe at the demo's scale: the demo classifier's encoder shape (32×64×64, 4 windows,
     convolutional stem, 4 layers × 128), from the vision encoder of the folder `pretrained` (the demo's trained
@@ -657,7 +658,8 @@ def demo_localization_recipe(
     weights (lr 2e-5), fusion width 128 and a decoder of `decoder_channels`, K = `targets` prompts per volume, cosine
     schedule after 50 warm-up steps (fewer for short runs), no evaluation split or checkpoints (`bench/localization.py`
     measures what it learns). `focal_weight` replaces the recipe's focal weight (`losses.focal`, 1);
-    `focal_reduction` and `focal_alpha` set those `localizer_config` fields (None: the config's defaults)."""
+    `focal_reduction`, `focal_alpha` and `deep_supervision` set `localizer_config.focal_reduction`, `focal_alpha` and
+    `deep_supervision_weight` (None: the config's defaults)."""
     from .classification import ClassifierRecipe
     from .recipes import ParamGroup, load_recipe
 
@@ -670,8 +672,12 @@ def demo_localization_recipe(
             "decoder_channels": [int(c) for c in decoder_channels],
         },
     }
-    focal = {"focal_reduction": focal_reduction, "focal_alpha": focal_alpha}
-    recipe.model.config["localizer_config"].update({k: v for k, v in focal.items() if v is not None})
+    loss = {
+        "focal_reduction": focal_reduction,
+        "focal_alpha": focal_alpha,
+        "deep_supervision_weight": deep_supervision,
+    }
+    recipe.model.config["localizer_config"].update({k: v for k, v in loss.items() if v is not None})
     if focal_weight is not None:
         recipe.losses.focal = float(focal_weight)
     recipe.model.pretrained = None if pretrained is None else str(pretrained)
