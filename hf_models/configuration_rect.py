@@ -233,7 +233,8 @@ class ReCTLocalizerConfig(PreTrainedConfig):
         deep_supervision_weight (`float`, defaults to 0.0): deep supervision (nnU-Net's): each prompt's coarser masks —
             at the patch grid and after every decoder stage but the last — get the Dice and focal losses too, against
             the targets averaged down to their grid, the one a stage coarser than `pred_masks` weighted by this value,
-            each further one by half the previous. 0 turns it off.
+            each further one by half the previous. 0 turns it off. On the demo's phantoms 0.5 lowered every held-out
+            score (`bench/localization.py --deep-supervision`; README).
 
     Raises:
         huggingface_hub.errors.StrictDataclassFieldValidationError: a field of the wrong type or out of range.
