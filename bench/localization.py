@@ -128,20 +128,23 @@ def one_voxel_off(examples: list[dict]) -> dict[str, dict]:
     for example in examples:
         for kind, name, target in example_targets(example):
             shifts = [moved(target, axis, step) for axis in range(target.ndim) for step in (-1, 1)]
-            references = {"dilated": [np.logical_or.reduce([target, *shifts])], "moved": shifts}
-            for reference, masks in references.items():
-                for mask in masks:
-                    dice = 2 * np.logical_and(mask, target).sum() / (mask.sum() + target.sum())
-                    keys = ("finding/text", "finding/box") if kind == "finding" else ("region/text",)
-                    for key in keys:
-                        scores[reference][key][name].append(float(dice))
-    return {
-        reference: {
-            key: {name: {"dice": float(np.mean(values)), "cases": len(values)} for name, values in sorted(per.items())}
-            for key, per in per_key.items()
+            for reference, masks in (("dilated", [np.logical_or.reduce([target, *shifts])]), ("moved", shifts)):
+                scores[reference][kind][name] += [2 * (m & target).sum() / (m.sum() + target.sum()) for m in masks]
+    summaries = {}
+    for reference, per_kind in scores.items():
+        mean = {
+            kind: {
+                name: {"dice": float(np.mean(values)), "cases": len(values)} for name, values in sorted(per.items())
+            }
+            for kind, per in per_kind.items()
         }
-        for reference, per_key in scores.items()
-    }
+        findings = mean.get("finding", {})
+        summaries[reference] = {
+            "finding/text": findings,
+            "finding/box": findings,
+            "region/text": mean.get("region", {}),
+        }
+    return summaries
 
 
 def evaluate(model, examples: list[dict], tokenizer) -> dict:
@@ -293,8 +296,9 @@ def main() -> None:
     for key in ("finding/text", "region/text"):
         for name, value in references["dilated"][key].items():
             print(f"  {key:20s} {name:36s} {value['dice']:.3f} / {references['moved'][key][name]['dice']:.3f}")
-    for reference, summary in references.items():
-        print(f"  headline, {reference}: {json.dumps(_rounded(headline(summary)))}")
+    one_voxel = {reference: headline(summary) for reference, summary in references.items()}
+    for reference, head in one_voxel.items():
+        print(f"  headline, {reference}: {json.dumps(_rounded(head))}")
     tokenizer = minilm_tokenizer()
     runs = {}
     for seed in args.seeds:
@@ -342,7 +346,6 @@ def main() -> None:
     if not runs:
         return
     print("\nmedian over seeds", args.seeds)
-    one_voxel = {reference: headline(summary) for reference, summary in references.items()}
     for key, target in TARGETS.items():
         values = [headline(run["trained"])[key] for run in runs.values()]
         values = [v for v in values if v is not None]
