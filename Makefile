@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/encoder.py
 	$(PY) bench/preprocess.py
 	$(PY) bench/loader.py
+	$(PY) bench/localize.py --demo --sizes 32x64x64
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -35,6 +35,8 @@ from transformers.utils.import_utils import is_torchdynamo_compiling
 from .configuration_rect import ReCTConfig, ReCTLocalizerConfig
 from .modeling_rect import (
     ReCTAttention,
+    ReCTConv3d,
+    ReCTConvTranspose3d,
     ReCTMLP,
     ReCTPreTrainedModel,
     ReCTVisionModel,
@@ -221,9 +223,9 @@ class ReCTAttentionGate(nn.Module):
 
     def __init__(self, skip_channels: int, gate_channels: int, inner_channels: int):
         super().__init__()
-        self.skip_proj = nn.Conv3d(skip_channels, inner_channels, kernel_size=1)
-        self.gate_proj = nn.Conv3d(gate_channels, inner_channels, kernel_size=1)
-        self.psi = nn.Conv3d(inner_channels, 1, kernel_size=1)
+        self.skip_proj = ReCTConv3d(skip_channels, inner_channels, kernel_size=1)
+        self.gate_proj = ReCTConv3d(gate_channels, inner_channels, kernel_size=1)
+        self.psi = ReCTConv3d(inner_channels, 1, kernel_size=1)
 
     def forward(self, skip: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         return skip * torch.sigmoid(self.psi(F.relu(self.skip_proj(skip) + self.gate_proj(gate))))
@@ -236,10 +238,10 @@ class ReCTConvBlock(nn.Module):
         super().__init__()
         groups = math.gcd(8, out_channels)
         self.block = nn.Sequential(
-            nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            ReCTConv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
             nn.GroupNorm(groups, out_channels),
             nn.GELU(),
-            nn.Conv3d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            ReCTConv3d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
             nn.GroupNorm(groups, out_channels),
             nn.GELU(),
         )
@@ -254,7 +256,7 @@ class ReCTDecoderStage(nn.Module):
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, scale: tuple[int, int, int]):
         super().__init__()
-        self.upsample = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=scale, stride=scale)
+        self.upsample = ReCTConvTranspose3d(in_channels, out_channels, kernel_size=scale, stride=scale)
         self.gate = ReCTAttentionGate(skip_channels, out_channels, max(out_channels // 2, 1))
         self.block = ReCTConvBlock(out_channels + skip_channels, out_channels)
 
@@ -275,7 +277,7 @@ class ReCTInputPyramid(nn.Module):
         for s in range(len(channels) - 1, 0, -1):  # stage s's resolution → stage s - 1's
             self.downs.append(
                 nn.Sequential(
-                    nn.Conv3d(channels[s], channels[s - 1], kernel_size=scales[s], stride=scales[s], bias=False),
+                    ReCTConv3d(channels[s], channels[s - 1], kernel_size=scales[s], stride=scales[s], bias=False),
                     nn.GroupNorm(math.gcd(8, channels[s - 1]), channels[s - 1]),
                     nn.GELU(),
                     ReCTConvBlock(channels[s - 1], channels[s - 1]),
@@ -344,14 +346,14 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
                 f"`localizer_config.skip_layers` must name {stages - 1} encoder layer(s) (one per decoder stage but "
                 f"the last; patch size {vision_config.patch_size} gives {stages} stages), got {self.skip_layers}"
             )
-        self.decoder_input = nn.Conv3d(width, channels[0], kernel_size=1)
+        self.decoder_input = ReCTConv3d(width, channels[0], kernel_size=1)
         # Skip s: the input pyramid's features at stage s's resolution, plus (every stage but the last) the tokens of
         # encoder layer skip_layers[s], upsampled (transposed convolution) from the patch grid to that resolution.
         # The pyramid reads the volume and the dense prompt maps (box, positive points, negative points).
         self.skip_projections = nn.ModuleList()
         for s in range(stages - 1):
             factor = tuple(math.prod(scale[axis] for scale in self.scales[: s + 1]) for axis in range(3))
-            self.skip_projections.append(nn.ConvTranspose3d(hidden, channels[s], kernel_size=factor, stride=factor))
+            self.skip_projections.append(ReCTConvTranspose3d(hidden, channels[s], kernel_size=factor, stride=factor))
         self.input_pyramid = ReCTInputPyramid(vision_config.in_channels + NUM_DENSE_PROMPTS, channels, self.scales)
         self.stages = nn.ModuleList(
             ReCTDecoderStage(channels[s - 1] if s else channels[0], channels[s], channels[s], self.scales[s])

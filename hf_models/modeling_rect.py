@@ -247,13 +247,76 @@ class ReCTMLP(nn.Module):
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
 
 
+def _one_volume_runs_native_cpu_kernel(
+    input: torch.Tensor, weight: torch.Tensor, stride, dilation, groups: int
+) -> bool:
+    """Whether PyTorch runs this float32 CPU convolution through its native (im2col + GEMM) kernel only because the
+    batch holds one volume. Its rule (`ConvParams::use_mkldnn`, aten/src/ATen/native/Convolution.cpp) takes oneDNN
+    for a batch above one, but for a batch of one only with groups, a kernel larger than 3 in its last two sizes, or
+    more than 20480 in the product of the input's first four sizes — a threshold written for 2D images, which for a
+    volume is batch · channels · depth · height and stays below it for every stage here (1 · 8 · 32 · 64 = 16384).
+    The native kernel is 4–8× slower on these shapes (`bench/localize.py`)."""
+    if (
+        input.device.type != "cpu"
+        or input.dtype != torch.float32
+        or input.dim() != 5
+        or input.shape[0] != 1
+        or groups != 1
+        or is_torchdynamo_compiling()
+        or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+    ):
+        return False
+    kernel = weight.shape[-2:]
+    # The rule's first half, which a batch size does not change: 1×1 kernels stay native on one thread.
+    if all(s == 1 for s in stride) and all(d == 1 for d in dilation) and tuple(kernel) == (1, 1):
+        if torch.get_num_threads() == 1:
+            return False
+    return not (min(kernel) > 3 or math.prod(input.shape[:4]) > 20480)
+
+
+class ReCTConv3d(nn.Conv3d):
+    """`nn.Conv3d` (the same parameters and state-dict keys) that runs a single volume on the CPU through oneDNN, as
+    PyTorch already does for two or more (`_one_volume_runs_native_cpu_kernel`): the volume twice, as two groups,
+    each computing half of the output channels from all input channels with its half of the same weight tensor — the
+    plain convolution's result up to float rounding, with the same gradients."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if (
+            self.padding_mode == "zeros"
+            and self.out_channels % 2 == 0
+            and _one_volume_runs_native_cpu_kernel(input, weight, self.stride, self.dilation, self.groups)
+        ):
+            return F.conv3d(input.repeat(1, 2, 1, 1, 1), weight, bias, self.stride, self.padding, self.dilation, 2)
+        return super()._conv_forward(input, weight, bias)
+
+
+class ReCTConvTranspose3d(nn.ConvTranspose3d):
+    """`nn.ConvTranspose3d` with [`ReCTConv3d`]'s two-group route for a single volume on the CPU (the weight's two
+    halves of output channels stacked as the two groups' weights)."""
+
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if (
+            output_size is None
+            and self.padding_mode == "zeros"
+            and self.out_channels % 2 == 0
+            and _one_volume_runs_native_cpu_kernel(input, self.weight, self.stride, self.dilation, self.groups)
+        ):
+            half = self.out_channels // 2
+            weight = torch.cat([self.weight[:, :half], self.weight[:, half:]])  # (2 · in, out / 2, *kernel)
+            return F.conv_transpose3d(
+                input.repeat(1, 2, 1, 1, 1), weight, self.bias, self.stride, self.padding, self.output_padding, 2,
+                self.dilation,
+            )  # fmt: skip
+        return super().forward(input, output_size)
+
+
 class ReCTStemConv(nn.Module):
     """3×3×3 convolution, GroupNorm, GELU. A stem step has stride 2 (halves depth, height and width); the lesion-map
     decoder's steps stride 1."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 2):
         super().__init__()
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.conv = ReCTConv3d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
         self.norm = nn.GroupNorm(math.gcd(8, out_channels), out_channels)
         self.activation = nn.GELU()
 
@@ -282,7 +345,7 @@ class ReCTPatchEmbeddings(nn.Module):
             channels = width
         self.stem = nn.Sequential(*stem) if stem else None
         kernel = tuple(p // 2 ** len(stem) for p in self.patch_size)
-        self.projection = nn.Conv3d(channels, config.hidden_size, kernel_size=kernel, stride=kernel)
+        self.projection = ReCTConv3d(channels, config.hidden_size, kernel_size=kernel, stride=kernel)
         self.num_prefix_tokens = config.num_prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.use_cls_token else None
         self.position_embeddings = nn.Parameter(
@@ -534,14 +597,14 @@ class ReCTLesionMapDecoder(nn.Module):
         skips = list(reversed(vision_config.stem_channels))[: len(widths)]
         self.kernel = tuple(p // 2 ** len(vision_config.stem_channels) for p in vision_config.patch_size)
         inputs = [vision_config.hidden_size] + self.widths[:-1]
-        self.projections = nn.ModuleList(nn.Conv3d(i, w, kernel_size=1) for i, w in zip(inputs, widths))
+        self.projections = nn.ModuleList(ReCTConv3d(i, w, kernel_size=1) for i, w in zip(inputs, widths))
         self.stages = nn.ModuleList(
             nn.Sequential(
                 ReCTStemConv(w + skip, w, stride=1), *(ReCTStemConv(w, w, stride=1) for _ in range(depth - 1))
             )
             for w, skip in zip(widths, skips)
         )
-        self.head = nn.Conv3d(widths[-1], num_labels, kernel_size=1)
+        self.head = ReCTConv3d(widths[-1], num_labels, kernel_size=1)
         for conv in self.modules():  # `ReCTPreTrainedModel._init_weights`: torch's own initialisation
             if isinstance(conv, nn.Conv3d):
                 conv.torch_default_init = True

@@ -735,3 +735,75 @@ def test_rect_config_defaults_round_trip_and_validation():
     reloaded = ReCTConfig.from_dict(config.to_dict())
     assert reloaded.vision_config.volume_size == [8, 32, 32]
     assert reloaded.to_dict() == config.to_dict()
+
+
+# One volume on the CPU: the convolutions keep oneDNN (`ReCTConv3d`, `ReCTConvTranspose3d`).
+
+ONE_VOLUME_CONVOLUTIONS = [  # (module kwargs, input shape): the stem, the decoders' blocks, gates and upsampling
+    (dict(in_channels=4, out_channels=24, kernel_size=3, stride=2, padding=1, bias=False), (1, 4, 32, 64, 64)),
+    (dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, bias=False), (1, 8, 32, 64, 64)),
+    (dict(in_channels=8, out_channels=4, kernel_size=1), (1, 8, 32, 64, 64)),
+    (dict(in_channels=48, out_channels=128, kernel_size=(1, 2, 2), stride=(1, 2, 2)), (1, 48, 8, 16, 16)),
+]
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+@pytest.mark.parametrize("kwargs, shape", ONE_VOLUME_CONVOLUTIONS, ids=["stem", "block", "gate", "patch"])
+def test_one_volume_convolutions_match_torch_in_values_and_gradients(kwargs, shape, transposed):
+    from hf_models.modeling_rect import ReCTConv3d, ReCTConvTranspose3d, _one_volume_runs_native_cpu_kernel
+
+    ours_cls, torch_cls = (
+        (ReCTConvTranspose3d, torch.nn.ConvTranspose3d) if transposed else (ReCTConv3d, torch.nn.Conv3d)
+    )
+    if transposed:  # an upsampling by the kernel's size, as the localizer's
+        kwargs = {**kwargs, "padding": 0, "stride": kwargs["kernel_size"]}
+    torch.manual_seed(0)
+    ours = ours_cls(**kwargs)
+    reference = torch_cls(**kwargs)
+    reference.load_state_dict(ours.state_dict())
+    volume = torch.randn(shape).contiguous(memory_format=torch.channels_last_3d)
+    # The route is taken for these shapes (PyTorch would run its native kernel), on every thread count.
+    assert _one_volume_runs_native_cpu_kernel(volume, ours.weight, ours.stride, ours.dilation, 1) or (
+        kwargs["kernel_size"] == 1 and torch.get_num_threads() == 1
+    )
+    outputs, grads = [], []
+    for module in (ours, reference):
+        x = volume.clone().requires_grad_()
+        y = module(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outputs.append(y)
+        grads.append([x.grad, *(p.grad for p in module.parameters())])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_one_volume_route_follows_pytorchs_own_choice_of_kernel():
+    """`_one_volume_runs_native_cpu_kernel` is PyTorch's rule: true exactly where one volume gets the native kernel
+    and two get oneDNN (its backend choice, read through `torch._C._select_conv_backend`)."""
+    from hf_models.modeling_rect import _one_volume_runs_native_cpu_kernel
+
+    select = getattr(torch._C, "_select_conv_backend", None)
+    if select is None:
+        pytest.skip("this torch does not expose its convolution backend choice")
+    threads = torch.get_num_threads()
+    try:
+        for channels, depth, height, kernel, threads_now, transposed in [
+            (c, d, h, k, t, tr) for c in (4, 8, 64, 128) for d in (8, 32) for h in (16, 64, 200)
+            for k in (1, 2, 3, 4) for t in (1, 2) for tr in (False, True)
+        ]:  # fmt: skip
+            torch.set_num_threads(threads_now)
+            stride = kernel if transposed else 1
+            weight = torch.randn(*((channels, 8) if transposed else (8, channels)), *(kernel,) * 3)
+
+            args = ([stride] * 3, [0] * 3, [1] * 3, transposed, [0] * 3, 1, None)
+            native = [
+                "Slow" in str(select(torch.empty(n, channels, depth, height, 8), weight, None, *args)) for n in (1, 2)
+            ]
+            expected = native[0] and not native[1]
+            volume = torch.empty(1, channels, depth, height, 8)
+            assert _one_volume_runs_native_cpu_kernel(volume, weight, (stride,) * 3, (1,) * 3, 1) == expected, (
+                channels, depth, height, kernel, threads_now, transposed,
+            )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
