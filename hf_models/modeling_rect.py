@@ -254,7 +254,8 @@ def _one_volume_runs_native_cpu_kernel(
     batch holds one volume. Its rule (`ConvParams::use_mkldnn`, aten/src/ATen/native/Convolution.cpp) takes oneDNN
     for a batch above one, but for a batch of one only with groups, a kernel larger than 3 in its last two sizes, or
     more than 20480 in the product of the input's first four sizes — a threshold written for 2D images, which for a
-    volume is batch · channels · depth · height and stays below it for every stage here (1 · 8 · 32 · 64 = 16384).
+    volume is batch · channels · depth · height and stays below it for most convolutions of the demo's localizer
+    (1 · 8 · 32 · 64 = 16384).
     The native kernel is 4–8× slower for one convolution of these shapes (an 8 → 8 3×3×3 one of a 32×64×64 volume:
     83.5 ms forward against 9.9 ms), the demo's whole localizer 2.2–2.4× (`bench/localize.py --demo`)."""
     if (
