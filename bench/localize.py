@@ -90,13 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=2, help="encoder layers (the recipe: 12)")
     parser.add_argument("--sizes", nargs="+", default=["32x128x128", "64x256x256"], help="volume sizes DxHxW")
-    parser.add_argument("--prompts", type=int, default=1, help="text prompts per volume (K masks)")
+    parser.add_argument(
+        "--prompts", type=int, default=None, help="text prompts per volume (K masks; default 1, with --demo 16)"
+    )
     parser.add_argument("--runs", type=int, default=3, help="timed forwards per measurement (after one warm-up)")
     parser.add_argument("--demo", action="store_true", help="the demo's localizer (K = 16 prompts unless --prompts)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.demo and "--prompts" not in (argv if argv is not None else sys.argv):
-        args.prompts = 16
+    if args.prompts is None:
+        args.prompts = 16 if args.demo else 1
 
     if args.child:
         print(json.dumps(one_measurement(**json.loads(args.child))))
