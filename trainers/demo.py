@@ -611,8 +611,8 @@ def run_demo(
 
 #: The demo's localizer: training steps, volumes per step, targets (text prompts) per volume, decoder channels
 #: (coarse to fine), learning rate of all but the text tower (2e-5), the prompt modes its batches cycle through
-#: (four text batches per text + box batch: a text batch trains K masks per volume, a box batch one; measured
-#: by `bench/localization.py --prompt-modes`, README) and how its focal term is averaged
+#: (text batches outnumber text + box batches: a text batch trains K masks per volume, a box batch one; the ratio
+#: measured by `bench/localization.py --prompt-modes`, README) and how its focal term is averaged
 #: (`ReCTLocalizerConfig.focal_reduction`).
 LOCALIZATION_STEPS = 150
 LOCALIZATION_BATCH = 2
