@@ -222,9 +222,9 @@ class ReCTLocalizerConfig(PreTrainedConfig):
             (SegVol zooms into its box the same way); without text it also steers the mask, as with `"dense"`.
             `"dense"`: the box steers the mask only, as two corner tokens and a dense map (+1 inside, −1 outside)
             beside the volume (SAM's box prompt), and the mask may spill over it. On the demo's phantoms
-            (`bench/localization.py`, 3 seeds, README) a localizer trained on text prompts alone, with `"roi"`,
-            scores a mean Dice of 0.8 inside the target's box on its third-best finding; `"dense"` box prompts,
-            trained in one batch in five, scored 0.67.
+            (`bench/localization.py`, 3 seeds, README) a localizer trained on text prompts alone, asked with a
+            finding's name and its box, scores a Dice of 0.817 on its third-best finding with `"roi"`; `"dense"` box
+            prompts, trained in one batch in five, scored 0.669.
         dice_weight (`float`, defaults to 1.0), focal_weight (`float`, defaults to 1.0), iou_weight (`float`,
             defaults to 1.0): weights of the Dice, focal and predicted-IoU (MSE) losses.
         focal_alpha (`float`, defaults to 0.05), focal_gamma (`float`, defaults to 2.0): sigmoid focal loss (Lin et

@@ -45,15 +45,12 @@ from .modeling_rect import (
     ReCTVisionModelOutput,
     check_vision_outputs,
 )
+from .volume_geometry_rect import OUTSIDE_BOX_LOGIT  # the logit outside a region-of-interest box: finite losses
 
 
 #: Dense prompt maps the decoder reads beside the volume: box (+1 inside, −1 outside, 0 without a box), positive
 #: points and negative points (Gaussian bumps of `point_sigma` voxels, 0 without points).
 NUM_DENSE_PROMPTS = 3
-
-#: The mask logit outside a region-of-interest box (`box_prompt="roi"`): sigmoid 0 in float32, bfloat16 and float16,
-#: and finite, so the losses stay finite (with no gradient there) if a target reaches outside its box.
-OUTSIDE_BOX_LOGIT = -1.0e4
 
 #: Memory format of the decoder's convolutions: channels-last, in which oneDNN's 3D convolutions with few channels
 #: (8–64 here) run several times faster on the CPU than in PyTorch's default layout, forward and backward

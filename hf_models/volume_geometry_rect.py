@@ -495,8 +495,41 @@ def _invert_reorient(array: np.ndarray, step: dict, logits: bool) -> np.ndarray:
 _INVERSES = {"crop_pad": _invert_crop_pad, "resample": _invert_resample, "reorient": _invert_reorient}
 
 
+#: The logit a localizer's region-of-interest box gives the voxels outside it (`ReCTForLesionLocalization`,
+#: `box_prompt="roi"`): sigmoid 0 in float32, bfloat16 and float16, and finite. `to_original_grid` recognises it.
+OUTSIDE_BOX_LOGIT = -1.0e4
+
+
+def _box_cut(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Logits `(channels, D, H, W)` whose voxels outside a box hold `OUTSIDE_BOX_LOGIT` → the logits with each such
+    voxel given the value of the nearest voxel inside the box, the channels cut that way and their boxes (uint8, 1
+    inside); None, None when no channel was. Channels whose other voxels do not form a box are left as they are."""
+    cut = array <= OUTSIDE_BOX_LOGIT
+    if not cut.any():
+        return array, None, None
+    filled, boxed = array.copy(), np.zeros(array.shape[0], dtype=bool)
+    for c, outside in enumerate(cut):
+        inside = ~outside
+        if not outside.any() or not inside.any():
+            continue
+        ranges = [np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+        box = tuple(slice(r[0], r[-1] + 1) for r in ranges)
+        if inside.sum() == inside[box].size:  # every voxel of the bounding box, and none outside it
+            nearest = [np.clip(np.arange(n), r[0], r[-1]) for n, r in zip(inside.shape, ranges)]
+            filled[c] = array[c][np.ix_(*nearest)]
+            boxed[c] = True
+    if not boxed.any():
+        return array, None, None
+    return filled, boxed, (~cut[boxed]).astype(np.uint8)
+
+
 def to_original_grid(array: np.ndarray, steps: list[dict], logits: bool) -> np.ndarray:
     """Undo `steps` (as recorded in `VolumeMetadata.steps`) in reverse order.
+
+    Logits cut to a localizer's region-of-interest box (`OUTSIDE_BOX_LOGIT` outside it) are resampled as the mask
+    they hold and the box as labels: the logits outside the box first get the nearest value inside it, so that
+    linear interpolation against −10⁴ does not pull the mask's edges in by half a model voxel wherever it meets the
+    box, and the original voxels outside the box (resampled nearest) get `OUTSIDE_BOX_LOGIT` again.
 
     Args:
         array: `(channels, D, H, W)` on the model grid.
@@ -506,10 +539,15 @@ def to_original_grid(array: np.ndarray, steps: list[dict], logits: bool) -> np.n
     Returns:
         `(channels, *original_shape)`.
     """
+    boxed = boxes = None
     if logits:
-        array = array.astype(np.float32, copy=False)
+        array, boxed, boxes = _box_cut(array.astype(np.float32, copy=False))
     for step in reversed(steps):
         array = _INVERSES[step["op"]](array, step, logits)
+        if boxes is not None:
+            boxes = _INVERSES[step["op"]](boxes, step, False)
+    if boxes is not None:
+        array[boxed] = np.where(boxes == 1, array[boxed], np.float32(OUTSIDE_BOX_LOGIT))
     return array
 
 

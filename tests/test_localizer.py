@@ -661,6 +661,44 @@ def test_post_processing_puts_a_blob_back_in_an_lps_anisotropic_scan(lps_scan, t
     assert np.abs(np.array(row["centroid_ras"]) - centre_ras).max() < 1.0, (row, centre_ras)
 
 
+def test_a_roi_box_cut_comes_back_at_the_boxs_edges_not_half_a_voxel_inside(lps_scan):
+    """A perfect mask cut to its own box (`OUTSIDE_BOX_LOGIT` outside, as a region-of-interest box prompt gives it)
+    comes back in the scan's grid as the uncut mask does, on a model grid about 3× coarser than the scan's; resampled
+    linearly against a large negative value its edges would move in by half a model voxel wherever it meets the box.
+    A box that cuts part of the mask cuts it at the box's edges, and the logits outside it stay the cut's value."""
+    folder, blob = lps_scan
+    processor = ReCTImageProcessor(volume_size=[8, 16, 16], windows=["lung"])
+    out = processor([str(folder / "ct.nii.gz")], lesion_mask=[str(folder / "blob.nii.gz")], return_tensors="pt")
+    meta = out["volume_meta"]
+    logits = (out["lesion_mask"].float() * 2 - 1) * 5
+    voxels = torch.nonzero(out["lesion_mask"][0, 0])
+    low, high = voxels.min(0).values.float(), voxels.max(0).values.float()
+    half = low.clone()
+    half[0] = (low[0] + high[0]) // 2  # the upper half of the blob along the first axis
+    inside = {}
+    for name, (a, b) in {"whole": (low, high), "half": (half, high)}.items():
+        inside[name] = ReCTForLesionLocalization._inside_boxes(torch.cat([a, b])[None], logits.shape[2:])[:, None]
+    cut = {name: logits.masked_fill(~box, localizer_module.OUTSIDE_BOX_LOGIT) for name, box in inside.items()}
+
+    def dice(a, b):
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    def restored(values):
+        return processor.post_process_masks(values, meta, threshold=0.0)[0].astype(bool)
+
+    plain, whole = restored(logits), restored(cut["whole"])
+    naive = restored(cut["whole"].clamp(min=-1e3))  # −10³ is not the cut's value: resampled as any logits
+    # Not identical: linear resampling rounds a mask's corners, the box comes back (nearest) with sharp ones.
+    assert dice(whole, plain) > 0.95 and dice(whole, blob) >= dice(plain, blob) - 0.03, dice(whole, plain)
+    assert dice(naive, plain) < dice(whole, plain) - 0.1, (dice(naive, plain), dice(whole, plain))
+    box_back = processor.post_process_masks(inside["half"].to(torch.uint8), meta)[0].astype(bool)
+    halved = restored(cut["half"])
+    assert not (halved & ~box_back).any()
+    assert dice(halved, plain & box_back) > 0.95, dice(halved, plain & box_back)
+    logits_back = processor.post_process_masks(cut["half"], meta)[0]
+    assert (logits_back[~box_back] == localizer_module.OUTSIDE_BOX_LOGIT).all()
+
+
 def test_largest_component_keeps_the_biggest_lesion_and_findings_list_both(lps_scan):
     folder, blob = lps_scan
     processor = ReCTImageProcessor(volume_size=[24, 48, 48], windows=["lung"])
