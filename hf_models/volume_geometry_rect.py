@@ -496,14 +496,16 @@ _INVERSES = {"crop_pad": _invert_crop_pad, "resample": _invert_resample, "reorie
 
 
 #: The logit a localizer's region-of-interest box gives the voxels outside it (`ReCTForLesionLocalization`,
-#: `box_prompt="roi"`): sigmoid 0 in float32, bfloat16 and float16, and finite. `to_original_grid` recognises it.
-OUTSIDE_BOX_LOGIT = -1.0e4
+#: `box_prompt="roi"`): −2¹³, exact in float32, bfloat16 and float16 (so `to_original_grid` recognises it in the
+#: output of a model run in any of them), sigmoid 0 in each, and finite, so losses stay finite.
+OUTSIDE_BOX_LOGIT = -8192.0
 
 
 def _box_cut(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Logits `(channels, D, H, W)` whose voxels outside a box hold `OUTSIDE_BOX_LOGIT` → the logits with each such
     voxel given the value of the nearest voxel inside the box, the channels cut that way and their boxes (uint8, 1
-    inside); None, None when no channel was. Channels whose other voxels do not form a box are left as they are."""
+    inside); the logits as they are and None, None when no channel was. Channels whose other voxels do not form a
+    box are left as they are."""
     cut = array <= OUTSIDE_BOX_LOGIT
     if not cut.any():
         return array, None, None
@@ -528,7 +530,7 @@ def to_original_grid(array: np.ndarray, steps: list[dict], logits: bool) -> np.n
 
     Logits cut to a localizer's region-of-interest box (`OUTSIDE_BOX_LOGIT` outside it) are resampled as the mask
     they hold and the box as labels: the logits outside the box first get the nearest value inside it, so that
-    linear interpolation against −10⁴ does not pull the mask's edges in by half a model voxel wherever it meets the
+    linear interpolation against −8192 does not pull the mask's edges in by half a model voxel wherever it meets the
     box, and the original voxels outside the box (resampled nearest) get `OUTSIDE_BOX_LOGIT` again.
 
     Args:

@@ -372,6 +372,11 @@ def test_a_roi_box_cuts_the_text_prompts_masks_to_it_and_steers_nothing_else():
         assert (boxed.pred_masks[0, k][~inside] == localizer_module.OUTSIDE_BOX_LOGIT).all()
     torch.testing.assert_close(boxed.pred_masks[1], plain.pred_masks[1], atol=0, rtol=0)  # the whole volume
     torch.testing.assert_close(boxed.iou_scores, plain.iou_scores, atol=0, rtol=0)
+    # The cut's value is exact in half precision, where post-processing must still recognise it.
+    for dtype in (torch.bfloat16, torch.float16):
+        assert (
+            torch.tensor(localizer_module.OUTSIDE_BOX_LOGIT, dtype=dtype).item() == localizer_module.OUTSIDE_BOX_LOGIT
+        )
     # A fractional box keeps the voxels whose indices lie within it.
     with torch.no_grad():
         fractional = model(**text, input_boxes=torch.tensor([[0.5, 2.0, 2.5, 5.5, 20.9, 21.0]] * 2)).pred_masks
