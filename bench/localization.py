@@ -153,7 +153,8 @@ def one_voxel_off(examples: list[dict]) -> dict[str, dict]:
 
 def evaluate(model, examples: list[dict], tokenizer) -> dict:
     """Per-target Dice / HD95 on the held-out `examples`: findings (text, text + box, box filled), regions (text).
-    The text prompts of one volume go through the model together (K prompts)."""
+    The text prompts of one volume go through the model together (K prompts); the volume is encoded once
+    (`get_image_embeddings`) for them and for every box prompt."""
     scores: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     model.eval()
     for example in examples:
@@ -161,8 +162,10 @@ def evaluate(model, examples: list[dict], tokenizer) -> dict:
         targets = example_targets(example)
         text = tokenizer([name.lower() for _, name, _ in targets], padding=True, return_tensors="pt")
         with torch.no_grad():
+            embeddings = model.get_image_embeddings(pixel_values)
             logits = model(pixel_values=pixel_values, input_ids=text["input_ids"][None],
-                           attention_mask=text["attention_mask"][None]).pred_masks[0]  # fmt: skip
+                           attention_mask=text["attention_mask"][None],
+                           vision_outputs=embeddings).pred_masks[0]  # fmt: skip
         for k, (kind, name, target) in enumerate(targets):
             predicted = (logits[k] > 0).numpy()
             scores[f"{kind}/text"][name].append(segmentation_case_metrics(predicted, target, spacing))
@@ -173,7 +176,8 @@ def evaluate(model, examples: list[dict], tokenizer) -> dict:
             with torch.no_grad():
                 boxed = model(pixel_values=pixel_values, input_ids=text["input_ids"][k : k + 1],
                               attention_mask=text["attention_mask"][k : k + 1],
-                              input_boxes=torch.from_numpy(box.astype(np.float32))[None]).pred_masks[0, 0]  # fmt: skip
+                              input_boxes=torch.from_numpy(box.astype(np.float32))[None],
+                              vision_outputs=embeddings).pred_masks[0, 0]  # fmt: skip
             scores[f"{kind}/box"][name].append(segmentation_case_metrics((boxed > 0).numpy(), target, spacing))
             filled = np.zeros_like(target)
             filled[box[0] : box[3] + 1, box[1] : box[4] + 1, box[2] : box[5] + 1] = True
