@@ -16,10 +16,14 @@ Targets (issue 6): median `macro_easy` >= 0.95 and median `macro` >= 0.85.
 
 `--n-train` and `--max-steps` measure the recipe beyond the demo's budget: each patient is drawn from its own seeds
 (cohort seed, split, patient number), so a cohort with more training patients holds the very same held-out scans.
-A workdir keeps one cohort; another `--n-train` regenerates it there.
+`--shape D H W` renders those same patients on a finer (or coarser) grid and trains the recipe at that volume size,
+its patch size scaled by as much (`--patch-size` to choose it), so the encoder keeps the demo's token grid and the
+stem and lesion map see the finer voxels: what the grid, rather than the model, costs the small findings.
+A workdir keeps one cohort; another `--n-train` or `--shape` regenerates it there.
 
 Usage: python bench/learning.py [--seeds 0 1 2] [--workdir DIR] [--no-shuffled-baseline] [--max-steps N]
-                                [--n-train PATIENTS] [--augmentation STRENGTH]
+                                [--n-train PATIENTS] [--augmentation STRENGTH] [--shape D H W]
+                                [--patch-size D H W]
 """
 
 # ruff: noqa: E402 - `short_openmp_spin` must run before torch (imported further down) loads libgomp.
@@ -97,6 +101,31 @@ def untrained_auroc(cohort: Path, recipe: ClassifierRecipe, cache_dir: Path) -> 
     return evaluate_classifier(model, valid, recipe.eval_batch_size, recipe.label_names, progress=False)
 
 
+def grid_overrides(recipe: ClassifierRecipe, shape, patch_size) -> dict:
+    """`volume_size` and `patch_size` of `recipe` on the grid `shape` (None: the recipe's): the patch scaled by
+    `shape / volume_size` unless `patch_size` is given.
+
+    Raises:
+        ValueError: `shape` is not a whole multiple or fraction of the recipe's volume size per axis, or the patch
+            does not tile it.
+    """
+    shape = tuple(int(v) for v in (shape or recipe.volume_size))
+    if patch_size is None:
+        patch = []
+        for s, v, p in zip(shape, recipe.volume_size, recipe.patch_size):
+            if (s * p) % v:
+                raise ValueError(
+                    f"--shape {list(shape)}: scaling the patch {list(recipe.patch_size)} from the volume size "
+                    f"{list(recipe.volume_size)} needs whole patch sizes; pass --patch-size"
+                )
+            patch.append(s * p // v)
+        patch_size = patch
+    patch_size = tuple(int(v) for v in patch_size)
+    if any(s % p for s, p in zip(shape, patch_size)):
+        raise ValueError(f"--patch-size {list(patch_size)} does not tile the volume size {list(shape)}")
+    return {"volume_size": shape, "patch_size": patch_size}
+
+
 def _cell(value) -> str:
     return "   n/a" if value is None else f"{value:6.3f}"
 
@@ -116,12 +145,28 @@ def main() -> None:
         default=None,
         help="training patients of the cohort (default the demo's); the held-out patients stay the same ones",
     )
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("D", "H", "W"),
+        help="the cohort's grid and the recipe's volume size (default the demo's 32 64 64)",
+    )
+    parser.add_argument(
+        "--patch-size",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("D", "H", "W"),
+        help="the encoder's patch size (default the recipe's, scaled with --shape)",
+    )
     args = parser.parse_args()
 
     workdir = Path(args.workdir or Path(tempfile.gettempdir()) / "rect_bench_learning").resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cohort, cache = workdir / "cohort", workdir / "cache"
-    params = demo_cohort_parameters(n_train=args.n_train)
+    params = demo_cohort_parameters(n_train=args.n_train, shape=args.shape)
     print(f"cohort {json.dumps(params)} → {cohort}")
     start = time.perf_counter()
     stamp = prepare_cohort(cohort, params, progress=True)
@@ -132,6 +177,8 @@ def main() -> None:
         base = dataclasses.replace(base, max_steps=args.max_steps)
     if args.augmentation is not None:
         base = dataclasses.replace(base, augmentation=args.augmentation)
+    if args.shape or args.patch_size:
+        base = dataclasses.replace(base, **grid_overrides(base, args.shape, args.patch_size))
     print(
         f"recipe: {len(base.label_names)} findings, {base.max_steps} steps × batch {base.batch_size}, "
         f"volumes {base.volume_size}, patch {base.patch_size}, {base.num_hidden_layers} × {base.hidden_size} "
@@ -167,7 +214,7 @@ def main() -> None:
         values = [v for v in values if v is not None]
         median[name] = statistics.median(values) if values else None
     columns = [*seeds, "median", *baselines]
-    print("\nheld-out AUROC (demo cohort, valid split)")
+    print(f"\nheld-out AUROC (demo cohort on a {params['shape']} grid, valid split)")
     print(f"{'finding':36s} " + " ".join(f"{c[:15]:>15s}" for c in columns))
     for name in rows:
         cells = [runs[s]["auroc"].get(name) for s in seeds] + [median[name]]
