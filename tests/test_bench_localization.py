@@ -1,23 +1,17 @@
 """The one-voxel-off references of `bench/localization.py`: what the truth scores when it is one voxel too large all
 round or moved by one voxel — the ruler its learning numbers are read against — computed on known masks."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from hf_models.anatomy_rect import ANATOMY_REGIONS
+from tests.conftest import load_bench_script
 from trainers.data.phantom import LESION_IDS
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "localization.py"
-    spec = importlib.util.spec_from_file_location("bench_localization", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("localization")
 
 
 def test_moved_shifts_along_one_axis_and_drops_what_leaves_the_grid(bench):
