@@ -580,6 +580,18 @@ def test_save_reload_and_fresh_process_auto_load(tmp_path):
         torch.testing.assert_close(results[name], expected, atol=0, rtol=0, msg=name)
 
 
+def fit(model, optimizer, sample, prompt: str, steps: int) -> None:
+    """`steps` optimizer steps on batches `sample(generator)` → (volumes, masks, prompts), the prompts passed as the
+    `prompt` keyword (`input_boxes`, `input_ids`), from a generator seeded 1."""
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        volumes, masks, prompts = sample(generator)
+        loss = model(pixel_values=volumes, labels=masks, **{prompt: prompts}).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 def test_learns_a_box_prompted_blob():
     """Seed-fixed and small: 60 steps on random volumes with a bright cube and its box prompt (`"dense"`, whose
     masks are not cut to the box, so the box alone must be learned); the Dice of the thresholded mask on new volumes
@@ -607,13 +619,7 @@ def test_learns_a_box_prompted_blob():
         return (2 * (predicted * masks).sum() / (predicted.sum() + masks.sum())).item()
 
     before = dice(torch.Generator().manual_seed(99))
-    g = torch.Generator().manual_seed(1)
-    for _ in range(60):
-        volumes, masks, boxes = sample(g)
-        loss = model(pixel_values=volumes, input_boxes=boxes, labels=masks).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit(model, optimizer, sample, "input_boxes", steps=60)
     after = dice(torch.Generator().manual_seed(99))
     assert after > 0.6 and after > before + 0.3, (before, after)
 
@@ -653,13 +659,7 @@ def test_learns_to_segment_what_the_text_prompt_names():
                 for k in range(2)]  # fmt: skip
 
     before = dice(torch.Generator().manual_seed(99))
-    g = torch.Generator().manual_seed(1)
-    for _ in range(80):
-        volumes, masks, ids = sample(g)
-        loss = model(pixel_values=volumes, input_ids=ids, labels=masks).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit(model, optimizer, sample, "input_ids", steps=80)
     after = dice(torch.Generator().manual_seed(99))
     for k in range(2):
         assert after[k] > 0.6 and after[k] > before[k] + 0.3, (before, after)
