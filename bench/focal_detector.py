@@ -5,11 +5,11 @@ atelectasis, fibrotic sequela) near chance on held-out scans, and its lesion map
 training volumes (`bench/encoder_probe.py`). This bench asks whether the demo's volumes hold what it takes to find
 them: on the demo cohort (`DEMO_COHORT`, in `--workdir`, shared with `bench/learning.py`), read through the demo
 recipe's image processor and cache (32×64×64, its four HU windows), it trains a small fully convolutional 3D
-detector at the full voxel grid — 3×3×3 convolutions, two of them dilated (receptive field 13 voxels), one logit
-map per finding in `--findings` — on crops of `--crop` voxels. Half of each batch is centred on a lesion voxel of a
-finding (chosen uniformly among `--findings`, jittered by up to 4 voxels), half lies anywhere, so the detector sees
-the lesions as often as the vessels, bones and wires that look like them. Loss: per-voxel BCE (positive weight 10)
-plus a soft Dice per finding; a left-right flip as augmentation.
+detector at the full voxel grid — five 3×3×3 convolutions, two of them dilated (receptive field 15 voxels), one
+logit map per finding in `--findings` — on crops of `--crop` voxels. Half of each batch is centred on a lesion
+voxel of a finding (chosen uniformly among `--findings`, jittered by up to 4 voxels), half lies anywhere, so the
+detector sees the lesions as often as the vessels, bones and wires that look like them. Loss: per-voxel BCE
+(positive weight 10) plus a soft Dice per finding; a left-right flip as augmentation.
 
 Each held-out volume is then scored whole, per finding, by its map's maximum probability and by the mean of its 20
 highest (`top20`), and the scan-level AUROC is printed per seed, with the median over seeds and the untrained
@@ -63,8 +63,8 @@ FOCAL_FINDINGS = (
 
 
 class FocalDetector(nn.Module):
-    """Fully convolutional 3D detector at the input's voxel grid: six 3×3×3 convolutions (GELU; the third and
-    fourth dilated by 2, so each output voxel sees 13 voxels along every axis) and a 1×1×1 head, one logit map per
+    """Fully convolutional 3D detector at the input's voxel grid: five 3×3×3 convolutions (GELU; the third and
+    fourth dilated by 2, so each output voxel sees 15 voxels along every axis) and a 1×1×1 head, one logit map per
     finding."""
 
     def __init__(self, in_channels: int, width: int, num_findings: int):
@@ -208,15 +208,15 @@ def main() -> None:
     if unknown:
         parser.error(f"--findings {unknown}: not a phantom finding; expected names from {sorted(LESION_IDS)}")
 
-    workdir = Path(args.workdir or Path(tempfile.gettempdir()) / "rect_bench_learning").resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    cohort = workdir / "cohort"
-    params = demo_cohort_parameters()
-    stamp = prepare_cohort(cohort, params, progress=True)
     recipe = ClassifierRecipe()
     volume_size = recipe.volume_size
     if any(c > v for c, v in zip(args.crop, volume_size)):
         parser.error(f"--crop {args.crop}: larger than the demo's volumes {list(volume_size)}")
+
+    workdir = Path(args.workdir or Path(tempfile.gettempdir()) / "rect_bench_learning").resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cohort = workdir / "cohort"
+    stamp = prepare_cohort(cohort, demo_cohort_parameters(), progress=True)
     cache = VolumeCache(workdir / "cache", recipe.image_processor())
     indices = ClassifierRecipe(label_names=tuple(args.findings)).label_indices()
     splits = {}
